@@ -1,0 +1,3 @@
+from edgeforge.cli import main
+
+main()

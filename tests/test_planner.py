@@ -1,0 +1,79 @@
+"""The planner's decisions, on config-only model directories and on the bundled teacher's metadata."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import LLAMA_3_2_3B, LLAMA_3_8B
+
+from edgeforge.models import ModelRef, arch_from_config, read_arch, resolve_model
+from edgeforge.planner import plan, shrink
+from edgeforge.profiles import load_registry
+from edgeforge.training_cost import training_fit
+
+
+@pytest.fixture(scope="module")
+def reg():
+    return load_registry()
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return read_arch(resolve_model(None))
+
+
+def test_bundled_teacher_metadata(teacher):
+    assert (teacher.n_layers, teacher.hidden_size, teacher.n_heads, teacher.n_kv_heads) == (30, 576, 9, 3)
+    assert teacher.vocab_size == 49152 and teacher.tied_embeddings
+    assert teacher.n_params == pytest.approx(134.5e6, rel=0.01)
+
+
+def test_teacher_fits_a_4090_and_is_fine_tuned(reg, teacher):
+    p = plan(teacher, reg.get("rtx-4090-24gb"), "t")
+    assert p.fits and p.decision == "fine-tune" and p.student is None
+    assert p.total_bytes == p.weights_bytes + p.kv_cache_bytes + p.runtime_overhead_bytes
+
+
+def test_small_profile_distills_into_a_smaller_student(reg, teacher):
+    p = plan(teacher, reg.get("raspberry-pi-zero-2w"), "t", has_task=True)
+    assert p.decision == "distill+fine-tune"
+    assert p.student["layers"] < teacher.n_layers and p.student["params"] < teacher.n_params
+    goal = reg.get("raspberry-pi-zero-2w").latency_goals.decode_tokens_per_s
+    assert p.student["estimated_decode_tokens_per_s"] >= goal
+    assert "too big or too slow" in p.reason
+
+
+def test_too_big_model_does_not_fit(reg, config_dir):
+    arch = read_arch(ModelRef("8b", config_dir(LLAMA_3_8B), "hf"))
+    p = plan(arch, reg.get("raspberry-pi-5-4gb"), "8b", context=8192)
+    assert not p.fits and "distill" in p.decision and "budget" in p.reason
+
+
+def test_plan_on_a_config_only_directory(reg, config_dir):
+    ref = resolve_model(str(config_dir(LLAMA_3_2_3B)))
+    assert ref.format == "hf"
+    p = plan(read_arch(ref), reg.get("raspberry-pi-5-8gb"), ref.name)
+    assert p.weights_bytes > 1.5e9 and p.kv_cache_bytes == 2 * 28 * 8 * 128 * 2048 * 2
+
+
+def test_shrink_keeps_width_and_counts_params(teacher):
+    s = shrink(teacher, 10)
+    assert s.n_layers == 10 and s.hidden_size == teacher.hidden_size
+    assert s.n_params == teacher.n_params - 20 * teacher.layer_params
+
+
+def test_cost_and_training_memory(reg, teacher):
+    p = plan(teacher, reg.get("raspberry-pi-zero-2w"), "t", has_task=True,
+             train_profile=reg.get("rtx-4090-24gb"), price_per_hour=0.5)
+    stages = {s["stage"]: s for s in p.training["stages"]}
+    distill = stages["distill"]
+    assert distill["hours"] > 0 and distill["cost"] == pytest.approx(distill["hours"] * 0.5)
+    assert p.training["memory"]["distill"]["fits"]
+    assert p.serving_energy_wh_per_million_tokens > 0
+
+
+def test_qlora_fits_an_8b_model_in_8_gb_but_full_fine_tuning_does_not(reg):
+    arch = arch_from_config(LLAMA_3_8B)
+    gpu = reg.get("rtx-4060-8gb")
+    assert training_fit("qlora", arch, gpu).fits
+    assert not training_fit("lora", arch, gpu).fits  # bf16 weights alone are 16 GB
+    assert not training_fit("full", arch, gpu).fits
