@@ -4,6 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
+ifeq ($(shell uname -m),x86_64)
+LLAMA_CMAKE_ARGS := -DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' -DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'
+endif
 
 .PHONY: demo test test-all lint clean
 
@@ -12,7 +15,12 @@ $(BIN)/edgeforge: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch by exact version first: a bare 'torch' requirement would pull a multi-GB CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
+	# llama-cpp-python compiles llama.cpp natively, but without Intel AMX (it faults in some VMs; see
+	# edgeforge/llama_tools.py). --no-cache-dir: a wheel cached from a build with other flags must not be reused.
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install -q --no-cache-dir llama-cpp-python==0.3.36
 	$(BIN)/pip install -q -e '.[dev]'
+	# llama.cpp's converter and tools at the binding's version (fetched and built once, ~5 min on 2 cores)
+	$(BIN)/python -m edgeforge.llama_tools
 	touch $@
 
 demo: $(BIN)/edgeforge

@@ -80,6 +80,7 @@ class Plan:
     candidates: list[dict[str, Any]] = field(default_factory=list)
     serving_energy_wh_per_million_tokens: float = 0.0
     training: dict[str, Any] = field(default_factory=dict)
+    exportability: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -44,6 +44,10 @@ def print_plan(plan: Plan, console: Console | None = None) -> None:
                       f"{s['intermediate_size']}, {s['params'] / 1e6:.0f}M params, {_mb(s['weights_bytes'])} at "
                       f"{s['quant']}, ~{s['estimated_decode_tokens_per_s']:.1f} tok/s")
     console.print(f"[bold]serving energy:[/] {plan.serving_energy_wh_per_million_tokens:.0f} Wh per million tokens")
+    for fmt, v in plan.exportability.items():
+        mark = "ok" if v["ok"] else "[red]BLOCKED[/]"
+        what = "trainable in torch" if fmt == "training" else f"exportable to {fmt}"
+        console.print(f"[bold]{what}:[/] {mark}: {v['reason']}")
     tr = plan.training
     if tr:
         for st in tr["stages"]:

@@ -102,3 +102,14 @@ def test_real_process_prints_no_traceback(args):
     exe = Path(sys.executable).parent / "edgeforge"
     r = subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.startswith("edgeforge: error:")
+
+
+def test_export_errors_are_one_line(tmp_path: Path):
+    code, _, err = run("export", "gguf", "/no/such/model", "--out", str(tmp_path / "x.gguf"))
+    assert code == 2 and "not found" in err
+    code, _, err = run("export", "gguf", "smollm2-135m-instruct", "--quant", "Q3_X", "--out", str(tmp_path / "x.gguf"))
+    assert code == 2 and "unknown GGUF quant type 'Q3_X'" in err
+    code, _, err = run("export", "gguf", "smollm2-135m-instruct", "--out", str(tmp_path / "x.bin"))
+    assert code == 2 and "ending in .gguf" in err
+    code, _, err = run("eval", str(tmp_path / "missing.gguf"), "--reference", "smollm2-135m-instruct")
+    assert code == 2 and "artifact not found" in err

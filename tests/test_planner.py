@@ -77,3 +77,14 @@ def test_qlora_fits_an_8b_model_in_8_gb_but_full_fine_tuning_does_not(reg):
     assert training_fit("qlora", arch, gpu).fits
     assert not training_fit("lora", arch, gpu).fits  # bf16 weights alone are 16 GB
     assert not training_fit("full", arch, gpu).fits
+
+
+def test_exportability_gate(config_dir):
+    from edgeforge.exportability import check_exportable
+
+    teacher = check_exportable(resolve_model(None))
+    assert teacher["gguf"]["ok"] and teacher["onnx"]["ok"]
+    gpt2 = config_dir({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}, name="gpt2")
+    verdict = check_exportable(ModelRef("gpt2", gpt2, "hf"))
+    assert not verdict["gguf"]["ok"] and "LlamaForCausalLM" in verdict["gguf"]["reason"]
+    assert not verdict["onnx"]["ok"] and "tokenizer.json" in verdict["onnx"]["reason"]

@@ -1,0 +1,150 @@
+"""GGUF export through llama.cpp's own converter and quantizer, checked in llama.cpp itself."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tiny_models import make_tiny_model
+
+from edgeforge.errors import BadInputError, QualityGateError
+from edgeforge.export_gguf import export_gguf, load_record, read_lineage
+from edgeforge.models import ModelRef, resolve_model
+from edgeforge.verify import GgufEngine, Reference, verify_artifact
+
+MIXED_TEXT = (
+    "<|im_start|>user\nExplain why a Raspberry Pi needs a small model. Ünïcödé, 3.14159, 1234567 🚀 中文 нещо, "
+    "def f(x):\n\treturn x**2  # ok\n    spaces   and\ttabs<|im_end|>\n<|im_start|>assistant\n"
+)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "llama")
+
+
+def hf_ref(path: Path) -> ModelRef:
+    return ModelRef(str(path), path, "hf")
+
+
+def test_f16_export_loads_in_llama_cpp_with_lineage_and_record(tiny: Path, tmp_path: Path):
+    out = tmp_path / "tiny-f16.gguf"
+    rec = export_gguf(hf_ref(tiny), "F16", out, profile="raspberry-pi-5-8gb", stages=["distill"])
+    assert out.is_file() and rec["file_bytes"] == out.stat().st_size
+    assert load_record(out)["sha256"] == rec["sha256"]
+    lineage = read_lineage(out)
+    assert lineage["profile"] == "raspberry-pi-5-8gb" and json.loads(lineage["stages"]) == ["distill", "export-gguf"]
+    engine = GgufEngine(out, n_ctx=256)
+    assert engine.logits([1, 2, 3, 4]).shape == (4, 49152)
+    assert not list(tmp_path.glob(".*partial*")), "temporary files left behind"
+
+
+def test_llama_cpp_tokenizes_exactly_like_the_hf_tokenizer(tiny: Path, tmp_path: Path):
+    from transformers import AutoTokenizer
+
+    out = export_gguf(hf_ref(tiny), "F16", tmp_path / "t.gguf")["path"]
+    hf = AutoTokenizer.from_pretrained(str(tiny))
+    engine = GgufEngine(Path(out), n_ctx=512)
+    import pydoc_data.topics as topics
+
+    prose = " ".join(list(topics.topics.values())[20:22])[:3000]
+    for text in (MIXED_TEXT, prose):
+        want = hf(text, add_special_tokens=False)["input_ids"]
+        got = engine.llm.tokenize(text.encode(), add_bos=False, special=True)
+        assert got == want
+
+
+def test_f16_export_matches_llama_cpp_converter(tiny: Path, tmp_path: Path):
+    """Our F16 export is llama.cpp's converter output plus edgeforge.* metadata: the tensors are identical."""
+    import gguf
+
+    from edgeforge.llama_tools import converter_env, ensure_tree
+
+    ours = Path(export_gguf(hf_ref(tiny), "F16", tmp_path / "ours.gguf")["path"])
+    theirs = tmp_path / "theirs.gguf"
+    subprocess.run([sys.executable, str(ensure_tree() / "convert_hf_to_gguf.py"), str(tiny), "--outfile",
+                    str(theirs), "--outtype", "f16"], check=True, capture_output=True, env=converter_env())
+    a, b = gguf.GGUFReader(str(ours)), gguf.GGUFReader(str(theirs))
+    assert [t.name for t in a.tensors] == [t.name for t in b.tensors]
+    for ta, tb in zip(a.tensors, b.tensors, strict=True):
+        assert ta.tensor_type == tb.tensor_type and np.array_equal(ta.data, tb.data), ta.name
+    extra = set(a.fields) - set(b.fields)
+    assert extra and all(k.startswith("edgeforge.") for k in extra)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "mistral"])
+def test_other_architectures_export_and_load(arch: str, tmp_path: Path):
+    model = make_tiny_model(tmp_path / arch, arch=arch)
+    out = tmp_path / f"{arch}.gguf"
+    export_gguf(hf_ref(model), "Q8_0", out)
+    assert GgufEngine(out, n_ctx=128).logits([5, 6, 7]).shape == (3, 49152)
+
+
+def test_q8_0_verifies_and_scrambled_weights_fail(tiny: Path, tmp_path: Path):
+    ref = Reference(hf_ref(tiny))
+    good = Path(export_gguf(hf_ref(tiny), "Q8_0", tmp_path / "good.gguf")["path"])
+    result = verify_artifact(good, ref, "Q8_0", n_tokens=200)
+    assert result["passed"] and result["mean_kl"] < 0.015 and result["top1_agreement"] >= 0.93
+
+    # Scramble: permute the MLP weights of the source, export that, and verify against the original.
+    scrambled = tmp_path / "scrambled"
+    make_tiny_model(scrambled)
+    weights = load_file(str(scrambled / "model.safetensors"))
+    g = torch.Generator().manual_seed(1)
+    for k in weights:
+        if "mlp" in k or "self_attn" in k:
+            w = weights[k]
+            weights[k] = w.flatten()[torch.randperm(w.numel(), generator=g)].reshape(w.shape).contiguous()
+    save_file(weights, str(scrambled / "model.safetensors"), metadata={"format": "pt"})
+    bad = Path(export_gguf(hf_ref(scrambled), "Q8_0", tmp_path / "bad.gguf")["path"])
+    with pytest.raises(QualityGateError, match=r"fails verification.*mean KL"):
+        verify_artifact(bad, ref, "Q8_0", n_tokens=200)
+
+
+def test_unsupported_architecture_is_named(tmp_path: Path):
+    d = tmp_path / "gpt2"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+                                               "n_embd": 64, "n_head": 4, "n_layer": 2, "vocab_size": 100,
+                                               "num_attention_heads": 4, "hidden_size": 64,
+                                               "num_hidden_layers": 2, "intermediate_size": 128}))
+    with pytest.raises(BadInputError, match=r"GPT2LMHeadModel.*supported: LlamaForCausalLM"):
+        export_gguf(hf_ref(d), "F16", tmp_path / "x.gguf")
+
+
+def test_iq_type_without_imatrix_is_refused(tiny: Path, tmp_path: Path):
+    with pytest.raises(BadInputError, match="needs an importance matrix"):
+        export_gguf(hf_ref(tiny), "IQ4_XS", tmp_path / "x.gguf")
+
+
+@pytest.mark.integration
+def test_bundled_teacher_q4_k_m_within_thresholds(tmp_path: Path):
+    teacher = resolve_model(None)
+    out = Path(export_gguf(teacher, "Q4_K_M", tmp_path / "t.gguf")["path"])
+    result = verify_artifact(out, Reference(teacher), "Q4_K_M", n_tokens=1000)
+    assert result["passed"] and result["n_tokens"] == 1000
+
+
+@pytest.mark.integration
+def test_depth_pruned_student_exports_to_q4_k_m(tmp_path: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    teacher = Reference(resolve_model(None))
+    model = AutoModelForCausalLM.from_pretrained(str(teacher.hf_dir), dtype=torch.float32)
+    keep = [0, 3, 6, 9, 12, 15, 18, 21, 24, 29]
+    model.model.layers = torch.nn.ModuleList(model.model.layers[i] for i in keep)
+    model.config.num_hidden_layers = len(keep)
+    for i, layer in enumerate(model.model.layers):
+        layer.self_attn.layer_idx = i
+    student = tmp_path / "student"
+    model.save_pretrained(student, safe_serialization=True)
+    AutoTokenizer.from_pretrained(str(teacher.hf_dir)).save_pretrained(student)
+    out = Path(export_gguf(hf_ref(student), "Q4_K_M", tmp_path / "s.gguf")["path"])
+    result = verify_artifact(out, Reference(hf_ref(student)), "Q4_K_M", n_tokens=1000)
+    assert result["passed"]
