@@ -468,6 +468,19 @@ def demo(teacher: str | None, as_json: bool) -> None:
     print_plan_table(ref.name, arch, plans)
 
 
+def _register_optional_groups() -> None:
+    """Command groups that live in their own modules (one concept per module) register themselves here."""
+    import importlib.util
+
+    if importlib.util.find_spec("edgeforge.cli_bench") is not None:
+        from edgeforge.cli_bench import register
+
+        register(cli)
+
+
+_register_optional_groups()
+
+
 def main() -> None:
     cli(prog_name="edgeforge")
 

@@ -85,7 +85,7 @@ def convert_hf(model_dir: Path, out: Path, outtype: str = "f16") -> Path:
     return out
 
 
-def compute_imatrix(gguf: Path, data: Path, out: Path, threads: int, chunks: int = 64, ctx: int = 512) -> Path:
+def compute_imatrix(gguf: Path, data: Path, out: Path, threads: int, chunks: int = 32, ctx: int = 512) -> Path:
     """Importance matrix of ``gguf`` on calibration text ``data`` with llama.cpp's ``llama-imatrix``."""
     from edgeforge.llama_tools import ensure_tools
 

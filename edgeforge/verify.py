@@ -84,8 +84,9 @@ class Reference:
     def greedy(self, prompt_ids: list[int], n: int) -> list[int]:
         import torch
 
+        x = torch.tensor([prompt_ids])
         with torch.no_grad():
-            out = self.model.generate(torch.tensor([prompt_ids]), max_new_tokens=n, do_sample=False,
+            out = self.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False,
                                       pad_token_id=self.tokenizer.eos_token_id)
         return out[0, len(prompt_ids):].tolist()
 
@@ -207,7 +208,10 @@ def verify_artifact(
         failures.append(f"top-1 agreement {agree.top1_agreement:.1%} < {th.min_top1:.0%}")
     result = {
         **agree.to_dict(),
+        # Greedy decoding flips at near-ties even when the distributions agree closely (KL ~0.007 at the flip on
+        # the bundled teacher), so greedy match is reported, not gated.
         "greedy_match_rate": sum(g["match"] for g in greedy) / len(greedy),
+        "greedy_mean_common_prefix_tokens": sum(g["common_prefix_tokens"] for g in greedy) / len(greedy),
         "greedy": greedy,
         "threshold": {"max_mean_kl": th.max_mean_kl, "min_top1": th.min_top1, "quant": quant},
         "passed": not failures,

