@@ -1,0 +1,225 @@
+"""The training loop shared by distillation and fine-tuning.
+
+AdamW, linear warm-up then cosine decay, gradient accumulation, gradient clipping, bf16 autocast where the device
+supports it, seed control, a progress bar, atomic checkpoints every N steps with exact resume, a budget in steps,
+tokens or wall time, CUDA when present, and data-parallel runs under ``torchrun`` (DDP; gloo on CPU, nccl on CUDA).
+
+A stage supplies a ``step_fn`` that computes the loss of one micro-batch; the loop owns everything else.
+Checkpoints hold only tensors and plain numbers (safetensors for weights, ``torch.load(weights_only=True)`` for the
+optimizer), never pickled objects.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+StepFn = Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
+"""One micro-batch -> (scalar loss to backpropagate, metrics to log such as {"kl": ...})."""
+
+
+@dataclass
+class TrainConfig:
+    """Loop settings. Every field has a default; the stage's CLI maps its flags onto these."""
+
+    steps: int = 100  # optimizer steps (the budget unless max_tokens / max_seconds end it sooner)
+    lr: float = 3e-4  # peak learning rate, reached after warm-up
+    warmup_steps: int = 10  # linear warm-up from 0
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    weight_decay: float = 0.0
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_grad_norm: float = 1.0  # clip the global gradient norm; 0 disables
+    seed: int = 0
+    checkpoint_every: int = 20  # steps between checkpoints; 0 disables
+    max_tokens: int | None = None  # stop after this many training tokens
+    max_seconds: float | None = None  # stop after this much wall time
+    bf16: bool | None = None  # None: bf16 autocast on CUDA when supported, fp32 on CPU
+    log_every: int = 1
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    loss_curve: list[dict[str, float]] = field(default_factory=list)
+
+
+def pick_device() -> torch.device:
+    """CUDA when present (and visible), else CPU. Honest: no silent fallback once CUDA is chosen."""
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate at optimizer step ``step`` (0-based): linear warm-up, then cosine to lr * min_lr_ratio."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------- distributed
+def dist_init() -> tuple[int, int]:
+    """(rank, world_size); initialises the process group when launched by torchrun / accelerate."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend=backend)
+    rank = torch.distributed.get_rank() if world > 1 else 0
+    return rank, world
+
+
+def is_main_process() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+# ---------------------------------------------------------------- checkpoints
+def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    core = model.module if hasattr(model, "module") else model
+    return {n: p.detach().cpu().contiguous() for n, p in core.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(ckpt_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainState) -> None:
+    """Write ``ckpt_dir`` atomically: a half-written checkpoint is never taken for a complete one."""
+    from safetensors.torch import save_file
+
+    tmp = ckpt_dir.with_name(ckpt_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(_trainable_state(model), str(tmp / "trainable.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict(), "rng_cpu": torch.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+               tmp / "optimizer.pt")
+    (tmp / "state.json").write_text(json.dumps(asdict(state)), encoding="utf-8")
+    old = ckpt_dir.with_name(ckpt_dir.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if ckpt_dir.exists():
+        os.replace(ckpt_dir, old)
+    os.replace(tmp, ckpt_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(ckpt_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> TrainState:
+    from safetensors.torch import load_file
+
+    core = model.module if hasattr(model, "module") else model
+    weights = load_file(str(ckpt_dir / "trainable.safetensors"))
+    missing = set(weights) - {n for n, p in core.named_parameters() if p.requires_grad}
+    if missing:
+        raise ValueError(f"checkpoint {ckpt_dir} holds parameters this model lacks: {sorted(missing)[:3]}; "
+                         "it belongs to another run (remove it or choose another --out)")
+    params = dict(core.named_parameters())
+    with torch.no_grad():
+        for n, t in weights.items():
+            params[n].copy_(t.to(params[n].device))
+    extra = torch.load(ckpt_dir / "optimizer.pt", weights_only=True, map_location="cpu")
+    optimizer.load_state_dict(extra["optimizer"])
+    torch.set_rng_state(extra["rng_cpu"])
+    if extra["rng_cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(extra["rng_cuda"])
+    data = json.loads((ckpt_dir / "state.json").read_text(encoding="utf-8"))
+    return TrainState(**data)
+
+
+# ---------------------------------------------------------------- the loop
+def train(
+    model: nn.Module,
+    step_fn: StepFn,
+    batches: Callable[[int], Iterator[dict[str, torch.Tensor]]],
+    cfg: TrainConfig,
+    ckpt_dir: Path | None = None,
+    resume: bool = False,
+    desc: str = "train",
+    on_log: Callable[[dict[str, float]], None] | None = None,
+) -> TrainState:
+    """Train the parameters of ``model`` that require grad.
+
+    ``batches(start_step)`` yields micro-batches (dicts of tensors with ``input_ids`` [batch, seq]) in a fixed order
+    from optimizer step ``start_step`` on, so a resumed run sees exactly the data the interrupted one would have.
+    Returns the final state; the loss curve holds one entry per logged step.
+    """
+    from tqdm import tqdm
+
+    device = next(model.parameters()).device
+    use_bf16 = cfg.bf16 if cfg.bf16 is not None else (device.type == "cuda" and torch.cuda.is_bf16_supported())
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    state = TrainState()
+    if resume and ckpt_dir is not None and (ckpt_dir / "state.json").is_file():
+        state = load_checkpoint(ckpt_dir, model, optimizer)
+    else:
+        seed_everything(cfg.seed)
+    model.train()
+    it = batches(state.step)
+    t_start = time.perf_counter() - state.seconds
+    bar = tqdm(total=cfg.steps, initial=state.step, desc=desc, disable=not is_main_process(), dynamic_ncols=True,
+               leave=False)
+    try:
+        while state.step < cfg.steps:
+            if cfg.max_tokens is not None and state.tokens >= cfg.max_tokens:
+                break
+            if cfg.max_seconds is not None and time.perf_counter() - t_start >= cfg.max_seconds:
+                break
+            t0 = time.perf_counter()
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(state.step, cfg)
+            optimizer.zero_grad(set_to_none=True)
+            sums: dict[str, float] = {}
+            step_tokens = 0
+            for _ in range(cfg.grad_accum):
+                batch = {k: v.to(device) for k, v in next(it).items()}
+                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    loss, metrics = step_fn(batch)
+                (loss / cfg.grad_accum).backward()
+                step_tokens += int(batch["input_ids"].numel())
+                for k, v in {"loss": float(loss.detach()), **metrics}.items():
+                    sums[k] = sums.get(k, 0.0) + v / cfg.grad_accum
+            if cfg.max_grad_norm > 0:
+                sums["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+            optimizer.step()
+            state.step += 1
+            state.tokens += step_tokens
+            state.seconds = time.perf_counter() - t_start
+            sums["tokens_per_s"] = step_tokens / max(1e-9, time.perf_counter() - t0)
+            sums["lr"] = lr_at(state.step - 1, cfg)
+            if state.step % cfg.log_every == 0 or state.step == cfg.steps:
+                state.loss_curve.append({"step": state.step, "tokens": state.tokens, **sums})
+                if on_log:
+                    on_log(state.loss_curve[-1])
+            bar.set_postfix({k: f"{v:.3g}" for k, v in sums.items() if k in ("loss", "kl", "tokens_per_s")})
+            bar.update(1)
+            if ckpt_dir is not None and cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 \
+                    and is_main_process():
+                save_checkpoint(ckpt_dir, model, optimizer, state)
+    finally:
+        bar.close()
+    if ckpt_dir is not None and is_main_process() and cfg.checkpoint_every:
+        save_checkpoint(ckpt_dir, model, optimizer, state)
+    model.eval()
+    return state
