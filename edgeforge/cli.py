@@ -468,14 +468,17 @@ def demo(teacher: str | None, as_json: bool) -> None:
     print_plan_table(ref.name, arch, plans)
 
 
+# Commands that live in their own modules (one concept per module); each module has register(cli).
+COMMAND_MODULES = ("edgeforge.cli_bench", "edgeforge.cli_distill", "edgeforge.cli_finetune")
+
+
 def _register_optional_groups() -> None:
-    """Command groups that live in their own modules (one concept per module) register themselves here."""
+    import importlib
     import importlib.util
 
-    if importlib.util.find_spec("edgeforge.cli_bench") is not None:
-        from edgeforge.cli_bench import register
-
-        register(cli)
+    for name in COMMAND_MODULES:
+        if importlib.util.find_spec(name) is not None:
+            importlib.import_module(name).register(cli)
 
 
 _register_optional_groups()

@@ -166,11 +166,16 @@ def export_gguf(
     profile: str | None = None,
     stages: list[str] | None = None,
     threads: int | None = None,
+    imatrix_file: Path | None = None,
 ) -> dict[str, Any]:
-    """Export ``model`` to a GGUF file at ``quant``. Returns the artifact record (also saved beside the file)."""
+    """Export ``model`` to a GGUF file at ``quant``. Returns the artifact record (also saved beside the file).
+
+    ``imatrix_data`` is calibration text to compute an importance matrix from; ``imatrix_file`` an importance
+    matrix computed earlier (by ``compute_imatrix``) to reuse.
+    """
     if quant not in GGUF_TYPES:
         raise BadInputError(f"unknown GGUF quant type '{quant}'; expected one of {', '.join(GGUF_TYPES)} or 'auto'")
-    if quant in NEEDS_IMATRIX and imatrix_data is None:
+    if quant in NEEDS_IMATRIX and imatrix_data is None and imatrix_file is None:
         raise BadInputError(f"{quant} needs an importance matrix: pass --imatrix-data PATH (calibration text)")
     threads = threads or max(1, os.cpu_count() or 1)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -183,8 +188,8 @@ def export_gguf(
         else:
             base = model.path
         convert_s = time.perf_counter() - t0
-        imatrix = None
-        if imatrix_data is not None:
+        imatrix = imatrix_file
+        if imatrix is None and imatrix_data is not None:
             imatrix = compute_imatrix(base, imatrix_data, tmp / "imatrix.gguf", threads)
         imatrix_s = time.perf_counter() - t0 - convert_s
         same_type = model.format == "hf" and quant in ("F16", "F32", "BF16")
@@ -197,6 +202,7 @@ def export_gguf(
             "profile": profile or "",
             "quant": quant,
             "imatrix_data": str(imatrix_data) if imatrix_data else "",
+            "imatrix_file": str(imatrix_file) if imatrix_file else "",
             "stages": [*(stages or []), "export-gguf"],
         }
         write_lineage(quantized, out, lineage)

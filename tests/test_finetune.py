@@ -1,0 +1,137 @@
+"""Fine-tuning: answer-only loss mask, merge equality, the forgetting metric, bad task files, LoRA/DoRA/QLoRA runs."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from tiny_models import make_tiny_model
+
+from edgeforge.cli import cli
+from edgeforge.errors import BadInputError
+from edgeforge.finetune import (
+    IGNORE_INDEX,
+    FinetuneConfig,
+    encode_example,
+    general_perplexity,
+    load_task_examples,
+    run_finetune,
+)
+from edgeforge.tasks import build_task
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("ft") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tiny))
+
+
+def test_loss_is_on_the_answer_only(tokenizer):
+    msgs = [{"role": "user", "content": "turn on the kitchen lights"},
+            {"role": "assistant", "content": '{"device": "light"}'}]
+    ids, labels = encode_example(tokenizer, msgs, 512)
+    answer = tokenizer('{"device": "light"}', add_special_tokens=False)["input_ids"]
+    n_prompt = len(ids) - len(answer) - 1
+    assert labels[:n_prompt] == [IGNORE_INDEX] * n_prompt
+    assert labels[n_prompt:] == answer + [tokenizer.eos_token_id] == ids[n_prompt:]
+    prompt_text = tokenizer.decode(ids[:n_prompt])
+    assert prompt_text.endswith("<|im_start|>assistant\n") and "kitchen" in prompt_text
+
+
+def test_home_commands_is_deterministic_and_heldout_differs():
+    a_train, a_held = build_task("home-commands", 0)
+    b_train, _ = build_task("home-commands", 0)
+    assert a_train == b_train and len(a_train) >= 2000
+    train_cmds = {e["messages"][0]["content"].lower() for e in a_train}
+    held_cmds = [e["messages"][0]["content"].lower() for e in a_held]
+    assert not any(c in train_cmds for c in held_cmds), "a held-out command also occurs in training"
+    for e in a_held[:50]:
+        json.loads(e["messages"][1]["content"])  # every answer is JSON
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ("", "data file is empty"),
+    ('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}\n{bad json\n',
+     ":2: malformed JSON"),
+    ('{"prompt": "a", "completion": "b"}\n{"prompt": "a"}\n', ":2: expected 'messages' or string fields"),
+    ('{"messages": [{"role": "user"}]}\n', ":1: messages[0] needs string fields"),
+    ('[1, 2]\n', ":1: expected a JSON object"),
+])
+def test_bad_task_files_name_the_problem(tmp_path: Path, content: str, fragment: str):
+    f = tmp_path / "task.jsonl"
+    f.write_text(content)
+    with pytest.raises(BadInputError, match=fragment.replace("[", r"\[").replace("]", r"\]")):
+        load_task_examples(None, f)
+
+
+def test_bad_task_file_through_the_cli_is_one_line(tmp_path: Path, tiny: Path):
+    f = tmp_path / "task.jsonl"
+    f.write_text('{"prompt": "a", "completion": "b"}\n{oops\n')
+    r = CliRunner().invoke(cli, ["finetune", str(tiny), "--data", str(f), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and ":2: malformed JSON" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_forgetting_metric_is_the_heldout_perplexity(tiny: Path, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from edgeforge.builtin_data import heldout_prose
+    from edgeforge.data import pack
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny)).eval()
+    ppl = general_perplexity(model, tokenizer, seq_len=64, n_seqs=2)
+    seqs = pack(tokenizer(heldout_prose(60_000), add_special_tokens=False)["input_ids"], 64)[:2]
+    with torch.no_grad():
+        nll = [float(model(input_ids=s[None], labels=s[None]).loss) for s in seqs]
+    assert ppl == pytest.approx(math.exp(sum(nll) / 2), rel=1e-5)
+
+
+def _small_cfg(method: str, steps: int = 6) -> FinetuneConfig:
+    return FinetuneConfig(method=method, rank=4, steps=steps, batch_size=4, eval_examples=4, checkpoint_every=3,
+                          lr=5e-3)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_merge_equals_the_adapter_model(tiny: Path, tmp_path: Path, method: str):
+    out = tmp_path / method
+    rec = run_finetune(str(tiny), out, _small_cfg(method), task="home-commands", merge=True, log=lambda m: None)
+    assert rec["merge"]["equal_within_tolerance"] and rec["merge"]["logit_max_abs_diff"] < 1e-3
+    assert (out / "config.json").is_file() and (out / "adapter" / "adapter_config.json").is_file()
+    assert rec["loss_curve"][-1]["loss"] < rec["loss_curve"][0]["loss"]
+    for key in ("task_accuracy", "general_perplexity"):
+        assert key in rec["before"] and key in rec["after"]
+    assert not (out / "checkpoint").exists()
+
+
+def test_qlora_runs_and_merges_into_full_precision(tiny: Path, tmp_path: Path):
+    out = tmp_path / "qlora"
+    rec = run_finetune(str(tiny), out, _small_cfg("qlora", steps=3), task="home-commands", merge=True,
+                       log=lambda m: None)
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(str(out))
+    assert all(p.dtype == torch.float32 for p in merged.parameters())
+    assert rec["merge"]["equal_within_tolerance"]
+
+
+def test_answer_loss_equals_the_masked_full_loss(tiny: Path, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from edgeforge.finetune import answer_loss, collate
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny)).eval()
+    _, held = build_task("home-commands", 0)
+    batch = collate([encode_example(tokenizer, e["messages"], 256) for e in held[:3]], tokenizer.eos_token_id)
+    with torch.no_grad():
+        full = model(**batch).loss  # transformers' own shifted, masked cross-entropy over all positions
+        ours = answer_loss(model, batch)
+    assert float(ours) == pytest.approx(float(full), rel=1e-5)
