@@ -345,10 +345,12 @@ def export_gguf_cmd(model: str, quant: str, out: Path, imatrix_data: Path | None
         quant, tried = _quant_auto(ref, out, profile_name, max_kl, imatrix_data, profiles_dirs)
     record = export_gguf(ref, quant, out, imatrix_data, profile_name)
     if verify:
-        from edgeforge.verify import Reference, verify_artifact
+        from edgeforge.verify import Reference, Threshold, verify_artifact
 
+        # --quant auto chose the type by the user's KL budget; that budget is then the gate.
+        gate = Threshold(max_kl, 0.0) if tried is not None else None
         try:
-            record["verification"] = verify_artifact(out, Reference(ref), quant, enforce=True)
+            record["verification"] = verify_artifact(out, Reference(ref), quant, enforce=True, threshold=gate)
         except EdgeforgeError as e:
             record["verification"] = {"passed": False, "error": str(e)}
             save_record(out, record)
@@ -422,7 +424,10 @@ def export_onnx_cmd(model: str, out: Path, quantize: str, isa: str, verify: bool
 @JSON_OPTION
 def eval_cmd(artifact: Path, reference_model: str, data: Path | None, tokens: int, quant: str | None,
              as_json: bool) -> None:
-    """Measure ARTIFACT (.gguf or ONNX dir) against a reference model: KL, top-1, perplexity, greedy match."""
+    """Measure ARTIFACT (.gguf or ONNX dir) against a reference model: KL, top-1, perplexity, greedy match.
+
+    For a distilled student (an HF dir with distill.json): teacher, initial and distilled student side by side.
+    """
     from edgeforge.builtin_data import read_text_data
     from edgeforge.export_gguf import load_record
     from edgeforge.models import resolve_model
@@ -430,6 +435,10 @@ def eval_cmd(artifact: Path, reference_model: str, data: Path | None, tokens: in
 
     if not artifact.exists():
         raise BadInputError(f"{artifact}: artifact not found")
+    if artifact.is_dir() and (artifact / "distill.json").is_file():  # a distilled student: side-by-side table
+        from edgeforge.cli_distill import eval_student
+
+        return eval_student(artifact, reference_model, data, tokens, as_json)
     text = read_text_data(data) if data else None
     quant = quant or load_record(artifact).get("quant") or "Q4_K_M"
     result = verify_artifact(artifact, Reference(resolve_model(reference_model)), quant, text, tokens, enforce=False)

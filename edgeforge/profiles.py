@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edgeforge.errors import ProfileError
+from edgeforge.validation import describe_validation_error
 
 Backend = Literal["cpu", "cuda", "vulkan", "metal", "opencl", "npu"]
 ArtifactFormat = Literal["gguf", "onnx"]
@@ -124,20 +125,6 @@ class DeviceProfile(_Strict):
 BUILTIN_PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
 
 
-def _format_validation_error(path: Path, err: ValidationError) -> str:
-    parts = []
-    for e in err.errors():
-        field = ".".join(str(x) for x in e["loc"]) or "(top level)"
-        found = e.get("input")
-        if e["type"] == "extra_forbidden":
-            parts.append(f"unknown field '{field}' (remove it, or check its spelling)")
-        elif e["type"] == "missing":
-            parts.append(f"field '{field}' is missing")
-        else:
-            parts.append(f"field '{field}': {e['msg']}, found {found!r}")
-    return f"{path}: invalid profile: " + "; ".join(parts)
-
-
 def load_profile_file(path: str | os.PathLike[str]) -> DeviceProfile:
     """Read and validate one profile YAML file. Raises ProfileError naming the file and the field."""
     p = Path(path)
@@ -156,7 +143,7 @@ def load_profile_file(path: str | os.PathLike[str]) -> DeviceProfile:
     try:
         return DeviceProfile.model_validate(data)
     except ValidationError as e:
-        raise ProfileError(_format_validation_error(p, e)) from None
+        raise ProfileError(describe_validation_error(p, e, "profile")) from None
 
 
 def _profile_files(location: Path) -> Iterable[Path]:

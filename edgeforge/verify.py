@@ -178,8 +178,12 @@ def verify_artifact(
     text: str | None = None,
     n_tokens: int = DEFAULT_VERIFY_TOKENS,
     enforce: bool = True,
+    threshold: Threshold | None = None,
 ) -> dict[str, Any]:
-    """Measure ``artifact`` against ``reference``; raise QualityGateError when ``enforce`` and a threshold breaks."""
+    """Measure ``artifact`` against ``reference``; raise QualityGateError when ``enforce`` and a threshold breaks.
+
+    ``threshold`` overrides the per-type default (``--quant auto`` gates on the user's KL budget instead).
+    """
     from edgeforge.builtin_data import heldout_prose
 
     ids = reference.encode(text or heldout_prose(), n_tokens)
@@ -200,7 +204,7 @@ def verify_artifact(
             "prompt": q, "match": want == got[: len(want)], "common_prefix_tokens": _common_prefix(want, got),
             "reference": reference.tokenizer.decode(want), "artifact": reference.tokenizer.decode(got),
         })
-    th = threshold_for(quant)
+    th = threshold or threshold_for(quant)
     failures = []
     if not np.isfinite(agree.mean_kl) or agree.mean_kl > th.max_mean_kl:
         failures.append(f"mean KL {agree.mean_kl:.4f} > {th.max_mean_kl}")

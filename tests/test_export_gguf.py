@@ -148,3 +148,23 @@ def test_depth_pruned_student_exports_to_q4_k_m(tmp_path: Path):
     out = Path(export_gguf(hf_ref(student), "Q4_K_M", tmp_path / "s.gguf")["path"])
     result = verify_artifact(out, Reference(hf_ref(student)), "Q4_K_M", n_tokens=1000)
     assert result["passed"]
+
+
+def test_quant_auto_picks_the_smallest_type_within_the_kl_budget(tiny: Path, tmp_path: Path):
+    from click.testing import CliRunner
+
+    from edgeforge.cli import cli
+
+    out = tmp_path / "auto.gguf"
+    args = ["export", "gguf", str(tiny), "--quant", "auto", "--profile", "raspberry-pi-5-8gb", "--out", str(out),
+            "--json"]
+    r = CliRunner().invoke(cli, [*args, "--max-kl", "10"])
+    assert r.exit_code == 0, r.stderr
+    rec = json.loads(r.stdout)
+    tried = rec["auto"]["tried"]
+    assert rec["quant"] == tried[0]["quant"] == "Q4_0"  # the smallest preferred type, measured first
+    assert read_lineage(out)["quant"] == "Q4_0"
+    r = CliRunner().invoke(cli, [*args, "--max-kl", "0"])
+    assert r.exit_code == 2 or r.exit_code == 1
+    assert "no candidate type keeps mean KL" in r.stderr
+    assert not list(tmp_path.glob(".auto.auto-*")), "candidate files left behind"
