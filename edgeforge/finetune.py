@@ -177,6 +177,26 @@ def task_metrics(model: Any, tokenizer: Any, examples: list[dict]) -> dict[str, 
                         for e, a in list(zip(examples, answers, strict=True))[:5]]}
 
 
+def artifact_task_metrics(artifact: Path, tokenizer: Any, examples: list[dict],
+                          max_new_tokens: int = 48) -> dict[str, Any]:
+    """Task accuracy of an exported artifact measured through its own engine (llama.cpp for .gguf, onnxruntime
+    for an ONNX dir), greedy, with the prompts the chat template makes."""
+    from edgeforge.verify import open_engine
+
+    engine = open_engine(artifact, n_ctx=512)
+    exact = valid = 0
+    for ex in examples:
+        prompt = tokenizer.apply_chat_template(ex["messages"][:-1], add_generation_prompt=True, tokenize=True)
+        ids = engine.greedy(list(prompt), max_new_tokens, tokenizer.eos_token_id)
+        got = tokenizer.decode(ids, skip_special_tokens=True)
+        want = _parse(ex["messages"][-1]["content"])
+        parsed = _parse(got)
+        valid += parsed is not None
+        exact += parsed == want if want is not None else got.strip() == ex["messages"][-1]["content"].strip()
+    n = max(1, len(examples))
+    return {"task_accuracy": exact / n, "valid_json_rate": valid / n, "n_examples": len(examples)}
+
+
 @torch.no_grad()
 def general_perplexity(model: Any, tokenizer: Any, seq_len: int = 256, n_seqs: int = 8) -> float:
     """Perplexity on the built-in held-out prose: the forgetting metric."""
