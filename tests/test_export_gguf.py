@@ -33,24 +33,29 @@ def hf_ref(path: Path) -> ModelRef:
     return ModelRef(str(path), path, "hf")
 
 
-def test_f16_export_loads_in_llama_cpp_with_lineage_and_record(tiny: Path, tmp_path: Path):
-    out = tmp_path / "tiny-f16.gguf"
-    rec = export_gguf(hf_ref(tiny), "F16", out, profile="raspberry-pi-5-8gb", stages=["distill"])
+@pytest.fixture(scope="module")
+def tiny_f16(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """One F16 export of the tiny model, shared by the tests that only read it."""
+    out = tmp_path_factory.mktemp("f16") / "tiny-f16.gguf"
+    return out, export_gguf(hf_ref(tiny), "F16", out, profile="raspberry-pi-5-8gb", stages=["distill"])
+
+
+def test_f16_export_loads_in_llama_cpp_with_lineage_and_record(tiny_f16: tuple[Path, dict]):
+    out, rec = tiny_f16
     assert out.is_file() and rec["file_bytes"] == out.stat().st_size
     assert load_record(out)["sha256"] == rec["sha256"]
     lineage = read_lineage(out)
     assert lineage["profile"] == "raspberry-pi-5-8gb" and json.loads(lineage["stages"]) == ["distill", "export-gguf"]
     engine = GgufEngine(out, n_ctx=256)
     assert engine.logits([1, 2, 3, 4]).shape == (4, 49152)
-    assert not list(tmp_path.glob(".*partial*")), "temporary files left behind"
+    assert not list(out.parent.glob(".*partial*")), "temporary files left behind"
 
 
-def test_llama_cpp_tokenizes_exactly_like_the_hf_tokenizer(tiny: Path, tmp_path: Path):
+def test_llama_cpp_tokenizes_exactly_like_the_hf_tokenizer(tiny: Path, tiny_f16: tuple[Path, dict]):
     from transformers import AutoTokenizer
 
-    out = export_gguf(hf_ref(tiny), "F16", tmp_path / "t.gguf")["path"]
     hf = AutoTokenizer.from_pretrained(str(tiny))
-    engine = GgufEngine(Path(out), n_ctx=512)
+    engine = GgufEngine(tiny_f16[0], n_ctx=512)
     import pydoc_data.topics as topics
 
     prose = " ".join(list(topics.topics.values())[20:22])[:3000]
@@ -60,13 +65,14 @@ def test_llama_cpp_tokenizes_exactly_like_the_hf_tokenizer(tiny: Path, tmp_path:
         assert got == want
 
 
-def test_f16_export_matches_llama_cpp_converter(tiny: Path, tmp_path: Path):
+@pytest.mark.integration
+def test_f16_export_matches_llama_cpp_converter(tiny: Path, tiny_f16: tuple[Path, dict], tmp_path: Path):
     """Our F16 export is llama.cpp's converter output plus edgeforge.* metadata: the tensors are identical."""
     import gguf
 
     from edgeforge.llama_tools import converter_env, ensure_tree
 
-    ours = Path(export_gguf(hf_ref(tiny), "F16", tmp_path / "ours.gguf")["path"])
+    ours = tiny_f16[0]
     theirs = tmp_path / "theirs.gguf"
     subprocess.run([sys.executable, str(ensure_tree() / "convert_hf_to_gguf.py"), str(tiny), "--outfile",
                     str(theirs), "--outtype", "f16"], check=True, capture_output=True, env=converter_env())
@@ -78,6 +84,7 @@ def test_f16_export_matches_llama_cpp_converter(tiny: Path, tmp_path: Path):
     assert extra and all(k.startswith("edgeforge.") for k in extra)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("arch", ["qwen2", "mistral"])
 def test_other_architectures_export_and_load(arch: str, tmp_path: Path):
     model = make_tiny_model(tmp_path / arch, arch=arch)
@@ -86,6 +93,7 @@ def test_other_architectures_export_and_load(arch: str, tmp_path: Path):
     assert GgufEngine(out, n_ctx=128).logits([5, 6, 7]).shape == (3, 49152)
 
 
+@pytest.mark.integration
 def test_q8_0_verifies_and_scrambled_weights_fail(tiny: Path, tmp_path: Path):
     ref = Reference(hf_ref(tiny))
     good = Path(export_gguf(hf_ref(tiny), "Q8_0", tmp_path / "good.gguf")["path"])
@@ -150,6 +158,7 @@ def test_depth_pruned_student_exports_to_q4_k_m(tmp_path: Path):
     assert result["passed"]
 
 
+@pytest.mark.integration
 def test_quant_auto_picks_the_smallest_type_within_the_kl_budget(tiny: Path, tmp_path: Path):
     from click.testing import CliRunner
 

@@ -100,6 +100,7 @@ def _small_cfg(method: str, steps: int = 6) -> FinetuneConfig:
                           lr=5e-3)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("method", ["lora", "dora"])
 def test_merge_equals_the_adapter_model(tiny: Path, tmp_path: Path, method: str):
     out = tmp_path / method
@@ -112,6 +113,7 @@ def test_merge_equals_the_adapter_model(tiny: Path, tmp_path: Path, method: str)
     assert not (out / "checkpoint").exists()
 
 
+@pytest.mark.integration
 def test_qlora_runs_and_merges_into_full_precision(tiny: Path, tmp_path: Path):
     out = tmp_path / "qlora"
     rec = run_finetune(str(tiny), out, _small_cfg("qlora", steps=3), task="home-commands", merge=True,
