@@ -9,6 +9,9 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The llama.cpp tree and tools built by the Makefile, and the dequantized teacher, live in the real home's cache;
+# pin it before the fixture below gives each test a temporary HOME.
+os.environ.setdefault("EDGEFORGE_HOME", str(Path.home() / ".cache" / "edgeforge"))
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from edgeforge.calibration import LLAMA_2_7B, LLAMA_3_2_3B, LLAMA_3_8B, TINYLLAMA_1_1B  # noqa: F401 (re-exported)
