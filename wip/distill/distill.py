@@ -1,0 +1,748 @@
+"""Knowledge distillation: a smaller student learns the teacher's next-token distributions.
+
+``run_distill(DistillConfig)`` does the whole stage and returns the record written as ``OUT/distill.json``:
+
+1. the teacher (HF dir, GGUF or alias; a GGUF is dequantized once into an HF directory) and the data (``--data``
+   files, or the built-in prose plus the teacher's own answers to built-in prompts), packed into sequences with a
+   held-out split;
+2. the student: pruned from the teacher (edgeforge.prune), a random one, or the user's, checked to share the
+   teacher's vocabulary before anything expensive runs;
+3. the teacher's held-out metrics and the initial student's (``before``);
+4. training with edgeforge.train_loop: the teacher runs inside the loop (online) or its top-k log-probabilities come
+   from a cache computed once (offline, edgeforge.teacher_cache);
+5. the distilled student's metrics (``after``), the student saved as an HF directory with the teacher's tokenizer.
+
+Metrics, on held-out text, all against the teacher in fp32: ``kl_to_teacher`` = mean over positions of
+KL(teacher || model); ``perplexity`` = exp(mean next-token NLL); ``top1_agreement`` = share of positions whose most
+likely token is the teacher's. ``retention`` = teacher perplexity / model perplexity (1.0: predicts the held-out
+text as well as the teacher); ``kl_gap_closed`` = 1 - KL_after / KL_before.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from edgeforge.errors import BadInputError, EdgeforgeError
+from edgeforge.kd_losses import DEFAULT_CHUNK, DIVERGENCES
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+CHECKPOINT_DIR = ".checkpoint"
+STATE_FILE = ".distill-state.json"
+RETENTION_DEFINITION = "teacher_perplexity / student_perplexity on the held-out text (1.0 = as good as the teacher)"
+KL_GAP_DEFINITION = "1 - kl_to_teacher(after) / kl_to_teacher(before)"
+Log = Callable[[str], None]
+
+
+@dataclass
+class DistillConfig:
+    """Every setting of a distillation run; validated in one place (``__post_init__``); errors name the field."""
+
+    out: Path = Path("student")  # the student's HF directory (and distill.json)
+    teacher: str | None = None  # HF dir, .gguf or alias [default: the bundled teacher]
+    student_layers: int | None = None  # target decoder layers (pruned from the teacher)
+    student_hidden: int | None = None  # target hidden size (None: the teacher's)
+    student_intermediate: int | None = None  # target MLP width (None: the teacher's)
+    student_kv_heads: int | None = None  # target KV groups (None: the teacher's)
+    student_dir: Path | None = None  # a student the user gives (HF dir with the teacher's vocabulary)
+    profile: str | None = None  # take the student shape from the planner for this device profile
+    profiles_dirs: tuple[Path, ...] = ()  # extra profile folders
+    init: str = "auto"  # auto | depth | width | random (edgeforge.prune.init_student)
+    data: tuple[Path, ...] = ()  # text / JSONL / chat JSONL files [default: built-in data]
+    generate_answers: bool = True  # built-in data: add the teacher's answers to built-in prompts
+    loss: str = "forward_kl"  # forward_kl | reverse_kl | jsd
+    jsd_beta: float = 0.5  # mixture weight of the generalized JSD, in (0, 1)
+    temperature: float = 1.0  # softmax temperature of both models in the KD term (scaled back by T^2)
+    alpha: float = 0.0  # weight of cross-entropy on the data's tokens: (1 - alpha) * KD + alpha * CE
+    top_k: int | None = None  # distill against the teacher's top-k only (offline default: 64)
+    offline_teacher: bool = False  # teacher top-k from a cache computed once, not the teacher in the loop
+    hidden_loss: str = "none"  # none | mse | cosine: also align every student layer's output with its teacher layer
+    hidden_weight: float = 1.0  # weight of the hidden-state term
+    teacher_dtype: str = "auto"  # precision of the teacher's training signal: auto | float32 | bfloat16
+    steps: int = 40  # optimizer steps (the budget, unless max_tokens / max_seconds end it sooner)
+    max_tokens: int | None = None  # stop after this many training tokens (all processes together)
+    max_seconds: float | None = None  # stop after this much training time
+    lr: float = 3e-4  # peak learning rate
+    warmup_steps: int | None = None  # None: 10% of the steps, at most 10
+    batch_size: int = 4  # sequences per micro-batch (per process)
+    seq_len: int = 128  # tokens per training sequence
+    grad_accum: int = 1  # micro-batches per optimizer step
+    seed: int = 0
+    checkpoint_every: int = 20  # steps between checkpoints; 0 disables (and disables --resume)
+    resume: bool = False  # continue an interrupted run in ``out``
+    eval_sequences: int = 8  # held-out sequences for the metrics
+    eval_seq_len: int = 256  # tokens per held-out sequence (built-in data; --data uses --seq-len)
+    calib_sequences: int = 8  # training sequences for the pruning importance pass
+    chunk_size: int = DEFAULT_CHUNK  # positions per chunk of the KD loss
+    cache_dir: Path | None = None  # offline teacher / answers cache [default: $EDGEFORGE_HOME/kd-cache]
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, name: str, expected: str) -> None:
+            if not ok:
+                raise BadInputError(f"--{name.replace('_', '-')}: expected {expected}, found {getattr(self, name)}")
+
+        self.out = Path(self.out)
+        self.data = tuple(Path(p) for p in self.data)
+        given = [x for x in (self.student_layers is not None or self.student_hidden is not None
+                             or self.student_intermediate is not None or self.student_kv_heads is not None,
+                             self.student_dir is not None, self.profile is not None) if x]
+        if len(given) != 1:
+            raise BadInputError("the student: expected exactly one of --profile NAME, --student-layers N (with "
+                                f"optional --student-hidden/--student-intermediate/--student-kv-heads) or --student "
+                                f"DIR, found {len(given)}")
+        from edgeforge.prune import INIT_METHODS
+
+        need(self.init in INIT_METHODS, "init", " | ".join(INIT_METHODS))
+        need(self.loss in DIVERGENCES, "loss", " | ".join(DIVERGENCES))
+        need(0.0 < self.jsd_beta < 1.0, "jsd_beta", "a number strictly between 0 and 1")
+        need(self.temperature > 0, "temperature", "a number > 0")
+        need(0.0 <= self.alpha <= 1.0, "alpha", "a number in [0, 1]")
+        need(self.top_k is None or self.top_k >= 1, "top_k", "an integer >= 1")
+        need(self.hidden_loss in ("none", "mse", "cosine"), "hidden_loss", "none | mse | cosine")
+        need(not (self.offline_teacher and self.hidden_loss != "none"), "hidden_loss",
+             "none with --offline-teacher (the cache holds no hidden states)")
+        need(self.hidden_weight >= 0, "hidden_weight", "a number >= 0")
+        need(self.teacher_dtype in ("auto", "float32", "bfloat16"), "teacher_dtype", "auto | float32 | bfloat16")
+        for name in ("steps", "batch_size", "grad_accum", "eval_sequences", "calib_sequences", "chunk_size"):
+            need(getattr(self, name) >= 1, name, "an integer >= 1")
+        need(self.seq_len >= 8, "seq_len", "an integer >= 8")
+        need(self.eval_seq_len >= 8, "eval_seq_len", "an integer >= 8")
+        need(self.lr > 0, "lr", "a number > 0")
+        need(self.checkpoint_every >= 0, "checkpoint_every", "an integer >= 0")
+        need(self.max_tokens is None or self.max_tokens >= 1, "max_tokens", "an integer >= 1")
+        need(self.max_seconds is None or self.max_seconds > 0, "max_seconds", "a number > 0")
+        if self.offline_teacher and self.top_k is None:
+            self.top_k = 64
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: (str(v) if isinstance(v, Path) else [str(x) for x in v] if isinstance(v, tuple) else v)
+                for f in fields(self) for v in [getattr(self, f.name)]}
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The settings a resumed run must share with the interrupted one (the budget may change)."""
+        d = self.to_dict()
+        for k in ("steps", "max_tokens", "max_seconds", "resume", "checkpoint_every", "out"):
+            d.pop(k)
+        return d
+
+
+# ---------------------------------------------------------------- teacher and student
+@dataclass
+class Teacher:
+    name: str
+    format: str
+    path: Path  # what the user named (GGUF file or HF dir)
+    hf_dir: Path  # the HF form, loaded by transformers
+    gguf: Path | None  # the GGUF file, when the teacher is one (llama.cpp generates answers from it)
+    identity: dict[str, Any] = field(default_factory=dict)
+
+    def load(self, dtype: torch.dtype, device: torch.device) -> nn.Module:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(self.hf_dir), dtype=dtype).to(device).eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model
+
+
+def resolve_teacher(name: str | None, main: bool) -> Teacher:
+    """The teacher in HF form (a GGUF is dequantized once, by the main process, into the edgeforge cache)."""
+    from edgeforge.gguf_teacher import hf_dir_for, materialize_hf
+    from edgeforge.llama_tools import edgeforge_home
+    from edgeforge.models import resolve_model
+    from edgeforge.teacher_cache import model_identity
+
+    ref = resolve_model(name)
+    if ref.format == "gguf":
+        hf_dir = hf_dir_for(ref.path, edgeforge_home())
+        if main:
+            materialize_hf(ref.path, hf_dir)
+        _barrier()
+        return Teacher(ref.name, "gguf", ref.path, hf_dir, ref.path, model_identity(ref.path))
+    return Teacher(ref.name, "hf", ref.path, ref.path, None, model_identity(ref.path))
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise BadInputError(f"{path}: expected an HF model directory with a readable config.json ({e})") from None
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json"))
+
+
+def check_vocabulary(teacher_dir: Path, student_dir: Path, teacher_tokenizer: Any | None = None) -> None:
+    """Raise BadInputError unless the student's vocabulary is the teacher's: same size and, when the student
+    carries a tokenizer, the same tokens. Runs before any model is loaded."""
+    t_cfg, s_cfg = _read_config(teacher_dir), _read_config(student_dir)
+    tv, sv = t_cfg.get("vocab_size"), s_cfg.get("vocab_size")
+    fix = "distillation compares next-token distributions, so give a student that uses the teacher's tokenizer"
+    if tv != sv:
+        raise BadInputError(f"vocabulary mismatch: the teacher ({teacher_dir}) has {tv} tokens, the student "
+                            f"({student_dir}) has {sv}; {fix}")
+    if _has_tokenizer(student_dir):
+        from transformers import AutoTokenizer
+
+        t_tok = teacher_tokenizer or AutoTokenizer.from_pretrained(str(teacher_dir))
+        s_vocab, t_vocab = AutoTokenizer.from_pretrained(str(student_dir)).get_vocab(), t_tok.get_vocab()
+        if s_vocab != t_vocab:
+            diff = sorted(set(t_vocab.items()) ^ set(s_vocab.items()), key=lambda x: x[1])[:1]
+            raise BadInputError(f"tokenizer mismatch: the student's tokenizer ({student_dir}, {len(s_vocab)} "
+                                f"entries) differs from the teacher's ({len(t_vocab)}), e.g. at {diff}; {fix}")
+
+
+def student_shape(cfg: DistillConfig, teacher: Teacher) -> Any:
+    """The target shape: from the planner (--profile) or from the --student-* flags."""
+    from edgeforge.prune import StudentShape
+
+    if cfg.profile is None:
+        if cfg.student_layers is None:
+            layers = int(_read_config(teacher.hf_dir)["num_hidden_layers"])
+        else:
+            layers = cfg.student_layers
+        return StudentShape(layers, cfg.student_hidden, cfg.student_intermediate, cfg.student_kv_heads)
+    from edgeforge import planner
+    from edgeforge.models import ModelRef, read_arch
+    from edgeforge.profiles import resolve_profile
+
+    arch = read_arch(ModelRef(teacher.name, teacher.path, teacher.format))  # type: ignore[arg-type]
+    plan = planner.plan(arch, resolve_profile(cfg.profile, cfg.profiles_dirs), teacher.name)
+    if plan.student is None:
+        raise BadInputError(f"--profile {cfg.profile}: the plan is '{plan.decision}' ({plan.reason}) and names no "
+                            "student shape; give --student-layers N to distill anyway")
+    s = plan.student
+    return StudentShape(int(s["layers"]), int(s["hidden_size"]), int(s["intermediate_size"]), None)
+
+
+# ---------------------------------------------------------------- data
+@dataclass
+class DistillData:
+    train: Tensor  # [n_train, seq_len] int64
+    heldout: Tensor  # [n_eval, eval_seq_len] int64
+    info: dict[str, Any]
+
+
+def prepare_data(cfg: DistillConfig, tokenizer: Any, teacher: Teacher, cache_root: Path, main: bool,
+                 log: Log) -> DistillData:
+    """Training sequences and held-out sequences; the teacher's answers are generated once (main process)."""
+    from edgeforge.builtin_data import heldout_prose, training_prose
+    from edgeforge.data import documents_from_file, pack, split_heldout, tokenize_documents
+
+    info: dict[str, Any] = {}
+    if cfg.data:
+        docs: list[str] = []
+        for p in cfg.data:
+            docs += documents_from_file(p, tokenizer)
+        seqs = pack(tokenize_documents(docs, tokenizer), cfg.seq_len)
+        train, held = split_heldout(seqs, 0.1)
+        heldout = held[: cfg.eval_sequences]
+        info.update(sources=[str(p) for p in cfg.data], documents=len(docs),
+                    heldout_source="the last 10% of the packed --data sequences")
+    else:
+        docs = [d for d in training_prose().split("\n\n") if d.strip()]
+        info.update(sources=["builtin: CPython documentation topics (pydoc_data)"], documents=len(docs))
+        if cfg.generate_answers:
+            from edgeforge.teacher_cache import BUILTIN_PROMPTS, answer_documents, teacher_answers
+
+            if main:
+                rows, gen = teacher_answers(tokenizer, cache_root, teacher.identity, teacher.gguf,
+                                            lambda: teacher.load(torch.float32, torch.device("cpu")))
+                log(f"teacher answers to {len(BUILTIN_PROMPTS)} built-in prompts: "
+                    + ("cache hit" if gen["cache_hit"] else f"generated with {gen['engine']} in {gen['seconds']} s"))
+            _barrier()
+            if not main:
+                rows, gen = teacher_answers(tokenizer, cache_root, teacher.identity, teacher.gguf, lambda: None)
+            answers = answer_documents(rows, tokenizer)
+            docs += answers
+            info.update(sources=info["sources"] + ["builtin: the teacher's greedy answers to built-in prompts"],
+                        generated_answers=len(answers), answers_cache=gen["path"])
+        train = pack(tokenize_documents(docs, tokenizer), cfg.seq_len)
+        held_stream = tokenize_documents([heldout_prose(max_chars=10**9)], tokenizer)
+        heldout = pack(held_stream, min(cfg.eval_seq_len, len(held_stream)))[: cfg.eval_sequences]
+        info["heldout_source"] = "builtin held-out CPython documentation topics (never trained on)"
+    info.update(train_sequences=len(train), train_tokens=int(train.numel()), seq_len=cfg.seq_len,
+                heldout_sequences=len(heldout), heldout_tokens=int(heldout.numel()))
+    return DistillData(train, heldout, info)
+
+
+# ---------------------------------------------------------------- evaluation
+@torch.no_grad()
+def _logits(model: nn.Module, ids: Tensor) -> np.ndarray:
+    device = next(model.parameters()).device
+    return model(input_ids=ids[None].to(device), use_cache=False).logits[0].float().cpu().numpy()
+
+
+@torch.no_grad()
+def evaluate(models: dict[str, nn.Module], teacher: nn.Module, heldout: Tensor) -> dict[str, dict[str, float]]:
+    """Held-out metrics of each model against ``teacher`` (and the teacher's own under the key ``teacher``).
+
+    heldout: [n_seq, seq_len]. Per sequence the teacher runs once; metrics are means over sequences of equal length,
+    so they equal the means over all positions. Uses edgeforge.verify_metrics (float64).
+    """
+    from edgeforge.verify_metrics import log_softmax, mean_kl, perplexity, top1_agreement
+
+    acc: dict[str, dict[str, float]] = {n: {"kl": 0.0, "top1": 0.0, "log_ppl": 0.0} for n in ["teacher", *models]}
+    for ids in heldout:
+        ref = log_softmax(_logits(teacher, ids))
+        tokens = ids.numpy()
+        acc["teacher"]["log_ppl"] += math.log(perplexity(ref, tokens))
+        for name, m in models.items():
+            lp = log_softmax(_logits(m, ids))
+            acc[name]["kl"] += mean_kl(ref, lp)
+            acc[name]["top1"] += top1_agreement(ref, lp)
+            acc[name]["log_ppl"] += math.log(perplexity(lp, tokens))
+            del lp
+    n = len(heldout)
+    out = {}
+    teacher_ppl = math.exp(acc["teacher"]["log_ppl"] / n)
+    for name, a in acc.items():
+        ppl = math.exp(a["log_ppl"] / n)
+        out[name] = {"kl_to_teacher": 0.0 if name == "teacher" else a["kl"] / n,
+                     "perplexity": ppl,
+                     "top1_agreement": 1.0 if name == "teacher" else a["top1"] / n,
+                     "retention": teacher_ppl / ppl,
+                     "n_tokens": int(heldout.numel())}
+    return out
+
+
+# ---------------------------------------------------------------- the student wrapper trained by the loop
+class StudentForKD(nn.Module):
+    """The student, plus (for hidden-state alignment) the layer outputs it exposes and the projector.
+
+    forward(input_ids [B, S]) -> (logits [B, S, V], [hidden [B, S, D_s] of each aligned student layer]).
+    """
+
+    def __init__(self, student: nn.Module, align_layers: list[int], projector: nn.Module | None) -> None:
+        super().__init__()
+        self.student = student
+        self.projector = projector
+        self.align_layers = align_layers
+
+    def forward(self, input_ids: Tensor) -> tuple[Tensor, list[Tensor]]:
+        captured = _capture(self.student, self.align_layers)
+        try:
+            logits = self.student(input_ids=input_ids, use_cache=False).logits
+        finally:
+            captured.remove()
+        return logits, captured.outputs
+
+
+class _Capture:
+    def __init__(self) -> None:
+        self.outputs: list[Tensor] = []
+        self.handles: list[Any] = []
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _capture(model: nn.Module, layers: list[int]) -> _Capture:
+    """Forward hooks that collect the outputs of decoder ``layers`` (in that order)."""
+    cap = _Capture()
+    slots: dict[int, int] = {}
+    for j, i in enumerate(layers):
+        slots[i] = j
+    cap.outputs = [None] * len(layers)  # type: ignore[list-item]
+
+    def hook(i: int):
+        def fn(_m: nn.Module, _a: Any, out: Any) -> None:
+            cap.outputs[slots[i]] = out[0] if isinstance(out, tuple) else out
+        return fn
+
+    for i in layers:
+        cap.handles.append(model.model.layers[i].register_forward_hook(hook(i)))
+    return cap
+
+
+# ---------------------------------------------------------------- helpers
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(r if os.uname().sysname == "Darwin" else r * 1024)
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    return " amx_bf16" in flags or " avx512_bf16" in flags
+
+
+def teacher_train_dtype(choice: str, device: torch.device) -> torch.dtype:
+    """The teacher's precision for the training signal. ``auto``: bfloat16 where the hardware computes it natively
+    (CUDA with bf16, CPUs with AMX-BF16 or AVX512-BF16: several times faster than fp32 here), else float32.
+    Evaluation always uses the fp32 teacher."""
+    if choice == "float32":
+        return torch.float32
+    if choice == "bfloat16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if _cpu_has_bf16() else torch.float32
+
+
+def rows_for_run(n_rows: int, cfg: DistillConfig, world: int) -> set[int]:
+    """Every training sequence index the run's batches will touch (all processes), for the offline cache."""
+    from edgeforge.data import batch_iterator
+
+    idx = torch.arange(n_rows)[:, None]
+    rows: set[int] = set()
+    for rank in range(world):
+        it = batch_iterator(idx, cfg.batch_size, cfg.seed, 0, cfg.grad_accum, rank, world)
+        for _ in range(cfg.steps * cfg.grad_accum):
+            rows.update(next(it)["input_ids"][:, 0].tolist())
+    return rows
+
+
+def _batches(train: Tensor, cfg: DistillConfig, rank: int, world: int) -> Callable[[int], Iterator[dict[str, Tensor]]]:
+    """edgeforge.data.batch_iterator's exact order, also giving each micro-batch's sequence indices (``rows``)."""
+    from edgeforge.data import batch_iterator
+
+    idx = torch.arange(len(train))[:, None]
+
+    def make(start_step: int) -> Iterator[dict[str, Tensor]]:
+        for b in batch_iterator(idx, cfg.batch_size, cfg.seed, start_step, cfg.grad_accum, rank, world):
+            rows = b["input_ids"][:, 0]
+            yield {"input_ids": train[rows], "rows": rows}
+
+    return make
+
+
+def save_student(student: nn.Module, out: Path, tokenizer_dir: Path) -> None:
+    """The student as an HF directory: fp32 safetensors, config, and the teacher's tokenizer files as they are."""
+    out.mkdir(parents=True, exist_ok=True)
+    student.config.use_cache = True
+    student.save_pretrained(out, safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        src = tokenizer_dir / name
+        if src.is_file():
+            shutil.copyfile(src, out / name)
+
+
+# ---------------------------------------------------------------- the run
+def run_distill(cfg: DistillConfig, log: Log | None = None,
+                on_log: Callable[[dict[str, float]], None] | None = None) -> dict[str, Any]:
+    """Distill and write ``cfg.out`` (student + distill.json); returns the record. Under torchrun every process
+    calls this; the main process alone writes, evaluates and builds caches."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from edgeforge.kd_losses import HiddenProjector
+    from edgeforge.llama_tools import edgeforge_home
+    from edgeforge.prune import count_params, init_student, teacher_layer_for
+    from edgeforge.train_loop import TrainConfig, dist_init, is_main_process, pick_device, train
+
+    t_run = time.perf_counter()
+    rank, world = dist_init()
+    main = is_main_process()
+    say: Log = (log or (lambda _m: None)) if main else (lambda _m: None)
+    device = pick_device()
+    torch.manual_seed(cfg.seed)
+    out = cfg.out
+    ckpt = out / CHECKPOINT_DIR
+    state_path = out / STATE_FILE
+    if main:
+        _check_out_dir(cfg, ckpt, state_path)
+    cache_root = cfg.cache_dir or (edgeforge_home() / "kd-cache")
+
+    teacher = resolve_teacher(cfg.teacher, main)
+    if cfg.student_dir is not None:
+        check_vocabulary(teacher.hf_dir, cfg.student_dir)
+    tokenizer = AutoTokenizer.from_pretrained(str(teacher.hf_dir))
+    shape = student_shape(cfg, teacher) if cfg.student_dir is None else None
+    data = prepare_data(cfg, tokenizer, teacher, cache_root, main, say)
+    say(f"data: {data.info['train_sequences']} training sequences x {cfg.seq_len} tokens, "
+        f"{data.info['heldout_sequences']} held-out x {data.heldout.shape[1]}")
+
+    passes = {"training": 0, "calibration": 0, "evaluation": 0}
+    t_model = teacher.load(torch.float32, device)
+    if cfg.student_dir is not None:
+        student = AutoModelForCausalLM.from_pretrained(str(cfg.student_dir), dtype=torch.float32)
+        init = {"method": "given", "path": str(cfg.student_dir), "params": count_params(student)}
+        align_from: list[int] | None = None
+        kept_hidden = None
+    else:
+        calib = data.train[: cfg.calib_sequences]
+        student, report = init_student(t_model, shape, cfg.init, calib, seed=cfg.seed)  # type: ignore[arg-type]
+        if cfg.init != "random":
+            passes["calibration"] += math.ceil(len(calib) / 4)
+        init = report.to_dict()
+        align_from, kept_hidden = report.kept_layers or None, report.kept_hidden_channels
+        say(f"student: {report.layers} layers (kept {report.kept_layers or 'random init'}), hidden "
+            f"{report.hidden_size}, MLP {report.intermediate_size}, {report.n_heads}/{report.n_kv_heads} heads, "
+            f"{report.params / 1e6:.1f}M params")
+    student = student.to(device).requires_grad_(True)  # a pruned copy inherits the frozen teacher's flags
+    if student.config.vocab_size != t_model.config.vocab_size:
+        raise BadInputError(f"vocabulary mismatch: teacher {t_model.config.vocab_size} tokens, student "
+                            f"{student.config.vocab_size}")
+
+    # before: the teacher's and the initial student's held-out metrics (kept across a resume)
+    state = json.loads(state_path.read_text(encoding="utf-8")) if cfg.resume and state_path.is_file() else None
+    if main and state is None:
+        t0 = time.perf_counter()
+        student.eval()
+        m = evaluate({"student": student}, t_model, data.heldout)
+        passes["evaluation"] += len(data.heldout)
+        state = {"fingerprint": cfg.fingerprint(), "teacher": m["teacher"], "before": m["student"]}
+        out.mkdir(parents=True, exist_ok=True)
+        state_path.write_text(json.dumps(state, indent=1), encoding="utf-8")
+        say(f"before: teacher perplexity {m['teacher']['perplexity']:.2f}; student KL "
+            f"{m['student']['kl_to_teacher']:.3f}, perplexity {m['student']['perplexity']:.2f}, top-1 "
+            f"{m['student']['top1_agreement']:.1%} "
+            f"({time.perf_counter() - t0:.0f} s)")
+
+    # the training signal
+    tdtype = teacher_train_dtype(cfg.teacher_dtype, device)
+    signal: dict[str, Any] = {"mode": "offline" if cfg.offline_teacher else "online", "top_k": cfg.top_k,
+                              "teacher_dtype": str(tdtype).replace("torch.", "")}
+    cache = None
+    if cfg.offline_teacher:
+        from edgeforge.teacher_cache import TopKCache
+
+        cache = TopKCache(cache_root, teacher.identity, data.train, int(cfg.top_k or 64), signal["teacher_dtype"])
+        needed = rows_for_run(len(data.train), cfg, world)
+        missing = cache.missing(needed)
+        if main and missing:
+            t0 = time.perf_counter()
+            say(f"offline teacher: computing the top-{cache.k} of {len(missing)} sequences this run will visit")
+            t_model = t_model.to(tdtype)  # in place; the fp32 teacher is reloaded for the final evaluation
+            sig_model = t_model
+            passes["training"] += cache.fill(
+                missing, lambda ids: sig_model(input_ids=ids.to(device), use_cache=False).logits, cfg.batch_size)
+            del sig_model
+            signal["cache_fill_seconds"] = round(time.perf_counter() - t0, 2)
+        _barrier()
+        if not main:
+            cache.refresh()  # the main process wrote the shards
+        signal.update(cache_dir=str(cache.dir), cache_hit=not missing, bytes_per_token=cache.bytes_per_token,
+                      cache_bytes=cache.disk_bytes(), sequences_computed=len(missing))
+        if not missing:
+            say("offline teacher: cache hit, 0 teacher forward passes")
+        else:
+            say(f"offline teacher: cache built ({cache.bytes_per_token} bytes per token, {cache.disk_bytes() / 1e6:.1f}"
+                f" MB), {passes['training']} teacher forward passes")
+        del t_model
+        t_train = None
+    else:
+        t_train = t_model.to(tdtype) if tdtype != torch.float32 else t_model
+        del t_model
+
+    # the module the loop trains: the student, plus a projector for hidden-state alignment across widths
+    n_s = student.config.num_hidden_layers
+    align_pairs: list[tuple[int, int]] = []
+    projector = None
+    if cfg.hidden_loss != "none":
+        n_t = int(_read_config(teacher.hf_dir)["num_hidden_layers"])
+        align_pairs = [(i, teacher_layer_for(i, n_s, n_t, align_from)) for i in range(n_s)]
+        t_width = int(_read_config(teacher.hf_dir)["hidden_size"])
+        if student.config.hidden_size != t_width:
+            projector = HiddenProjector(student.config.hidden_size, t_width, kept_hidden).to(device)
+    kd_module: nn.Module = StudentForKD(student, [s for s, _ in align_pairs], projector)
+    if world > 1:
+        kd_module = nn.parallel.DistributedDataParallel(kd_module, device_ids=[device.index]
+                                                        if device.type == "cuda" else None)
+    step_fn = _make_step(cfg, kd_module, t_train, cache, align_pairs, projector, passes)
+
+    tcfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, warmup_steps=cfg.warmup_steps if cfg.warmup_steps is not None
+                       else min(10, max(1, cfg.steps // 10)), grad_accum=cfg.grad_accum, seed=cfg.seed,
+                       checkpoint_every=cfg.checkpoint_every,
+                       max_tokens=None if cfg.max_tokens is None else math.ceil(cfg.max_tokens / world),
+                       max_seconds=cfg.max_seconds)
+    say(f"distilling: {cfg.loss}{f' over the top-{cfg.top_k}' if cfg.top_k else ''}, {signal['mode']} teacher "
+        f"({signal['teacher_dtype']}), {cfg.steps} steps x {cfg.batch_size * cfg.grad_accum * world} sequences x "
+        f"{cfg.seq_len} tokens on {device.type}" + (f" x {world} processes" if world > 1 else ""))
+    st = train(kd_module, step_fn, _batches(data.train, cfg, rank, world), tcfg,
+               ckpt if cfg.checkpoint_every else None, resume=cfg.resume, desc="distill", on_log=on_log)
+    del t_train
+    tokens_all = st.tokens * world
+    if not main:
+        _barrier()
+        return {"rank": rank, "loss_curve": st.loss_curve, "teacher_forward_passes": passes["training"]}
+
+    # after: the distilled student, against the fp32 teacher
+    t_eval = teacher.load(torch.float32, device)
+    student.eval()
+    after = evaluate({"student": student}, t_eval, data.heldout)["student"]
+    passes["evaluation"] += len(data.heldout)
+    del t_eval
+    save_student(student, out, teacher.hf_dir if cfg.student_dir is None or not _has_tokenizer(cfg.student_dir)
+                 else cfg.student_dir)
+    assert state is not None
+    before = state["before"]
+    record = {
+        "edgeforge_distill_version": 1,
+        "config": cfg.to_dict(),
+        "teacher": {"name": teacher.name, "path": str(teacher.path), "format": teacher.format,
+                    "hf_dir": str(teacher.hf_dir), "params": None, **state["teacher"]},
+        "student": {**init, "dir": str(out)},
+        "data": data.info,
+        "teacher_signal": signal,
+        "teacher_forward_passes": passes["training"],
+        "teacher_forward_passes_other": {"calibration": passes["calibration"], "evaluation": passes["evaluation"]},
+        "training": {"steps": st.step, "tokens": tokens_all, "seconds": round(st.seconds, 2),
+                     "tokens_per_s": round(tokens_all / max(st.seconds, 1e-9), 1), "world_size": world,
+                     "device": device.type, "peak_rss_bytes": peak_rss_bytes(),
+                     "stopped_by": _stopped_by(st, cfg, tcfg)},
+        "loss_curve": st.loss_curve,
+        "before": before,
+        "after": after,
+        "retention": {"definition": RETENTION_DEFINITION, "teacher": 1.0, "before": before["retention"],
+                      "after": after["retention"]},
+        "kl_gap_closed": {"definition": KL_GAP_DEFINITION,
+                          "value": 1.0 - after["kl_to_teacher"] / before["kl_to_teacher"]
+                          if before["kl_to_teacher"] > 0 else 0.0},
+        "seconds_total": round(time.perf_counter() - t_run, 1),
+    }
+    record["teacher"]["params"] = _param_count(teacher.hf_dir)
+    record["student"]["params"] = count_params(student)
+    (out / "distill.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
+    shutil.rmtree(ckpt, ignore_errors=True)  # done: the student is saved; the checkpoint was only for resuming
+    state_path.unlink(missing_ok=True)
+    say(f"after: student KL {after['kl_to_teacher']:.3f}, perplexity {after['perplexity']:.2f}, top-1 "
+        f"{after['top1_agreement']:.1%}; {record['training']['tokens_per_s']:.0f} tokens/s")
+    _barrier()
+    return record
+
+
+def _make_step(cfg: DistillConfig, kd_module: nn.Module, t_train: nn.Module | None, cache: Any,
+               align_pairs: list[tuple[int, int]], projector: nn.Module | None,
+               passes: dict[str, int]) -> Callable[[dict[str, Tensor]], tuple[Tensor, dict[str, float]]]:
+    """The loss of one micro-batch: the KD divergence (+ CE, + hidden alignment), with the teacher's signal online
+    or from the cache."""
+    from edgeforge.kd_losses import (
+        divergence,
+        hidden_alignment,
+        mix_with_ce,
+        next_token_ce,
+        teacher_topk,
+        topk_divergence,
+    )
+
+    kind = cfg.loss
+
+    def step(batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        ids = batch["input_ids"]
+        t_hidden: list[Tensor] = []
+        t_logits = t_vals = t_ids = None
+        if cache is not None:
+            t_vals, t_ids = (t.to(ids.device) for t in cache.lookup(batch["rows"].cpu()))
+        else:
+            assert t_train is not None
+            cap = _capture(t_train, [t for _, t in align_pairs])
+            try:
+                with torch.no_grad():
+                    t_logits = t_train(input_ids=ids, use_cache=False).logits
+                    passes["training"] += 1
+            finally:
+                cap.remove()
+            t_hidden = cap.outputs
+            if cfg.top_k:
+                t_vals, t_ids = teacher_topk(t_logits, cfg.top_k)
+                t_logits = None
+        s_logits, s_hidden = kd_module(ids)
+        if t_logits is not None:
+            kd = divergence(kind, s_logits, t_logits, cfg.temperature, cfg.jsd_beta, cfg.chunk_size)  # type: ignore
+        else:
+            kd = topk_divergence(kind, s_logits, t_vals, t_ids, cfg.temperature, cfg.jsd_beta,  # type: ignore
+                                 cfg.chunk_size)
+        metrics = {"kl": float(kd.detach())}
+        ce = next_token_ce(s_logits, ids, cfg.chunk_size) if cfg.alpha > 0 else None
+        loss = mix_with_ce(kd, ce, cfg.alpha)
+        if ce is not None:
+            metrics["ce"] = float(ce.detach())
+        if align_pairs:
+            h = sum(hidden_alignment(s, t.detach(), cfg.hidden_loss, projector)  # type: ignore[arg-type]
+                    for s, t in zip(s_hidden, t_hidden, strict=True)) / len(align_pairs)
+            loss = loss + cfg.hidden_weight * h
+            metrics["hidden"] = float(h.detach())
+        return loss, metrics
+
+    return step
+
+
+def _stopped_by(st: Any, cfg: DistillConfig, tcfg: Any) -> str:
+    if st.step >= cfg.steps:
+        return "steps"
+    if tcfg.max_tokens is not None and st.tokens >= tcfg.max_tokens:
+        return "max_tokens"
+    return "max_seconds"
+
+
+def _param_count(hf_dir: Path) -> int | None:
+    try:
+        from edgeforge.models import arch_from_config
+
+        return arch_from_config(_read_config(hf_dir)).n_params
+    except EdgeforgeError:
+        return None
+
+
+def _check_out_dir(cfg: DistillConfig, ckpt: Path, state_path: Path) -> None:
+    """A new run never silently overwrites an interrupted one; a resumed run must be the same run."""
+    if cfg.resume:
+        if state_path.is_file():
+            saved = json.loads(state_path.read_text(encoding="utf-8")).get("fingerprint")
+            now = cfg.fingerprint()
+            diff = sorted(k for k in set(saved or {}) | set(now) if (saved or {}).get(k) != now.get(k))
+            if diff:
+                raise BadInputError(f"--resume: {cfg.out} holds a run with other settings ({', '.join(diff)}); "
+                                    "resume with the same settings or choose another --out")
+        return
+    if ckpt.exists() or state_path.exists():
+        raise BadInputError(f"{cfg.out} holds an interrupted run; pass --resume to continue it, or remove the "
+                            "directory / choose another --out to start over")
+
+
+# ---------------------------------------------------------------- side-by-side comparison (edgeforge eval)
+def compare(student_dir: Path, reference: str | None, text: str | None = None, n_seq: int = 8,
+            seq_len: int = 256) -> dict[str, Any]:
+    """Teacher and distilled student on held-out text (default: the built-in held-out prose), plus the initial
+    student's row from the student's distill.json when present (measured by the run on its own held-out set)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from edgeforge.builtin_data import heldout_prose
+    from edgeforge.data import pack, tokenize_documents
+
+    record_path = student_dir / "distill.json"
+    record = json.loads(record_path.read_text(encoding="utf-8")) if record_path.is_file() else {}
+    teacher = resolve_teacher(reference if reference is not None else record.get("config", {}).get("teacher"), True)
+    check_vocabulary(teacher.hf_dir, student_dir)
+    tokenizer = AutoTokenizer.from_pretrained(str(teacher.hf_dir))
+    stream = tokenize_documents([text if text is not None else heldout_prose(max_chars=10**9)], tokenizer)
+    heldout = pack(stream, min(seq_len, len(stream)))[:n_seq]
+    student = AutoModelForCausalLM.from_pretrained(str(student_dir), dtype=torch.float32).eval()
+    m = evaluate({"student": student}, teacher.load(torch.float32, torch.device("cpu")), heldout)
+    rows = [{"model": f"teacher ({teacher.name})", **m["teacher"]}]
+    if "before" in record:
+        rows.append({"model": f"initial student ({record.get('student', {}).get('method', '?')}, from distill.json)",
+                     **record["before"]})
+    rows.append({"model": f"distilled student ({student_dir})", **m["student"]})
+    return {"teacher": teacher.name, "student": str(student_dir), "n_tokens": int(heldout.numel()),
+            "retention_definition": RETENTION_DEFINITION, "rows": rows}
+
+
+def record_summary(record: dict[str, Any]) -> dict[str, Any]:
+    """The headline of a distill.json: what a script compares."""
+    return {k: record[k] for k in ("teacher", "before", "after", "retention", "kl_gap_closed",
+                                   "teacher_forward_passes", "training") if k in record}
