@@ -7,7 +7,6 @@ stderr and an exit code (2: bad input, 1: a quality gate failed, 3: an internal 
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -16,17 +15,10 @@ from typing import Any
 import click
 
 from edgeforge import __version__
+from edgeforge.cli_common import JSON_OPTION, PROFILES_DIR_OPTION, print_json
 from edgeforge.errors import BadInputError, EdgeforgeError
 
-PROFILES_DIR_OPTION = click.option(
-    "--profiles-dir", "profiles_dirs", multiple=True, type=click.Path(path_type=Path),
-    help="Extra folder or YAML file of device profiles (repeatable; also EDGEFORGE_PROFILES).",
-)
-JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-
-
-def _print_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, default=str))
+_print_json = print_json
 
 
 class EdgeforgeGroup(click.Group):

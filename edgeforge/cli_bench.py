@@ -7,7 +7,6 @@ Registered onto the main group by :func:`register` (``edgeforge.cli`` calls it);
 from __future__ import annotations
 
 import contextlib
-import json
 import signal
 import threading
 from collections.abc import Iterator
@@ -16,19 +15,13 @@ from typing import Any
 
 import click
 
+from edgeforge.cli_common import JSON_OPTION, PROFILES_DIR_OPTION, print_json
+
 TARGETS_DIR_OPTION = click.option(
     "--targets-dir", "targets_dirs", multiple=True, type=click.Path(path_type=Path),
     help="Extra folder or YAML file of targets (repeatable; also EDGEFORGE_TARGETS).",
 )
-PROFILES_DIR_OPTION = click.option(
-    "--profiles-dir", "profiles_dirs", multiple=True, type=click.Path(path_type=Path),
-    help="Extra folder or YAML file of device profiles (repeatable; also EDGEFORGE_PROFILES).",
-)
-JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-
-
-def _print_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, default=str))
+_print_json = print_json
 
 
 def _log(message: str) -> None:
