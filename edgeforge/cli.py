@@ -470,7 +470,7 @@ def demo(teacher: str | None, as_json: bool) -> None:
 
 
 # Commands that live in their own modules (one concept per module); each module has register(cli).
-COMMAND_MODULES = ("edgeforge.cli_bench", "edgeforge.cli_distill", "edgeforge.cli_finetune")
+COMMAND_MODULES = ("edgeforge.cli_bench", "edgeforge.cli_build", "edgeforge.cli_distill", "edgeforge.cli_finetune")
 
 
 def _register_optional_groups() -> None:

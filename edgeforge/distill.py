@@ -75,7 +75,7 @@ class DistillConfig:
     steps: int = 40  # optimizer steps (the budget, unless max_tokens / max_seconds end it sooner)
     max_tokens: int | None = None  # stop after this many training tokens (all processes together)
     max_seconds: float | None = None  # stop after this much training time
-    lr: float = 3e-4  # peak learning rate
+    lr: float = 1e-3  # peak learning rate (40-step runs on the bundled teacher: 1e-3 beat 3e-4 and 2e-3)
     warmup_steps: int | None = None  # None: 10% of the steps, at most 10
     batch_size: int = 4  # sequences per micro-batch (per process)
     seq_len: int = 128  # tokens per training sequence
@@ -382,6 +382,20 @@ def peak_rss_bytes() -> int:
     return int(r if os.uname().sysname == "Darwin" else r * 1024)
 
 
+def release_freed_memory() -> None:
+    """Hand memory freed by Python/torch back to the OS (glibc keeps freed heap pages otherwise), so the peak RSS
+    of training is not inflated by the evaluation and the fp32 teacher that came before it."""
+    import gc
+
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 def _cpu_has_bf16() -> bool:
     try:
         flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
@@ -547,6 +561,7 @@ def run_distill(cfg: DistillConfig, log: Log | None = None,
     else:
         t_train = t_model.to(tdtype) if tdtype != torch.float32 else t_model
         del t_model
+    release_freed_memory()
 
     # the module the loop trains: the student, plus a projector for hidden-state alignment across widths
     n_s = student.config.num_hidden_layers

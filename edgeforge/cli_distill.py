@@ -64,7 +64,7 @@ def register(cli: click.Group) -> None:
     @click.option("--max-tokens", type=click.IntRange(min=1), default=None, help="Stop after this many tokens.")
     @click.option("--max-seconds", type=click.FloatRange(min=0, min_open=True), default=None,
                   help="Stop after this much training time.")
-    @click.option("--lr", type=float, default=3e-4, show_default=True, help="Peak learning rate.")
+    @click.option("--lr", type=float, default=1e-3, show_default=True, help="Peak learning rate.")
     @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True,
                   help="Sequences per micro-batch (per process).")
     @click.option("--seq-len", type=click.IntRange(min=8), default=128, show_default=True)

@@ -13,6 +13,10 @@ On the bundled teacher, with the same data (built-in prose + the teacher's answe
 tokens/s counts training tokens over the time of the steps after the first ``--warmup`` steps (benchmarks warm up
 before timing); peak RSS is sampled during those training steps only. Then held-out perplexity and KL(teacher ||
 student) of each student, against the fp32 teacher. Prints one Markdown table (and --json for a script).
+
+Fairness on a shared machine: the three runs are started together but take turns, one optimizer step at a time
+(a child blocks between steps until the parent hands it the turn; the wait is outside the timed step). So every run
+sees the same background load, and the ratios hold even when other jobs come and go.
 """
 
 from __future__ import annotations
@@ -55,6 +59,15 @@ class RssSampler:
         return self.peak
 
 
+def take_turn() -> None:
+    """Block until the parent gives this child the turn (only when run in turns by the parent)."""
+    if os.environ.get("EDGEFORGE_BENCH_TURNS") == "1":
+        sys.stdout.write("ready\n")
+        sys.stdout.flush()
+        if sys.stdin.readline().strip() != "go":
+            raise SystemExit("the benchmark's parent process went away")
+
+
 def _steady(step_times: list[float], step_tokens: list[int], warmup: int) -> float:
     t, n = sum(step_times[warmup:]), sum(step_tokens[warmup:])
     return n / t if t > 0 else 0.0
@@ -69,6 +82,7 @@ def _config(args: argparse.Namespace, out: Path, **kw: Any) -> Any:
 
 
 def child_kd(args: argparse.Namespace, offline: bool) -> dict[str, Any]:
+    take_turn()  # the set-up (loading, pruning, the "before" evaluation) runs in one turn of its own
     from edgeforge.distill import run_distill
 
     rss = RssSampler()
@@ -81,6 +95,7 @@ def child_kd(args: argparse.Namespace, offline: bool) -> dict[str, Any]:
         tokens.append(step_tokens)
         if len(times) == args.warmup:
             rss.active.set()
+        take_turn()
 
     name = "offline" if offline else "online"
     cfg = _config(args, Path(args.workdir) / name, offline_teacher=offline, top_k=args.top_k if offline else None)
@@ -95,6 +110,7 @@ def child_kd(args: argparse.Namespace, offline: bool) -> dict[str, Any]:
 
 def child_ce(args: argparse.Namespace) -> dict[str, Any]:
     """The same student, data and budget through a plain transformers.Trainer with cross-entropy."""
+    take_turn()
     import torch
     from transformers import AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
@@ -122,6 +138,7 @@ def child_ce(args: argparse.Namespace) -> dict[str, Any]:
             times.append(time.perf_counter() - self.t0)
             if len(times) == args.warmup:
                 rss.active.set()
+            take_turn()
 
     targs = TrainingArguments(
         output_dir=str(Path(args.workdir) / "ce-trainer"), max_steps=args.steps,
@@ -141,14 +158,51 @@ def child_ce(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run_child(mode: str, argv: list[str]) -> dict[str, Any]:
+    """One child alone (used for the untimed cache fill)."""
     cmd = [sys.executable, __file__, "--child", mode, *argv]
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         raise SystemExit(f"{mode} run failed:\n{r.stderr[-3000:]}")
-    out = json.loads(r.stdout.strip().splitlines()[-1])
+    out = json.loads(r.stdout.strip().splitlines()[-1].removeprefix("RESULT "))
     print(f"  {mode}: done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return out
+
+
+def _run_in_turns(modes: dict[str, str], argv: list[str], workdir: Path) -> dict[str, dict[str, Any]]:
+    """Start one child per mode; exactly one runs at a time, round-robin, one step (or set-up phase) per turn."""
+    env = {**os.environ, "EDGEFORGE_BENCH_TURNS": "1"}
+    procs, logs, results = {}, {}, {}
+    for name, mode in modes.items():
+        logs[name] = open(workdir / f"{mode}.log", "w", encoding="utf-8")  # noqa: SIM115 - closed below
+        procs[name] = subprocess.Popen([sys.executable, __file__, "--child", mode, *argv], stdin=subprocess.PIPE,
+                                       stdout=subprocess.PIPE, stderr=logs[name], text=True, env=env)
+    t0 = time.perf_counter()
+
+    def await_ready(name: str) -> bool:
+        """True when the child waits for its next turn; False when it has finished."""
+        p = procs[name]
+        for line in iter(p.stdout.readline, ""):  # type: ignore[union-attr]
+            if line.startswith("RESULT "):
+                results[name] = json.loads(line.removeprefix("RESULT "))
+            elif line.strip() == "ready":
+                return True
+        p.wait()
+        if p.returncode != 0 or name not in results:
+            raise SystemExit(f"{name} failed; see {workdir / (modes[name] + '.log')}")
+        print(f"  {name}: done ({time.perf_counter() - t0:.0f} s into the turns)", file=sys.stderr)
+        return False
+
+    active = [n for n in procs if await_ready(n)]
+    while active:
+        for name in list(active):
+            procs[name].stdin.write("go\n")  # type: ignore[union-attr]
+            procs[name].stdin.flush()  # type: ignore[union-attr]
+            if not await_ready(name):
+                active.remove(name)
+    for f in logs.values():
+        f.close()
+    return results
 
 
 def main() -> None:
@@ -158,7 +212,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--top-k", type=int, default=64)
     ap.add_argument("--warmup", type=int, default=3, help="steps left out of the timing")
     ap.add_argument("--eval-sequences", type=int, default=8)
@@ -168,7 +222,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         res = child_ce(args) if args.child == "ce" else child_kd(args, args.child == "offline")
-        print(json.dumps(res))
+        print("RESULT " + json.dumps(res), flush=True)
         return
     argv = [a for a in sys.argv[1:] if a != "--json"]
     import shutil
@@ -180,9 +234,9 @@ def main() -> None:
     print(f"distill benchmark: {args.steps} steps x {args.batch_size} x {args.seq_len} tokens per run", file=sys.stderr)
     fill = _run_child("offline", argv)  # fills the top-k cache (not timed as the offline result)
     assert not fill["cache_hit"]
-    shutil.rmtree(Path(args.workdir) / "offline", ignore_errors=True)
-    results = {"online KD": _run_child("online", argv), "offline KD (cache hit)": _run_child("offline", argv),
-               "CE baseline (HF Trainer)": _run_child("ce", argv)}
+    shutil.rmtree(work / "offline", ignore_errors=True)
+    results = _run_in_turns({"online KD": "online", "offline KD (cache hit)": "offline",
+                             "CE baseline (HF Trainer)": "ce"}, argv, work)
     assert results["offline KD (cache hit)"]["teacher_forward_passes"] == 0
     base = results["CE baseline (HF Trainer)"]["tokens_per_s"]
     online = results["online KD"]

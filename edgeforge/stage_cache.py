@@ -1,0 +1,99 @@
+"""Content-keyed stage outputs for ``edgeforge build``: a finished stage is never run twice.
+
+A stage's key is a hash of its name, its settings, the keys of the stages it reads from and the identity of its
+external inputs (model files, data files). Its outputs live in ``<root>/<stage>-<key16>/``; the stage is done
+exactly when ``stage.json`` exists there, and that file is written last, atomically (temporary file, then rename),
+so a stage killed half-way (even by SIGKILL) is never taken as done: the next run finds the directory without
+``stage.json`` and runs the stage again there, resuming from its own checkpoint where the stage has one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgeforge import __version__
+
+MARKER = "stage.json"
+
+
+def stable_hash(obj: Any) -> str:
+    """sha256 of the canonical JSON of ``obj`` (sorted keys; Paths as strings)."""
+    text = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def file_sha256(path: Path, chunk_bytes: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def path_identity(path: Path) -> dict[str, Any]:
+    """What identifies an input file or directory: the sha256 of each file (data files are small; model weights
+    are hashed once per build, which costs about a second per 500 MB)."""
+    path = Path(path)
+    if path.is_file():
+        return {"name": path.name, "sha256": file_sha256(path), "size_bytes": path.stat().st_size}
+    files = sorted(p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in
+                                                                           p.relative_to(path).parts))
+    return {"name": path.name, "files": {str(p.relative_to(path)): file_sha256(p) for p in files}}
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage's place in the cache."""
+
+    name: str
+    key: str  # full sha256 hex
+    dir: Path
+    config: dict[str, Any]
+
+    @property
+    def done(self) -> bool:
+        return (self.dir / MARKER).is_file()
+
+    @property
+    def started(self) -> bool:
+        """Ran before without finishing (killed or failed): its directory exists but has no marker."""
+        return self.dir.is_dir() and not self.done
+
+    def result(self) -> dict[str, Any]:
+        return json.loads((self.dir / MARKER).read_text(encoding="utf-8"))["result"]
+
+    def finish(self, result: dict[str, Any], seconds: float) -> None:
+        write_json_atomic(self.dir / MARKER, {"stage": self.name, "key": self.key, "edgeforge": __version__,
+                                              "config": self.config, "seconds": seconds, "result": result})
+
+
+class StageCache:
+    """Stage directories under ``root`` (``OUT/.stages``)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def stage(self, name: str, config: dict[str, Any], inputs: dict[str, Any]) -> Stage:
+        """The stage ``name`` for these settings and inputs (upstream keys, input identities)."""
+        key = stable_hash({"stage": name, "edgeforge": __version__, "config": config, "inputs": inputs})
+        return Stage(name=name, key=key, dir=self.root / f"{name}-{key[:16]}", config=config)
