@@ -23,8 +23,10 @@ $(BIN)/edgeforge: pyproject.toml
 	$(BIN)/python -m edgeforge.llama_tools
 	touch $@
 
+# The main job on the embedded default: the bundled teacher, built-in data and task, for a device it is too slow
+# for (so it distills, fine-tunes, exports, verifies, benchmarks and ships to edgeforge-build/ship).
 demo: $(BIN)/edgeforge
-	$(BIN)/edgeforge demo
+	$(BIN)/edgeforge build --profile raspberry-pi-zero-2w --out edgeforge-build
 
 # Fast tests, then the integration tests (bundled teacher, real llama.cpp / onnxruntime / sshd), then ruff.
 test: $(BIN)/edgeforge

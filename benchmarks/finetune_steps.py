@@ -2,6 +2,12 @@
 through GGUF export. Prints one Markdown table.
 
 Run: .venv/bin/python benchmarks/finetune_steps.py [--steps 200] [--method lora] [--out /tmp/edgeforge-ft-bench]
+     [--reuse DIR]
+
+--reuse DIR takes the merged model and finetune.json of an earlier
+``edgeforge finetune smollm2-135m-instruct --task home-commands --merge --out DIR`` run (for example the acceptance
+check's) instead of training again: a 200-step run takes 15+ minutes on 2 cores, and the table then describes exactly
+that run.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--method", default="lora")
     ap.add_argument("--out", type=Path, default=Path("/tmp/edgeforge-ft-bench"))
+    ap.add_argument("--reuse", type=Path, default=None, help="an earlier merged finetune output dir")
     args = ap.parse_args()
     from transformers import AutoTokenizer
 
@@ -25,7 +32,16 @@ def main() -> None:
 
     out = args.out / args.method
     cfg = FinetuneConfig(method=args.method, steps=args.steps, checkpoint_every=max(1, args.steps // 4))
-    rec = run_finetune("smollm2-135m-instruct", out, cfg, task="home-commands", merge=True)
+    if args.reuse is not None:
+        out = args.reuse
+        rec = json.loads((out / "finetune.json").read_text(encoding="utf-8"))
+        if "merge" not in rec:
+            raise SystemExit(f"{out}: not a merged run (finetune --merge); cannot export it")
+        cfg = FinetuneConfig(**{k: v for k, v in rec["config"].items() if k in FinetuneConfig.__dataclass_fields__})
+        args.method = cfg.method
+    else:
+        rec = run_finetune("smollm2-135m-instruct", out, cfg, task="home-commands", merge=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     gguf = export_gguf(ModelRef(str(out), out, "hf"), "Q8_0", args.out / f"{args.method}-q8_0.gguf")["path"]
     _, held, _ = load_task_examples("home-commands", None)
     tok = AutoTokenizer.from_pretrained(str(out))

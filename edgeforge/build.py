@@ -245,8 +245,9 @@ class Builder:
         if st.done:
             self.log(f"[{sp.name}] cached ({st.dir.name})")
             result = st.result()
+            # seconds: what the stage took when it ran (the cache hit itself costs next to nothing)
             self.state.stage_rows.append({"name": sp.name, "cache_key": st.key[:16], "cached": True,
-                                          "seconds": 0.0})
+                                          "seconds": st.seconds(), "config": st.config})
             return result
         self.log(f"[{sp.name}] {'resuming' if st.started else 'running'}: {sp.note}")
         st.dir.mkdir(parents=True, exist_ok=True)
@@ -256,7 +257,7 @@ class Builder:
         seconds = time.perf_counter() - t0
         st.finish(result, seconds)
         self.state.stage_rows.append({"name": sp.name, "cache_key": st.key[:16], "cached": False,
-                                      "seconds": seconds})
+                                      "seconds": seconds, "config": st.config})
         return result
 
     def run_model_stages(self) -> None:
@@ -507,7 +508,7 @@ class Builder:
                         "perplexity": (distill or {}).get("teacher", {}).get("perplexity"),
                         "size_bytes": _size(self.teacher_ref.path)},
             "plan": {k: v for k, v in self.plan.to_dict().items() if k != "candidates"},
-            "stages": self.state.stage_rows,
+            "stages": [{k: v for k, v in r.items() if k != "config"} for r in self.state.stage_rows],
             "distill": distill,
             "finetune": self.state.finetune,
             "artifacts": rows,
@@ -515,7 +516,8 @@ class Builder:
             "lineage": {"teacher": {"name": self.teacher_ref.name, **self.teacher_identity},
                         "data": self.data_identity or "built-in (pydoc_data prose + teacher answers)",
                         "task": self.task_identity,
-                        "stage_configs": {r["name"]: r["cache_key"] for r in self.state.stage_rows},
+                        "stage_configs": {r["name"]: {"cache_key": r["cache_key"], "config": r["config"]}
+                                          for r in self.state.stage_rows},
                         "config": self.cfg.model_dump(), "library_versions": _versions(), "seed": self.cfg.seed},
             "quality": {"retention": (distill or {}).get("retention"),
                         "task_accuracy": ((self.state.finetune or {}).get("after") or {}).get("task_accuracy")},

@@ -69,6 +69,11 @@ def register(cli: click.Group) -> None:
                   help="Sequences per micro-batch (per process).")
     @click.option("--seq-len", type=click.IntRange(min=8), default=128, show_default=True)
     @click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True)
+    @click.option("--parallel", type=click.Choice(["ddp", "fsdp"]), default="ddp", show_default=True,
+                  help="Under torchrun (N processes): ddp keeps a full student, gradients and optimizer state on "
+                  "every process and averages gradients (fastest when the student fits one device); fsdp shards "
+                  "parameters, gradients and AdamW state over the processes (FSDP2), for students whose training "
+                  "state does not fit one GPU, at the cost of more communication. One process: no wrapping.")
     @click.option("--seed", type=int, default=0, show_default=True)
     @click.option("--checkpoint-every", type=click.IntRange(min=0), default=20, show_default=True,
                   help="Steps between checkpoints (0: none).")
@@ -86,13 +91,14 @@ def register(cli: click.Group) -> None:
                     no_generate: bool, loss: str, jsd_beta: float, top_k: int | None, offline_teacher: bool,
                     temperature: float, alpha: float, hidden_loss: str, hidden_weight: float, teacher_dtype: str,
                     steps: int, max_tokens: int | None, max_seconds: float | None, lr: float, batch_size: int,
-                    seq_len: int, grad_accum: int, seed: int, checkpoint_every: int, resume: bool,
+                    seq_len: int, grad_accum: int, parallel: str, seed: int, checkpoint_every: int, resume: bool,
                     eval_sequences: int, eval_seq_len: int, cache_dir: Path | None, out: Path,
                     as_json: bool) -> None:
         """Distill a teacher into a smaller student and write it as an HF directory (+ distill.json).
 
         The student comes from --profile (the planner's shape), --student-layers N (pruned from the teacher), or
-        --student DIR. Works the same under `torchrun --nproc_per_node N -m edgeforge distill ...` (DDP).
+        --student DIR. Works the same under `torchrun --nproc_per_node N -m edgeforge distill ...` (DDP, or FSDP
+        with --parallel fsdp).
         """
         from edgeforge.distill import DistillConfig, record_summary, run_distill
         from edgeforge.train_loop import is_main_process
@@ -104,7 +110,7 @@ def register(cli: click.Group) -> None:
             loss=loss, jsd_beta=jsd_beta, temperature=temperature, alpha=alpha, top_k=top_k,
             offline_teacher=offline_teacher, hidden_loss=hidden_loss, hidden_weight=hidden_weight,
             teacher_dtype=teacher_dtype, steps=steps, max_tokens=max_tokens, max_seconds=max_seconds, lr=lr,
-            batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum, seed=seed,
+            batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum, parallel=parallel, seed=seed,
             checkpoint_every=checkpoint_every, resume=resume, eval_sequences=eval_sequences,
             eval_seq_len=eval_seq_len, cache_dir=cache_dir)
         record = run_distill(cfg, log=None if as_json else _echo_err)

@@ -12,6 +12,10 @@
    from a cache computed once (offline, edgeforge.teacher_cache);
 5. the distilled student's metrics (``after``), the student saved as an HF directory with the teacher's tokenizer.
 
+Under ``torchrun`` every process runs this; ``parallel`` chooses how the student is spread over them: ``ddp`` (a full
+replica per process, gradients all-reduced) or ``fsdp`` (FSDP2: parameters, gradients and optimizer state sharded
+over the processes, each decoder layer gathered only while it computes). One process: no wrapping either way.
+
 Metrics, on held-out text, all against the teacher in fp32: ``kl_to_teacher`` = mean over positions of
 KL(teacher || model); ``perplexity`` = exp(mean next-token NLL); ``top1_agreement`` = share of positions whose most
 likely token is the teacher's. ``retention`` = teacher perplexity / model perplexity (1.0: predicts the held-out
@@ -44,6 +48,7 @@ CHECKPOINT_DIR = ".checkpoint"
 STATE_FILE = ".distill-state.json"
 RETENTION_DEFINITION = "teacher_perplexity / student_perplexity on the held-out text (1.0 = as good as the teacher)"
 KL_GAP_DEFINITION = "1 - kl_to_teacher(after) / kl_to_teacher(before)"
+PARALLEL_MODES = ("ddp", "fsdp")
 Log = Callable[[str], None]
 
 
@@ -80,6 +85,7 @@ class DistillConfig:
     batch_size: int = 4  # sequences per micro-batch (per process)
     seq_len: int = 128  # tokens per training sequence
     grad_accum: int = 1  # micro-batches per optimizer step
+    parallel: str = "ddp"  # ddp | fsdp: how a multi-process (torchrun) run spreads the student; 1 process: neither
     seed: int = 0
     checkpoint_every: int = 20  # steps between checkpoints; 0 disables (and disables --resume)
     resume: bool = False  # continue an interrupted run in ``out``
@@ -116,6 +122,7 @@ class DistillConfig:
              "none with --offline-teacher (the cache holds no hidden states)")
         need(self.hidden_weight >= 0, "hidden_weight", "a number >= 0")
         need(self.teacher_dtype in ("auto", "float32", "bfloat16"), "teacher_dtype", "auto | float32 | bfloat16")
+        need(self.parallel in PARALLEL_MODES, "parallel", " | ".join(PARALLEL_MODES))
         for name in ("steps", "batch_size", "grad_accum", "eval_sequences", "calib_sequences", "chunk_size"):
             need(getattr(self, name) >= 1, name, "an integer >= 1")
         need(self.seq_len >= 8, "seq_len", "an integer >= 8")
@@ -324,7 +331,9 @@ def evaluate(models: dict[str, nn.Module], teacher: nn.Module, heldout: Tensor) 
 class StudentForKD(nn.Module):
     """The student, plus (for hidden-state alignment) the layer outputs it exposes and the projector.
 
-    forward(input_ids [B, S]) -> (logits [B, S, V], [hidden [B, S, D_s] of each aligned student layer]).
+    forward(input_ids [B, S]) -> (logits [B, S, V], [hidden of each aligned student layer, [B, S, D_t] through the
+    projector when there is one, else [B, S, D_s]]). The projector runs inside forward so that DDP and FSDP see it
+    as part of the module they wrap (FSDP gathers its sharded weight only inside the wrapped forward).
     """
 
     def __init__(self, student: nn.Module, align_layers: list[int], projector: nn.Module | None) -> None:
@@ -339,7 +348,10 @@ class StudentForKD(nn.Module):
             logits = self.student(input_ids=input_ids, use_cache=False).logits
         finally:
             captured.remove()
-        return logits, captured.outputs
+        hidden = captured.outputs
+        if self.projector is not None:
+            hidden = [self.projector(h) for h in hidden]
+        return logits, hidden
 
 
 class _Capture:
@@ -442,6 +454,48 @@ def _batches(train: Tensor, cfg: DistillConfig, rank: int, world: int) -> Callab
             yield {"input_ids": train[rows], "rows": rows}
 
     return make
+
+
+def wrap_parallel(kd_module: StudentForKD, parallel: str, world: int, device: torch.device) -> nn.Module:
+    """The module the loop trains, spread over ``world`` processes: ``ddp`` wraps it in DistributedDataParallel;
+    ``fsdp`` shards it in place with FSDP2 (``fully_shard`` on each decoder layer, then on the root, which groups the
+    embedding, final norm, LM head and the projector). One process: returned as it is."""
+    if world <= 1:
+        return kd_module
+    if parallel == "ddp":
+        return nn.parallel.DistributedDataParallel(kd_module, device_ids=[device.index]
+                                                   if device.type == "cuda" else None)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # FSDP communicates on the current CUDA device
+    mesh = init_device_mesh(device.type, (world,))
+    for layer in kd_module.student.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(kd_module, mesh=mesh)
+    return kd_module
+
+
+def gathered_student(kd_module: nn.Module, config: Any, main: bool) -> nn.Module | None:
+    """An FSDP-sharded student gathered whole into a plain (unwrapped) HF model on the CPU of the main process; None
+    on the others. A collective: every process must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    full = get_model_state_dict(kd_module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not main:
+        return None
+    prefix = "student."
+    weights = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
+    del full
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    tied = {n for n in missing if n.endswith("lm_head.weight") and getattr(config, "tie_word_embeddings", False)}
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"gathering the FSDP student: missing {sorted(set(missing) - tied)[:3]}, unexpected "
+                             f"{sorted(unexpected)[:3]}")
+    return model
 
 
 def save_student(student: nn.Module, out: Path, tokenizer_dir: Path) -> None:
@@ -573,11 +627,10 @@ def run_distill(cfg: DistillConfig, log: Log | None = None,
         t_width = int(_read_config(teacher.hf_dir)["hidden_size"])
         if student.config.hidden_size != t_width:
             projector = HiddenProjector(student.config.hidden_size, t_width, kept_hidden).to(device)
-    kd_module: nn.Module = StudentForKD(student, [s for s, _ in align_pairs], projector)
-    if world > 1:
-        kd_module = nn.parallel.DistributedDataParallel(kd_module, device_ids=[device.index]
-                                                        if device.type == "cuda" else None)
-    step_fn = _make_step(cfg, kd_module, t_train, cache, align_pairs, projector, passes)
+    kd_module = wrap_parallel(StudentForKD(student, [s for s, _ in align_pairs], projector), cfg.parallel, world,
+                              device)
+    sharded = world > 1 and cfg.parallel == "fsdp"
+    step_fn = _make_step(cfg, kd_module, t_train, cache, align_pairs, passes)
 
     tcfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, warmup_steps=cfg.warmup_steps if cfg.warmup_steps is not None
                        else min(10, max(1, cfg.steps // 10)), grad_accum=cfg.grad_accum, seed=cfg.seed,
@@ -586,16 +639,25 @@ def run_distill(cfg: DistillConfig, log: Log | None = None,
                        max_seconds=cfg.max_seconds)
     say(f"distilling: {cfg.loss}{f' over the top-{cfg.top_k}' if cfg.top_k else ''}, {signal['mode']} teacher "
         f"({signal['teacher_dtype']}), {cfg.steps} steps x {cfg.batch_size * cfg.grad_accum * world} sequences x "
-        f"{cfg.seq_len} tokens on {device.type}" + (f" x {world} processes" if world > 1 else ""))
+        f"{cfg.seq_len} tokens on {device.type}" + (f" x {world} processes ({cfg.parallel})" if world > 1 else ""))
     st = train(kd_module, step_fn, _batches(data.train, cfg, rank, world), tcfg,
                ckpt if cfg.checkpoint_every else None, resume=cfg.resume, desc="distill", on_log=on_log)
     del t_train
     tokens_all = st.tokens * world
+    if sharded:
+        # FSDP: every process holds only shards of the student. The evaluation and the save below need the whole
+        # student, so it is gathered (a collective, every process) into a plain unwrapped copy on the main process.
+        # Simplest correct option: the same single-process evaluate() and save_pretrained() as DDP, a plain HF
+        # model, no FSDP forward to keep in lock-step across processes while only the main one records metrics; the
+        # full student already sat on each device before sharding (it is built whole, then sharded), so its weights
+        # alone fit one device; the shards spread the training state (gradients, AdamW moments, activations).
+        student = gathered_student(kd_module, student.config, main)  # type: ignore[assignment]
     if not main:
         _barrier()
         return {"rank": rank, "loss_curve": st.loss_curve, "teacher_forward_passes": passes["training"]}
 
     # after: the distilled student, against the fp32 teacher
+    student = student.to(device)
     t_eval = teacher.load(torch.float32, device)
     student.eval()
     after = evaluate({"student": student}, t_eval, data.heldout)["student"]
@@ -617,6 +679,7 @@ def run_distill(cfg: DistillConfig, log: Log | None = None,
         "teacher_forward_passes_other": {"calibration": passes["calibration"], "evaluation": passes["evaluation"]},
         "training": {"steps": st.step, "tokens": tokens_all, "seconds": round(st.seconds, 2),
                      "tokens_per_s": round(tokens_all / max(st.seconds, 1e-9), 1), "world_size": world,
+                     "parallel": cfg.parallel if world > 1 else "none",
                      "device": device.type, "peak_rss_bytes": peak_rss_bytes(),
                      "stopped_by": _stopped_by(st, cfg, tcfg)},
         "loss_curve": st.loss_curve,
@@ -641,7 +704,7 @@ def run_distill(cfg: DistillConfig, log: Log | None = None,
 
 
 def _make_step(cfg: DistillConfig, kd_module: nn.Module, t_train: nn.Module | None, cache: Any,
-               align_pairs: list[tuple[int, int]], projector: nn.Module | None,
+               align_pairs: list[tuple[int, int]],
                passes: dict[str, int]) -> Callable[[dict[str, Tensor]], tuple[Tensor, dict[str, float]]]:
     """The loss of one micro-batch: the KD divergence (+ CE, + hidden alignment), with the teacher's signal online
     or from the cache."""
@@ -686,8 +749,8 @@ def _make_step(cfg: DistillConfig, kd_module: nn.Module, t_train: nn.Module | No
         loss = mix_with_ce(kd, ce, cfg.alpha)
         if ce is not None:
             metrics["ce"] = float(ce.detach())
-        if align_pairs:
-            h = sum(hidden_alignment(s, t.detach(), cfg.hidden_loss, projector)  # type: ignore[arg-type]
+        if align_pairs:  # s_hidden comes projected to the teacher's width (StudentForKD)
+            h = sum(hidden_alignment(s, t.detach(), cfg.hidden_loss)  # type: ignore[arg-type]
                     for s, t in zip(s_hidden, t_hidden, strict=True)) / len(align_pairs)
             loss = loss + cfg.hidden_weight * h
             metrics["hidden"] = float(h.detach())

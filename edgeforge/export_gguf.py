@@ -11,7 +11,6 @@ Every file is written under a temporary name and renamed into place when complet
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -23,6 +22,7 @@ from typing import Any
 
 from edgeforge import __version__
 from edgeforge.errors import BadInputError, EdgeforgeError, ModelError
+from edgeforge.fileio import sha256_file  # noqa: F401  (re-exported: bench and tests import it from here)
 from edgeforge.models import ModelRef, read_arch
 from edgeforge.quiet import captured_stderr
 
@@ -34,14 +34,6 @@ SUPPORTED_HF_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2Fo
 
 class ExportError(EdgeforgeError):
     """An export step failed; the message names the step and the tool's last words."""
-
-
-def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk_bytes):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _ftype(quant: str) -> int:

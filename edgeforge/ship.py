@@ -36,19 +36,17 @@ The ``summary`` dict (built by the pipeline; every optional key may be absent or
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from edgeforge.fileio import sha256_file, write_text_atomic
+
 MANIFEST_SCHEMA = "edgeforge.manifest/1"
 MANIFEST_NAME = "manifest.json"
-_CHUNK_BYTES = 1 << 20  # streaming hash: GGUF and ONNX weights can be larger than the memory of the machine
 
 
 # ---------------------------------------------------------------- small helpers
@@ -83,20 +81,6 @@ def primary_gguf(summary: dict) -> dict | None:
     ggufs = [a for a in _artifacts(summary) if a.get("format") == "gguf" and a.get("path")]
     passed = [a for a in ggufs if _get(a, "verify", "passed")]
     return (passed or ggufs or [None])[0]
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` so that a reader never sees half a file: a temp file in the same directory, then os.replace."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------- Ollama Modelfile
@@ -341,14 +325,6 @@ def model_card(summary: dict) -> str:
 
 
 # ---------------------------------------------------------------- manifest
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(_CHUNK_BYTES):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def file_entries(ship_dir: Path) -> dict[str, dict]:
     """Every file under ``ship_dir`` except the top-level manifest.json: relative POSIX path ->
     ``{"sha256": hex, "size_bytes": int}``, sorted by path."""
@@ -358,7 +334,7 @@ def file_entries(ship_dir: Path) -> dict[str, dict]:
         rel = p.relative_to(ship_dir).as_posix()
         if rel == MANIFEST_NAME or not p.is_file():
             continue
-        out[rel] = {"sha256": _sha256(p), "size_bytes": p.stat().st_size}
+        out[rel] = {"sha256": sha256_file(p), "size_bytes": p.stat().st_size}
     return out
 
 
@@ -382,14 +358,14 @@ def write_ship(ship_dir: Path, summary: dict) -> dict:
 
     ship_dir = Path(ship_dir)
     ship_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(ship_dir / "README.md", model_card(summary))
+    write_text_atomic(ship_dir / "README.md", model_card(summary))
     g = primary_gguf(summary)
     if g:
         ctx = _get(summary, "plan", "context_tokens") or 2048
-        _write_atomic(ship_dir / "Modelfile",
+        write_text_atomic(ship_dir / "Modelfile",
                       modelfile(g["path"], summary.get("chat_template"), list(summary.get("stop_tokens") or []),
                                 num_ctx=ctx))
-    _write_atomic(ship_dir / "report.html", render_report(summary))
+    write_text_atomic(ship_dir / "report.html", render_report(summary))
     manifest = {
         "schema": MANIFEST_SCHEMA,
         "name": summary.get("name"),
@@ -401,7 +377,7 @@ def write_ship(ship_dir: Path, summary: dict) -> dict:
         "plan": summary.get("plan"),
         "created_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
-    _write_atomic(ship_dir / MANIFEST_NAME, json.dumps(manifest, indent=1, default=str) + "\n")
+    write_text_atomic(ship_dir / MANIFEST_NAME, json.dumps(manifest, indent=1, default=str) + "\n")
     return manifest
 
 
@@ -418,7 +394,7 @@ def check_manifest(ship_dir: Path) -> list[str]:
     for rel, entry in recorded.items():
         p = ship_dir / rel
         # Size first: a cheap check that spares hashing a multi-GB file that has plainly changed.
-        if not p.is_file() or p.stat().st_size != entry.get("size_bytes") or _sha256(p) != entry.get("sha256"):
+        if not p.is_file() or p.stat().st_size != entry.get("size_bytes") or sha256_file(p) != entry.get("sha256"):
             bad.append(rel)
     extra = [p.relative_to(ship_dir).as_posix() for p in ship_dir.rglob("*") if p.is_file()]
     bad += [rel for rel in extra if rel != MANIFEST_NAME and rel not in recorded]

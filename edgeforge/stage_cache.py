@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from edgeforge import __version__
+from edgeforge.fileio import sha256_file, write_text_atomic
 
 MARKER = "stage.json"
 
@@ -28,37 +27,21 @@ def stable_hash(obj: Any) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def file_sha256(path: Path, chunk_bytes: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def path_identity(path: Path) -> dict[str, Any]:
     """What identifies an input file or directory: the sha256 of each file (data files are small; model weights
     are hashed once per build, which costs about a second per 500 MB)."""
     path = Path(path)
     if path.is_file():
-        return {"name": path.name, "sha256": file_sha256(path), "size_bytes": path.stat().st_size}
+        return {"name": path.name, "sha256": sha256_file(path), "size_bytes": path.stat().st_size}
     files = sorted(p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in
                                                                            p.relative_to(path).parts))
-    return {"name": path.name, "files": {str(p.relative_to(path)): file_sha256(p) for p in files}}
+    return {"name": path.name, "files": {str(p.relative_to(path)): sha256_file(p) for p in files}}
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
+    """JSON written so that a reader (or a rerun after SIGKILL) never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, json.dumps(obj, indent=2, default=str))
 
 
 @dataclass(frozen=True)
@@ -81,6 +64,10 @@ class Stage:
 
     def result(self) -> dict[str, Any]:
         return json.loads((self.dir / MARKER).read_text(encoding="utf-8"))["result"]
+
+    def seconds(self) -> float:
+        """How long the stage took when it ran."""
+        return float(json.loads((self.dir / MARKER).read_text(encoding="utf-8"))["seconds"])
 
     def finish(self, result: dict[str, Any], seconds: float) -> None:
         write_json_atomic(self.dir / MARKER, {"stage": self.name, "key": self.key, "edgeforge": __version__,

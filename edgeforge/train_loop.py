@@ -3,6 +3,8 @@
 AdamW, linear warm-up then cosine decay, gradient accumulation, gradient clipping, bf16 autocast where the device
 supports it, seed control, a progress bar, atomic checkpoints every N steps with exact resume, a budget in steps,
 tokens or wall time, CUDA when present, and data-parallel runs under ``torchrun`` (DDP; gloo on CPU, nccl on CUDA).
+A model already sharded with FSDP2 (``torch.distributed.fsdp.fully_shard``) trains as it is: its checkpoints hold the
+full (gathered) state, written by the main process and loaded back into the shards on every process.
 
 A stage supplies a ``step_fn`` that computes the loss of one micro-batch; the loop owns everything else.
 Checkpoints hold only tensors and plain numbers (safetensors for weights, ``torch.load(weights_only=True)`` for the
@@ -98,20 +100,58 @@ def is_main_process() -> bool:
 
 
 # ---------------------------------------------------------------- checkpoints
+def is_sharded(model: nn.Module) -> bool:
+    """True for a model sharded with FSDP2 (``fully_shard``): its parameters are DTensor shards, and saving or loading
+    its state is a collective every process takes part in."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch built without distributed support
+        return False
+    return isinstance(model, FSDPModule)
+
+
+def _trainable_names(model: nn.Module) -> set[str]:
+    core = model.module if hasattr(model, "module") else model
+    return {n for n, p in core.named_parameters() if p.requires_grad}
+
+
 def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     core = model.module if hasattr(model, "module") else model
     return {n: p.detach().cpu().contiguous() for n, p in core.named_parameters() if p.requires_grad}
 
 
+def _full_state_options(**kw: bool) -> object:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kw)
+
+
 def save_checkpoint(ckpt_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainState) -> None:
-    """Write ``ckpt_dir`` atomically: a half-written checkpoint is never taken for a complete one."""
+    """Write ``ckpt_dir`` atomically: a half-written checkpoint is never taken for a complete one.
+
+    An FSDP2 model: every process must call this (gathering the full state is a collective); the main process writes
+    the same files as an unsharded run (weights by name; the optimizer state keyed by parameter name).
+    """
     from safetensors.torch import save_file
 
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        opts = _full_state_options(cpu_offload=True)  # full tensors, on the CPU of the main process only
+        full = get_model_state_dict(model, options=opts)  # type: ignore[arg-type]
+        optim_state: dict = get_optimizer_state_dict(model, optimizer, options=opts)  # type: ignore[arg-type,assignment]
+        if not is_main_process():
+            return
+        names = _trainable_names(model)  # tied weights appear once, as in named_parameters()
+        weights = {n: t.contiguous() for n, t in full.items() if n in names}
+        optim_format = "fqn"
+    else:
+        weights, optim_state, optim_format = _trainable_state(model), optimizer.state_dict(), "param_ids"
     tmp = ckpt_dir.with_name(ckpt_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(_trainable_state(model), str(tmp / "trainable.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "rng_cpu": torch.get_rng_state(),
+    save_file(weights, str(tmp / "trainable.safetensors"))
+    torch.save({"optimizer": optim_state, "optimizer_format": optim_format, "rng_cpu": torch.get_rng_state(),
                 "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
                tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps(asdict(state)), encoding="utf-8")
@@ -124,20 +164,34 @@ def save_checkpoint(ckpt_dir: Path, model: nn.Module, optimizer: torch.optim.Opt
 
 
 def load_checkpoint(ckpt_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> TrainState:
+    """Restore weights, optimizer state and RNG. An FSDP2 model: every process calls this and reads the full state,
+    which ``set_model_state_dict`` / ``set_optimizer_state_dict`` cut into this process's shards."""
     from safetensors.torch import load_file
 
     core = model.module if hasattr(model, "module") else model
     weights = load_file(str(ckpt_dir / "trainable.safetensors"))
-    missing = set(weights) - {n for n, p in core.named_parameters() if p.requires_grad}
+    missing = set(weights) - _trainable_names(model)
     if missing:
         raise ValueError(f"checkpoint {ckpt_dir} holds parameters this model lacks: {sorted(missing)[:3]}; "
                          "it belongs to another run (remove it or choose another --out)")
-    params = dict(core.named_parameters())
-    with torch.no_grad():
-        for n, t in weights.items():
-            params[n].copy_(t.to(params[n].device))
     extra = torch.load(ckpt_dir / "optimizer.pt", weights_only=True, map_location="cpu")
-    optimizer.load_state_dict(extra["optimizer"])
+    sharded = is_sharded(model)
+    optim_format = extra.get("optimizer_format", "param_ids")
+    if optim_format != ("fqn" if sharded else "param_ids"):
+        raise ValueError(f"checkpoint {ckpt_dir} was written by a run {'without' if sharded else 'with'} FSDP; "
+                         "resume it with the same parallel mode and number of processes")
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+        set_model_state_dict(model, weights, options=_full_state_options(strict=False))  # type: ignore[arg-type]
+        set_optimizer_state_dict(model, optimizer, extra["optimizer"],
+                                 options=_full_state_options())  # type: ignore[arg-type]
+    else:
+        params = dict(core.named_parameters())
+        with torch.no_grad():
+            for n, t in weights.items():
+                params[n].copy_(t.to(params[n].device))
+        optimizer.load_state_dict(extra["optimizer"])
     torch.set_rng_state(extra["rng_cpu"])
     if extra["rng_cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(extra["rng_cuda"])
@@ -165,6 +219,7 @@ def train(
     from tqdm import tqdm
 
     device = next(model.parameters()).device
+    sharded = is_sharded(model)  # FSDP2: checkpoints are collectives, every process takes part
     use_bf16 = cfg.bf16 if cfg.bf16 is not None else (device.type == "cuda" and torch.cuda.is_bf16_supported())
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -200,7 +255,7 @@ def train(
                 step_tokens += int(batch["input_ids"].numel())
                 for k, v in {"loss": float(loss.detach()), **metrics}.items():
                     sums[k] = sums.get(k, 0.0) + v / cfg.grad_accum
-            if cfg.max_grad_norm > 0:
+            if cfg.max_grad_norm > 0:  # FSDP2: DTensor grads; the norm is reduced over all shards (a DTensor)
                 sums["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
             optimizer.step()
             state.step += 1
@@ -215,11 +270,11 @@ def train(
             bar.set_postfix({k: f"{v:.3g}" for k, v in sums.items() if k in ("loss", "kl", "tokens_per_s")})
             bar.update(1)
             if ckpt_dir is not None and cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 \
-                    and is_main_process():
+                    and (sharded or is_main_process()):
                 save_checkpoint(ckpt_dir, model, optimizer, state)
     finally:
         bar.close()
-    if ckpt_dir is not None and is_main_process() and cfg.checkpoint_every:
+    if ckpt_dir is not None and (sharded or is_main_process()) and cfg.checkpoint_every:
         save_checkpoint(ckpt_dir, model, optimizer, state)
     model.eval()
     return state

@@ -171,3 +171,45 @@ def test_sigkill_during_distillation_resumes_from_the_checkpoint(tmp_path: Path,
     assert (stage_dir / "stage.json").is_file()
     record = json.loads((stage_dir / "student" / "distill.json").read_text())
     assert record["training"]["steps"] == 400
+
+
+def test_committed_pipeline_files_validate_and_name_their_command():
+    from edgeforge.pipeline_config import PipelineConfig, load_pipeline
+
+    files = sorted((Path(__file__).resolve().parent.parent / "pipelines").glob("*.yaml"))
+    assert files
+    for f in files:
+        assert f.read_text(encoding="utf-8").startswith("# edgeforge build --config "), f
+        load_pipeline(f)
+    default = Path(__file__).resolve().parent.parent / "pipelines" / "default.yaml"
+    assert load_pipeline(default) == PipelineConfig()  # the file is the defaults, written out
+
+
+@pytest.mark.integration
+def test_short_build_on_the_bundled_teacher_for_a_pi_zero(tmp_path: Path):
+    """The main job with a small budget: the bundled teacher is too slow for a Pi Zero 2 W, so the plan distills
+    it into its 8-layer student, fine-tunes that on home-commands, exports, verifies, benchmarks and ships."""
+    from llama_cpp import Llama
+
+    from edgeforge.ship import check_manifest
+
+    cfg = tmp_path / "short.yaml"
+    cfg.write_text("# edgeforge build --config short.yaml --profile raspberry-pi-zero-2w\n" + yaml.safe_dump({
+        "distill": {"steps": 30},
+        "finetune": {"steps": 10, "eval_examples": 10},
+        "export": {"formats": ["gguf"]},
+        "verify": {"tokens": 300, "task_examples": 5},
+        "bench": {"prompt_tokens": 32, "gen_tokens": 16, "repeats": 1},
+    }), encoding="utf-8")
+    r = invoke("--profile", "raspberry-pi-zero-2w", "--config", str(cfg), "--out", str(tmp_path / "out"), "--json")
+    assert r.exit_code == 0, r.stderr[-3000:]
+    result = json.loads(r.stdout)
+    assert result["decision"] == "distill+fine-tune"
+    assert [s["name"] for s in result["stages"]][:2] == ["distill", "finetune"]
+    ship = Path(result["ship_dir"])
+    assert check_manifest(ship) == []
+    distill = json.loads((ship / "records" / "distill.json").read_text())
+    assert distill["after"]["kl_to_teacher"] < distill["before"]["kl_to_teacher"]
+    gguf = next(ship.glob("*.gguf"))
+    Llama(str(gguf), n_ctx=256, verbose=False)
+    assert result["artifacts"][0]["measured_decode_tokens_per_s"] > 0

@@ -140,26 +140,33 @@ def test_bundled_teacher_q4_k_m_within_thresholds(tmp_path: Path):
 
 
 @pytest.mark.integration
-@pytest.mark.xfail(strict=True, reason=(
-    "known open problem: a depth-pruned, untrained SmolLM2 student is degenerate (held-out perplexity ~5e5), so "
-    "tiny quantization errors move its logits a lot: F16 verifies (KL 1e-4) but Q8_0 measures KL 0.13 and Q4_K_M "
-    "~1.2, above the per-type thresholds"))
 def test_depth_pruned_student_exports_to_q4_k_m(tmp_path: Path):
+    """A student depth-pruned from the bundled teacher by block influence (edgeforge.prune, 24 of 30 layers kept,
+    nothing trained) exports to Q4_K_M within the Q4_K_M thresholds of its own fp32 model.
+
+    Measured: 26 layers KL 0.056 / top-1 86.1%, 24 layers 0.067 / 85.2% (held-out perplexity 22.5), while a student
+    cut to 10 layers without training is degenerate (perplexity ~5e4) and every quantization error moves its
+    near-uniform logits a lot (Q4_K_M KL ~1.2): that one has to be distilled first (edgeforge distill / build).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from edgeforge.builtin_data import training_prose
+    from edgeforge.prune import choose_layers, collect_stats, prune_depth
+
     teacher = Reference(resolve_model(None))
-    model = AutoModelForCausalLM.from_pretrained(str(teacher.hf_dir), dtype=torch.float32)
-    keep = [0, 3, 6, 9, 12, 15, 18, 21, 24, 29]
-    model.model.layers = torch.nn.ModuleList(model.model.layers[i] for i in keep)
-    model.config.num_hidden_layers = len(keep)
-    for i, layer in enumerate(model.model.layers):
-        layer.self_attn.layer_idx = i
+    tok = AutoTokenizer.from_pretrained(str(teacher.hf_dir))
+    calib = torch.tensor(tok(training_prose(40_000), add_special_tokens=False)["input_ids"][: 8 * 256]).view(8, 256)
+    model = AutoModelForCausalLM.from_pretrained(str(teacher.hf_dir), dtype=torch.float32).eval()
+    keep = choose_layers([s.block_influence for s in collect_stats(model, calib)], 24)
+    prune_depth(model, keep)
+    assert model.config.num_hidden_layers == 24
     student = tmp_path / "student"
     model.save_pretrained(student, safe_serialization=True)
-    AutoTokenizer.from_pretrained(str(teacher.hf_dir)).save_pretrained(student)
+    tok.save_pretrained(student)
     out = Path(export_gguf(hf_ref(student), "Q4_K_M", tmp_path / "s.gguf")["path"])
     result = verify_artifact(out, Reference(hf_ref(student)), "Q4_K_M", n_tokens=1000)
-    assert result["passed"]
+    assert result["passed"], result["failures"]
+    assert result["perplexity_reference"] < 40  # pruning alone kept a working model
 
 
 @pytest.mark.integration
