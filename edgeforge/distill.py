@@ -494,7 +494,7 @@ def gathered_student(kd_module: nn.Module, config: Any, main: bool) -> nn.Module
     tied = {n for n in missing if n.endswith("lm_head.weight") and getattr(config, "tie_word_embeddings", False)}
     if set(missing) - tied or unexpected:
         raise RuntimeError(f"gathering the FSDP student: missing {sorted(set(missing) - tied)[:3]}, unexpected "
-                             f"{sorted(unexpected)[:3]}")
+                           f"{sorted(unexpected)[:3]}")
     return model
 
 
@@ -645,12 +645,12 @@ def run_distill(cfg: DistillConfig, log: Log | None = None,
     del t_train
     tokens_all = st.tokens * world
     if sharded:
-        # FSDP: every process holds only shards of the student. The evaluation and the save below need the whole
-        # student, so it is gathered (a collective, every process) into a plain unwrapped copy on the main process.
-        # Simplest correct option: the same single-process evaluate() and save_pretrained() as DDP, a plain HF
-        # model, no FSDP forward to keep in lock-step across processes while only the main one records metrics; the
-        # full student already sat on each device before sharding (it is built whole, then sharded), so its weights
-        # alone fit one device; the shards spread the training state (gradients, AdamW moments, activations).
+        # FSDP: every process holds only shards of the student, and the evaluation and the save below need all of
+        # it. Chosen: gather the full weights (a collective, every process) into a plain unwrapped copy on the main
+        # process, then run the same single-process evaluate() and save_pretrained() as DDP. Simplest correct
+        # option: no FSDP forwards to keep in lock-step on every process while only the main one records metrics,
+        # and a plain HF model to save. It fits: every process built the whole student on its device before
+        # sharding it; FSDP is there for the training state (gradients, AdamW moments), not the weights alone.
         student = gathered_student(kd_module, student.config, main)  # type: ignore[assignment]
     if not main:
         _barrier()
@@ -781,6 +781,8 @@ def _check_out_dir(cfg: DistillConfig, ckpt: Path, state_path: Path) -> None:
     if cfg.resume:
         if state_path.is_file():
             saved = json.loads(state_path.read_text(encoding="utf-8")).get("fingerprint")
+            if saved is not None:
+                saved = {"parallel": "ddp", **saved}  # a run started before --parallel existed ran DDP
             now = cfg.fingerprint()
             diff = sorted(k for k in set(saved or {}) | set(now) if (saved or {}).get(k) != now.get(k))
             if diff:

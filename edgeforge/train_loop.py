@@ -21,9 +21,13 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
 
 StepFn = Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
 """One micro-batch -> (scalar loss to backpropagate, metrics to log such as {"kl": ...})."""
@@ -120,7 +124,7 @@ def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().contiguous() for n, p in core.named_parameters() if p.requires_grad}
 
 
-def _full_state_options(**kw: bool) -> object:
+def _full_state_options(**kw: bool) -> StateDictOptions:
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     return StateDictOptions(full_state_dict=True, **kw)
@@ -138,8 +142,8 @@ def save_checkpoint(ckpt_dir: Path, model: nn.Module, optimizer: torch.optim.Opt
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
         opts = _full_state_options(cpu_offload=True)  # full tensors, on the CPU of the main process only
-        full = get_model_state_dict(model, options=opts)  # type: ignore[arg-type]
-        optim_state: dict = get_optimizer_state_dict(model, optimizer, options=opts)  # type: ignore[arg-type,assignment]
+        full = get_model_state_dict(model, options=opts)
+        optim_state: Any = get_optimizer_state_dict(model, optimizer, options=opts)
         if not is_main_process():
             return
         names = _trainable_names(model)  # tied weights appear once, as in named_parameters()
@@ -184,8 +188,7 @@ def load_checkpoint(ckpt_dir: Path, model: nn.Module, optimizer: torch.optim.Opt
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
         set_model_state_dict(model, weights, options=_full_state_options(strict=False))  # type: ignore[arg-type]
-        set_optimizer_state_dict(model, optimizer, extra["optimizer"],
-                                 options=_full_state_options())  # type: ignore[arg-type]
+        set_optimizer_state_dict(model, optimizer, extra["optimizer"], options=_full_state_options())
     else:
         params = dict(core.named_parameters())
         with torch.no_grad():

@@ -1,4 +1,5 @@
-"""Distillation: losses against their reference formulas, pruning, resume, caches, DDP, CLI (tiny in-test models)."""
+"""Distillation: losses against their reference formulas, pruning, resume, caches, DDP, FSDP, CLI (tiny in-test
+models)."""
 
 from __future__ import annotations
 
@@ -333,6 +334,82 @@ def test_two_process_ddp_run_on_gloo(teacher_dir: Path, data_file: Path, tmp_pat
     assert record["training"]["world_size"] == 2 and record["training"]["tokens"] == 8 * 2 * 2 * 32
     kl = [e["kl"] for e in record["loss_curve"]]
     assert sum(kl[-2:]) / 2 < sum(kl[:2]) / 2
+
+
+def test_parallel_setting_is_validated_and_one_process_wraps_nothing():
+    from torch import nn
+
+    from edgeforge.distill import wrap_parallel
+
+    with pytest.raises(BadInputError, match="--parallel: expected ddp | fsdp"):
+        DistillConfig(student_layers=2, parallel="zero3")
+    assert DistillConfig(student_layers=2).parallel == "ddp"
+    module = nn.Linear(2, 2)
+    assert all(wrap_parallel(module, mode, 1, torch.device("cpu")) is module for mode in ("ddp", "fsdp"))
+
+
+_INTERRUPTING_RUNNER = """
+import json, sys
+from pathlib import Path
+
+import edgeforge.distill as distill
+from edgeforge.cli import cli
+from edgeforge.train_loop import is_main_process
+
+log_path, stop_at, seen, run = Path(sys.argv[1]), int(sys.argv[2]), [], distill.run_distill
+
+
+def stop(entry):
+    seen.append(entry)
+    if entry["step"] == stop_at:  # every process stops here, as an interruption would
+        if is_main_process():
+            log_path.write_text(json.dumps(seen))
+        raise KeyboardInterrupt
+
+
+distill.run_distill = lambda cfg, log=None, **_: run(cfg, log=log, on_log=stop)
+cli.main(args=sys.argv[3:], prog_name="edgeforge")
+"""
+
+
+def test_two_process_fsdp_run_on_gloo_resumes_and_saves_a_full_student(teacher_dir: Path, data_file: Path,
+                                                                      tmp_path: Path):
+    """FSDP2 over 2 gloo processes, with the hidden-state projector (widths differ): interrupted after the step-3
+    checkpoint, resumed with --resume. Steps 4 and 5 recomputed after the resume give the interrupted run's losses
+    (sharded weights and AdamW state restored exactly); the student is saved whole."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "fsdp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "EDGEFORGE_HOME": str(tmp_path / "home")}
+    args = ["distill", "--teacher", str(teacher_dir), "--student-layers", "2", "--student-hidden", "48",
+            "--hidden-loss", "mse", "--data", str(data_file), "--steps", "8", "--batch-size", "2", "--seq-len", "32",
+            "--lr", "3e-3", "--eval-sequences", "2", "--checkpoint-every", "3", "--parallel", "fsdp",
+            "--out", str(out)]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    runner, first = tmp_path / "runner.py", tmp_path / "first.json"
+    runner.write_text(_INTERRUPTING_RUNNER, encoding="utf-8")
+    r = subprocess.run([*launch, str(runner), str(first), "5", *args], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode != 0 and first.is_file(), r.stderr[-2000:]
+    assert (out / ".checkpoint" / "trainable.safetensors").is_file() and not (out / "model.safetensors").exists()
+    r = subprocess.run([*launch, "-m", "edgeforge", *args, "--resume"], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    record = json.loads((out / "distill.json").read_text())
+    assert (record["training"]["world_size"], record["training"]["parallel"]) == (2, "fsdp")
+    curve = record["loss_curve"]
+    assert [e["step"] for e in curve] == list(range(1, 9)) and record["training"]["tokens"] == 8 * 2 * 2 * 32
+    interrupted = json.loads(first.read_text())
+    assert [e["loss"] for e in curve[3:5]] == pytest.approx([e["loss"] for e in interrupted[3:5]], rel=1e-5)
+    kl = [e["kl"] for e in curve]
+    assert sum(kl[-2:]) < sum(kl[:2]) and "hidden" in curve[0]
+    assert not (out / ".checkpoint").exists()
+    # the saved student: one full (unsharded) safetensors file that transformers loads with nothing missing
+    student, info = AutoModelForCausalLM.from_pretrained(str(out), output_loading_info=True)
+    assert not info["missing_keys"] and not info["mismatched_keys"] and not info["unexpected_keys"]
+    saved = load_file(str(out / "model.safetensors"))
+    assert saved["model.embed_tokens.weight"].shape == (49152, 48)
+    assert all(saved[n].shape == p.shape for n, p in student.named_parameters() if n in saved)
 
 
 # ------------------------------------------------------------------ the bundled teacher
