@@ -36,6 +36,7 @@ from typing import Any, Literal
 
 from edgeforge.errors import BadInputError, EdgeforgeError
 from edgeforge.export_gguf import sha256_file
+from edgeforge.fileio import write_text_atomic
 from edgeforge.profiles import DeviceProfile, load_profile_file, load_registry
 from edgeforge.targets import (
     DEVICE_BENCH_PACKAGE,
@@ -94,8 +95,13 @@ def local_artifact(path: str | os.PathLike[str]) -> LocalArtifact:
             raise BadInputError(f"{p}: a directory without model.onnx; expected an ONNX export directory")
         weights = sum(f.stat().st_size for f in p.iterdir() if f.is_file() and ".onnx" in f.name)
         return LocalArtifact(p, "onnx", model, weights)
-    with p.open("rb") as fh:
-        magic = fh.read(4)
+    if not p.is_file():  # a FIFO or a device: opening it could block forever
+        raise BadInputError(f"{p}: not a regular file; expected a .gguf file or an ONNX export directory")
+    try:
+        with p.open("rb") as fh:
+            magic = fh.read(4)
+    except OSError as e:
+        raise BadInputError(f"{p}: cannot read the artifact ({e.strerror or e})") from None
     if magic != b"GGUF":
         raise BadInputError(f"{p}: not a GGUF file (magic {magic!r}, expected b'GGUF') nor an ONNX export directory")
     runtime_json = p.with_name(p.name + ".runtime.json")
@@ -305,6 +311,7 @@ def run_local(target: LocalTarget, artifact: LocalArtifact, request: BenchReques
     env = {k: v for k, v in os.environ.items() if k != "DEVICE_BENCH_DEBUG"}
     env["PYTHONPATH"] = str(DEVICE_BENCH_PACKAGE.parent)
     env["PYTHONDONTWRITEBYTECODE"] = "1"
+    env["DEVICE_BENCH_PARENT_PID"] = str(os.getpid())  # dies with edgeforge, even when edgeforge is SIGKILLed
     label = f"target '{target.name}'"
     if request.setup:
         module, package = RUNTIME_MODULES[artifact.format]
@@ -436,8 +443,8 @@ def result_path(artifact: Path, target_name: str) -> Path:
 def save_result(result: dict[str, Any], log: Callable[[str], None] = lambda _m: None) -> Path | None:
     """Write the result next to its artifact; a read-only location is reported, not fatal."""
     path = result_path(Path(result["artifact"]), result["target"])
-    try:
-        path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    try:  # atomic: a run killed while saving leaves no half-written result to be compared later
+        write_text_atomic(path, json.dumps(result, indent=2) + "\n")
     except OSError as e:
         log(f"warning: could not save the result to {path}: {e.strerror or e}")
         return None
@@ -542,6 +549,8 @@ def load_results(paths: Sequence[str | os.PathLike[str]]) -> list[dict[str, Any]
             raise BadInputError(f"{p}: no such result file") from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise BadInputError(f"{p}: not a readable JSON result ({e})") from None
+        except RecursionError:
+            raise BadInputError(f"{p}: not a readable JSON result (nested too deeply)") from None
         items = data if isinstance(data, list) else [data]
         for i, item in enumerate(items):
             if not isinstance(item, dict) or "decode_tokens_per_s" not in item:

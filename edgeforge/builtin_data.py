@@ -39,6 +39,8 @@ def read_text_data(path: Path) -> str:
     """A user's plain-text data file; one clear error for missing, empty or non-UTF-8 files."""
     from edgeforge.errors import BadInputError
 
+    if path.exists() and not path.is_file() and not path.is_dir():  # a FIFO or a device: reading could block forever
+        raise BadInputError(f"{path}: not a regular file; expected a UTF-8 text data file")
     try:
         raw = path.read_bytes()
     except FileNotFoundError:

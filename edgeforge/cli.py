@@ -33,7 +33,8 @@ class EdgeforgeGroup(click.Group):
         except EdgeforgeError as e:
             if debug:
                 raise
-            click.echo(f"edgeforge: error: {e}", err=True)
+            # One line, whatever the message carries (a file name or a quoted value may hold a newline).
+            click.echo(f"edgeforge: error: {' '.join(str(e).split())}", err=True)
             ctx.exit(e.exit_code)
         except KeyboardInterrupt:
             click.echo("edgeforge: interrupted; finished stages are kept and a rerun resumes", err=True)

@@ -97,10 +97,12 @@ def bench_run(artifacts: tuple[Path, ...], target_names: tuple[str, ...], thread
               gen_tokens: int, repeats: int, setup: bool, targets_dirs: tuple[Path, ...],
               profiles_dirs: tuple[Path, ...], as_json: bool) -> None:
     """Benchmark ARTIFACT... (.gguf files, ONNX export directories) on each --target."""
-    from edgeforge.bench import BenchOptions, jobs_for, results_table, run_benchmarks
+    from edgeforge.bench import BenchOptions, jobs_for, local_artifact, results_table, run_benchmarks
     from edgeforge.targets import resolve_target
 
     targets = [resolve_target(n, targets_dirs) for n in dict.fromkeys(target_names)]
+    for a in artifacts:  # a wrong path fails now, not after this machine's bandwidth has been measured
+        local_artifact(a)
     options = BenchOptions(threads=threads, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, repeats=repeats,
                            setup=setup)
     with _sigterm_as_interrupt():

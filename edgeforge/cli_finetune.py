@@ -33,13 +33,28 @@ import click
               help="Held-out examples for task accuracy (greedy generation).")
 @click.option("--merge", is_flag=True,
               help="Merge the adapter: --out becomes the merged model, the adapter goes to out/adapter.")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=50, show_default=True,
+              help="Steps between checkpoints (what --resume continues from after a crash or kill).")
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint in --out.")
+@click.option("--rank-sweep", default=None, metavar="R1,R2,...",
+              help="LoRA rank selection: train each rank briefly, pick by validation accuracy per trainable "
+              "parameter, then run the full budget at that rank (overrides --rank).")
+@click.option("--rank-sweep-steps", type=click.IntRange(min=1), default=None,
+              help="Steps per swept rank [default: max(10, steps / 5)].")
+@click.option("--layerwise-lr-decay", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
+              help="Layer-wise learning rate: lr x decay^(distance from the top layer) (1: off).")
+@click.option("--ewc", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="EWC strength λ against forgetting: λ/2 Σ F (θ − θ0)², F the diagonal Fisher on general text "
+              "(normalised to mean 1).")
+@click.option("--ewc-batches", type=click.IntRange(min=1), default=8, show_default=True,
+              help="General-text sequences for the EWC Fisher estimate.")
 @click.option("--out", type=click.Path(path_type=Path), required=True)
 @click.option("--json", "as_json", is_flag=True)
 def finetune_cmd(model: str, task: str | None, data: Path | None, method: str, rank: int, alpha: int | None,
                  dropout: float, target_modules: str, rslora: bool, steps: int, lr: float, batch_size: int, seed: int,
-                 l2sp: float, mix_general: float, eval_examples: int, merge: bool, resume: bool, out: Path,
-                 as_json: bool) -> None:
+                 l2sp: float, mix_general: float, eval_examples: int, merge: bool, checkpoint_every: int, resume: bool,
+                 rank_sweep: str | None, rank_sweep_steps: int | None, layerwise_lr_decay: float, ewc: float,
+                 ewc_batches: int, out: Path, as_json: bool) -> None:
     """Fine-tune MODEL on a task with LoRA, DoRA or QLoRA; report task accuracy and forgetting before/after."""
     import json
 
@@ -48,11 +63,19 @@ def finetune_cmd(model: str, task: str | None, data: Path | None, method: str, r
 
     if (task is None) == (data is None):
         raise BadInputError("give exactly one of --task NAME and --data PATH")
+    from edgeforge.ft_rank_sweep import parse_ranks
+
+    try:
+        ranks = parse_ranks(rank_sweep) if rank_sweep else ()
+    except ValueError as e:
+        raise BadInputError(f"--rank-sweep: {e}") from None
     modules: str | list[str] = target_modules if target_modules == "all-linear" else [
         m.strip() for m in target_modules.split(",") if m.strip()]
     cfg = FinetuneConfig(method=method, rank=rank, alpha=alpha, dropout=dropout, target_modules=modules,  # type: ignore[arg-type]
                          rslora=rslora, steps=steps, lr=lr, batch_size=batch_size, seed=seed, l2sp=l2sp,
-                         mix_general=mix_general, eval_examples=eval_examples)
+                         mix_general=mix_general, eval_examples=eval_examples, checkpoint_every=checkpoint_every,
+                         rank_sweep=ranks, rank_sweep_steps=rank_sweep_steps, layerwise_lr_decay=layerwise_lr_decay,
+                         ewc=ewc, ewc_batches=ewc_batches)
     def log(msg: str) -> None:
         click.echo(msg, err=True)
 

@@ -30,6 +30,8 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise BadInputError(f"{path}:{i}: malformed JSON ({e.msg} at column {e.colno})") from None
+        except RecursionError:
+            raise BadInputError(f"{path}:{i}: malformed JSON (nested too deeply)") from None
         if not isinstance(obj, dict):
             raise BadInputError(f"{path}:{i}: expected a JSON object per line, found {type(obj).__name__}")
         rows.append(obj)

@@ -20,6 +20,12 @@ Metrics, on held-out text, all against the teacher in fp32: ``kl_to_teacher`` = 
 KL(teacher || model); ``perplexity`` = exp(mean next-token NLL); ``top1_agreement`` = share of positions whose most
 likely token is the teacher's. ``retention`` = teacher perplexity / model perplexity (1.0: predicts the held-out
 text as well as the teacher); ``kl_gap_closed`` = 1 - KL_after / KL_before.
+
+Techniques on top of plain KD (docs/techniques.md), each off by default: progressive stages (the stage loop in
+``run_distill``, edgeforge.kd_progressive), a curriculum (edgeforge.kd_curriculum, in ``_batches``), self-distillation
+(``prepare_data``), a task with answer / rationale terms (edgeforge.kd_rationale), several teachers
+(edgeforge.kd_multi_teacher) and on-policy micro-batches (edgeforge.kd_on_policy); the per-micro-batch loss is
+edgeforge.kd_step.
 """
 
 from __future__ import annotations
@@ -49,6 +55,10 @@ STATE_FILE = ".distill-state.json"
 RETENTION_DEFINITION = "teacher_perplexity / student_perplexity on the held-out text (1.0 = as good as the teacher)"
 KL_GAP_DEFINITION = "1 - kl_to_teacher(after) / kl_to_teacher(before)"
 PARALLEL_MODES = ("ddp", "fsdp")
+TECHNIQUE_FIELDS = ("progressive", "progressive_from", "curriculum", "curriculum_pacing", "curriculum_start",
+                    "self_distill", "task", "task_loss", "rationale_weight", "task_examples", "task_eval_examples",
+                    "rationale_tokens", "extra_teachers", "teacher_weights", "teacher_routing", "on_policy_ratio",
+                    "on_policy_tokens")
 Log = Callable[[str], None]
 
 
@@ -94,6 +104,24 @@ class DistillConfig:
     calib_sequences: int = 8  # training sequences for the pruning importance pass
     chunk_size: int = DEFAULT_CHUNK  # positions per chunk of the KD loss
     cache_dir: Path | None = None  # offline teacher / answers cache [default: $EDGEFORGE_HOME/kd-cache]
+    # techniques (docs/techniques.md); the defaults are plain KD
+    progressive: tuple[int, ...] = ()  # layer counts of successive students, the last the final one (e.g. 20, 10)
+    progressive_from: str = "previous"  # previous | teacher: each progressive stage distils from this model
+    curriculum: str = "none"  # none | teacher-loss | student-loss: the difficulty that orders the data easy -> hard
+    curriculum_pacing: str = "root"  # linear | root | step: the share of the easiest data available at step t
+    curriculum_start: float = 0.25  # the share of the pool available at the first step
+    self_distill: str = "none"  # none | pruned | born-again: train on the teacher's own generated outputs only
+    task: str | None = None  # a built-in task name or task JSONL: its examples join the run, its accuracy is measured
+    task_loss: str = "none"  # none | answer | rationale: the supervised task term ("[answer]"/"[rationale]" prefixes)
+    rationale_weight: float = 1.0  # λ in KD + L_answer + λ L_rationale
+    task_examples: int = 128  # task training examples used (as KD data, the task term and rationales)
+    task_eval_examples: int = 50  # held-out task examples for the accuracy before / after
+    rationale_tokens: int = 48  # longest teacher rationale, in tokens
+    extra_teachers: tuple[str, ...] = ()  # more teachers sharing the teacher's vocabulary (HF dirs, GGUF, aliases)
+    teacher_weights: tuple[float, ...] = ()  # one per teacher (--teacher first), normalised; empty: equal
+    teacher_routing: str = "weights"  # weights (mixture of distributions) | lowest-loss (per-sample best teacher)
+    on_policy_ratio: float = 0.0  # share of micro-batches on the student's own samples, scored by the teacher
+    on_policy_tokens: int = 32  # tokens the student samples per sequence in an on-policy micro-batch
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, expected: str) -> None:
@@ -102,9 +130,16 @@ class DistillConfig:
 
         self.out = Path(self.out)
         self.data = tuple(Path(p) for p in self.data)
+        self.progressive = tuple(int(n) for n in self.progressive)
+        self.extra_teachers = tuple(str(t) for t in self.extra_teachers)
+        self.teacher_weights = tuple(float(w) for w in self.teacher_weights)
+        if self.progressive and self.student_layers is None and self.student_dir is None and self.profile is None:
+            self.student_layers = self.progressive[-1]  # --progressive 20,10 alone names the final student
         given = [x for x in (self.student_layers is not None or self.student_hidden is not None
                              or self.student_intermediate is not None or self.student_kv_heads is not None,
                              self.student_dir is not None, self.profile is not None) if x]
+        if self.self_distill == "born-again" and not given:
+            given = [True]  # born-again: the student has the teacher's own shape
         if len(given) != 1:
             raise BadInputError("the student: expected exactly one of --profile NAME, --student-layers N (with "
                                 f"optional --student-hidden/--student-intermediate/--student-kv-heads) or --student "
@@ -131,11 +166,65 @@ class DistillConfig:
         need(self.checkpoint_every >= 0, "checkpoint_every", "an integer >= 0")
         need(self.max_tokens is None or self.max_tokens >= 1, "max_tokens", "an integer >= 1")
         need(self.max_seconds is None or self.max_seconds > 0, "max_seconds", "a number > 0")
+        self._check_techniques(need)
         if self.offline_teacher and self.top_k is None:
             self.top_k = 64
 
+    def _check_techniques(self, need: Callable[[bool, str, str], None]) -> None:
+        """The technique settings (docs/techniques.md) and the combinations that are not supported."""
+        from edgeforge.kd_curriculum import CURRICULA, PACINGS
+        from edgeforge.kd_multi_teacher import ROUTINGS, normalised_weights
+        from edgeforge.kd_progressive import PROGRESSIVE_FROM
+        from edgeforge.kd_rationale import TASK_LOSSES
+
+        if self.progressive:
+            need(all(n >= 1 for n in self.progressive), "progressive", "positive layer counts such as 20,10")
+            need(all(b < a for a, b in zip(self.progressive, self.progressive[1:], strict=False)), "progressive",
+                 "strictly decreasing layer counts such as 20,10")
+            need(self.student_dir is None and self.profile is None, "progressive",
+                 "no --student / --profile (the stages prune from the teacher; give --student-layers or nothing)")
+            need(self.student_layers == self.progressive[-1], "progressive",
+                 f"the final stage to be --student-layers ({self.student_layers})")
+            need(self.steps >= len(self.progressive), "progressive", f"at most --steps ({self.steps}) stages")
+            need(self.init in ("auto", "depth"), "init", "auto or depth with --progressive (stages are pruned)")
+            need(not self.offline_teacher and self.hidden_loss == "none" and not self.extra_teachers,
+                 "progressive", "no --offline-teacher, --hidden-loss or --extra-teacher alongside it (not supported)")
+        need(self.progressive_from in PROGRESSIVE_FROM, "progressive_from", " | ".join(PROGRESSIVE_FROM))
+        need(self.curriculum in CURRICULA, "curriculum", " | ".join(CURRICULA))
+        need(self.curriculum_pacing in PACINGS, "curriculum_pacing", " | ".join(PACINGS))
+        need(0.0 < self.curriculum_start <= 1.0, "curriculum_start", "a share in (0, 1]")
+        need(self.self_distill in ("none", "pruned", "born-again"), "self_distill", "none | pruned | born-again")
+        if self.self_distill != "none":
+            need(not self.data and self.generate_answers, "self_distill",
+                 "the built-in data with the teacher's generated answers (no --data, no --no-generate)")
+            need(self.student_dir is None, "self_distill", "a student made from the teacher (no --student DIR)")
+        if self.self_distill == "born-again":
+            need(self.student_layers is None and self.student_hidden is None and self.student_intermediate is None
+                 and self.student_kv_heads is None and self.profile is None, "self_distill",
+                 "no --student-* / --profile flags with born-again (the student has the teacher's shape)")
+        need(self.task_loss in TASK_LOSSES, "task_loss", " | ".join(TASK_LOSSES))
+        need(self.task is not None or self.task_loss == "none", "task_loss", "none unless --task is given")
+        need(self.rationale_weight >= 0, "rationale_weight", "a number >= 0")
+        for name in ("task_examples", "task_eval_examples", "rationale_tokens", "on_policy_tokens"):
+            need(getattr(self, name) >= 1, name, "an integer >= 1")
+        need(self.teacher_routing in ROUTINGS, "teacher_routing", " | ".join(ROUTINGS))
+        try:
+            normalised_weights(self.teacher_weights, 1 + len(self.extra_teachers))
+        except ValueError as e:
+            need(False, "teacher_weights", str(e).removeprefix("expected "))
+        if self.extra_teachers and (self.offline_teacher or self.hidden_loss != "none"):
+            found = "--offline-teacher" if self.offline_teacher else f"--hidden-loss {self.hidden_loss}"
+            raise BadInputError("--extra-teacher: expected no --offline-teacher or --hidden-loss alongside it (both "
+                                f"need a single teacher), found {found}")
+        need(0.0 <= self.on_policy_ratio <= 1.0, "on_policy_ratio", "a share in [0, 1]")
+        need(self.on_policy_ratio == 0 or self.on_policy_tokens < self.seq_len, "on_policy_tokens",
+             f"fewer than --seq-len ({self.seq_len})")
+        need(not (self.on_policy_ratio > 0 and self.offline_teacher), "on_policy_ratio",
+             "0 with --offline-teacher (the cache cannot hold the student's fresh samples)")
+
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: (str(v) if isinstance(v, Path) else [str(x) for x in v] if isinstance(v, tuple) else v)
+        return {f.name: (str(v) if isinstance(v, Path) else [x if isinstance(x, int | float) else str(x) for x in v]
+                         if isinstance(v, tuple) else v)
                 for f in fields(self) for v in [getattr(self, f.name)]}
 
     def fingerprint(self) -> dict[str, Any]:
@@ -193,14 +282,16 @@ def _has_tokenizer(path: Path) -> bool:
     return any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json"))
 
 
-def check_vocabulary(teacher_dir: Path, student_dir: Path, teacher_tokenizer: Any | None = None) -> None:
-    """Raise BadInputError unless the student's vocabulary is the teacher's: same size and, when the student
-    carries a tokenizer, the same tokens. Runs before any model is loaded."""
+def check_vocabulary(teacher_dir: Path, student_dir: Path, teacher_tokenizer: Any | None = None,
+                     role: str = "student") -> None:
+    """Raise BadInputError unless the ``role`` model's vocabulary (the student's, or an extra teacher's) is the
+    teacher's: same size and, when it carries a tokenizer, the same tokens. Runs before any model is loaded."""
     t_cfg, s_cfg = _read_config(teacher_dir), _read_config(student_dir)
     tv, sv = t_cfg.get("vocab_size"), s_cfg.get("vocab_size")
-    fix = "distillation compares next-token distributions, so give a student that uses the teacher's tokenizer"
+    fix = f"distillation compares next-token distributions, so give a{'n' if role[0] in 'aeiou' else ''} {role} " \
+          "that uses the teacher's tokenizer"
     if tv != sv:
-        raise BadInputError(f"vocabulary mismatch: the teacher ({teacher_dir}) has {tv} tokens, the student "
+        raise BadInputError(f"vocabulary mismatch: the teacher ({teacher_dir}) has {tv} tokens, the {role} "
                             f"({student_dir}) has {sv}; {fix}")
     if _has_tokenizer(student_dir):
         from transformers import AutoTokenizer
@@ -209,7 +300,7 @@ def check_vocabulary(teacher_dir: Path, student_dir: Path, teacher_tokenizer: An
         s_vocab, t_vocab = AutoTokenizer.from_pretrained(str(student_dir)).get_vocab(), t_tok.get_vocab()
         if s_vocab != t_vocab:
             diff = sorted(set(t_vocab.items()) ^ set(s_vocab.items()), key=lambda x: x[1])[:1]
-            raise BadInputError(f"tokenizer mismatch: the student's tokenizer ({student_dir}, {len(s_vocab)} "
+            raise BadInputError(f"tokenizer mismatch: the {role}'s tokenizer ({student_dir}, {len(s_vocab)} "
                                 f"entries) differs from the teacher's ({len(t_vocab)}), e.g. at {diff}; {fix}")
 
 
@@ -245,8 +336,12 @@ class DistillData:
 
 
 def prepare_data(cfg: DistillConfig, tokenizer: Any, teacher: Teacher, cache_root: Path, main: bool,
-                 log: Log) -> DistillData:
-    """Training sequences and held-out sequences; the teacher's answers are generated once (main process)."""
+                 log: Log, task_docs: tuple[str, ...] = ()) -> DistillData:
+    """Training sequences and held-out sequences; the teacher's answers are generated once (main process).
+
+    ``--self-distill``: the built-in prose is left out, the teacher's own answers are the data. ``task_docs`` (the
+    task's examples, --task) are packed into sequences of their own after the split, so none is held out and a
+    sequence holds task text only (lowest-loss routing then sees whole task samples)."""
     from edgeforge.builtin_data import heldout_prose, training_prose
     from edgeforge.data import documents_from_file, pack, split_heldout, tokenize_documents
 
@@ -261,8 +356,12 @@ def prepare_data(cfg: DistillConfig, tokenizer: Any, teacher: Teacher, cache_roo
         info.update(sources=[str(p) for p in cfg.data], documents=len(docs),
                     heldout_source="the last 10% of the packed --data sequences")
     else:
-        docs = [d for d in training_prose().split("\n\n") if d.strip()]
-        info.update(sources=["builtin: CPython documentation topics (pydoc_data)"], documents=len(docs))
+        if cfg.self_distill == "none":
+            docs = [d for d in training_prose().split("\n\n") if d.strip()]
+            info.update(sources=["builtin: CPython documentation topics (pydoc_data)"], documents=len(docs))
+        else:  # self-distillation: the teacher's own outputs only
+            docs = []
+            info.update(sources=[], documents=0)
         if cfg.generate_answers:
             from edgeforge.teacher_cache import BUILTIN_PROMPTS, answer_documents, teacher_answers
 
@@ -282,6 +381,10 @@ def prepare_data(cfg: DistillConfig, tokenizer: Any, teacher: Teacher, cache_roo
         held_stream = tokenize_documents([heldout_prose(max_chars=10**9)], tokenizer)
         heldout = pack(held_stream, min(cfg.eval_seq_len, len(held_stream)))[: cfg.eval_sequences]
         info["heldout_source"] = "builtin held-out CPython documentation topics (never trained on)"
+    if task_docs:
+        task_seqs = pack(tokenize_documents(task_docs, tokenizer), cfg.seq_len)
+        train = torch.cat([train, task_seqs])
+        info.update(task_documents=len(task_docs), task_sequences=len(task_seqs))
     info.update(train_sequences=len(train), train_tokens=int(train.numel()), seq_len=cfg.seq_len,
                 heldout_sequences=len(heldout), heldout_tokens=int(heldout.numel()))
     return DistillData(train, heldout, info)
@@ -442,16 +545,40 @@ def rows_for_run(n_rows: int, cfg: DistillConfig, world: int) -> set[int]:
     return rows
 
 
-def _batches(train: Tensor, cfg: DistillConfig, rank: int, world: int) -> Callable[[int], Iterator[dict[str, Tensor]]]:
-    """edgeforge.data.batch_iterator's exact order, also giving each micro-batch's sequence indices (``rows``)."""
+def _batches(train: Tensor, cfg: DistillConfig, rank: int, world: int, steps: int | None = None,
+             order: Tensor | None = None, task: Any = None,
+             pad_id: int = 0) -> Callable[[int], Iterator[dict[str, Tensor]]]:
+    """The micro-batches of a run from optimizer step ``start_step`` on: ``input_ids`` [B, S], their sequence
+    indices ``rows`` [B] and the global micro-batch index ``micro`` (a 0-d tensor: seeds on-policy sampling and
+    the draws below, identically after a resume).
+
+    Plain: edgeforge.data.batch_iterator's exact order. With a curriculum ``order`` [N] (easy -> hard): the paced
+    draws of edgeforge.kd_curriculum over ``steps``. With a ``task`` (edgeforge.kd_rationale.DistillTask) that has a
+    supervised term: also a task micro-batch (``task_*``, ``rat_*``).
+    """
     from edgeforge.data import batch_iterator
+    from edgeforge.kd_curriculum import curriculum_rows
+    from edgeforge.kd_rationale import task_batch
 
     idx = torch.arange(len(train))[:, None]
+    per_step = cfg.grad_accum * world
+    total = steps if steps is not None else cfg.steps
 
     def make(start_step: int) -> Iterator[dict[str, Tensor]]:
-        for b in batch_iterator(idx, cfg.batch_size, cfg.seed, start_step, cfg.grad_accum, rank, world):
-            rows = b["input_ids"][:, 0]
-            yield {"input_ids": train[rows], "rows": rows}
+        micro = start_step * per_step + rank  # this process's micro-batches are every world-th one
+        plain = None if order is not None else batch_iterator(idx, cfg.batch_size, cfg.seed, start_step,
+                                                               cfg.grad_accum, rank, world)
+        while True:
+            if plain is not None:
+                rows = next(plain)["input_ids"][:, 0]
+            else:
+                rows = curriculum_rows(order, micro // per_step, total, micro, cfg.batch_size,  # type: ignore[arg-type]
+                                       cfg.curriculum_pacing, cfg.curriculum_start, cfg.seed)
+            batch = {"input_ids": train[rows], "rows": rows, "micro": torch.tensor(micro)}
+            if task is not None and task.encoded:
+                batch.update(task_batch(task.encoded, cfg.batch_size, cfg.seed, micro, pad_id))
+            yield batch
+            micro += world
 
     return make
 
@@ -513,13 +640,21 @@ def save_student(student: nn.Module, out: Path, tokenizer_dir: Path) -> None:
 def run_distill(cfg: DistillConfig, log: Log | None = None,
                 on_log: Callable[[dict[str, float]], None] | None = None) -> dict[str, Any]:
     """Distill and write ``cfg.out`` (student + distill.json); returns the record. Under torchrun every process
-    calls this; the main process alone writes, evaluates and builds caches."""
+    calls this; the main process alone writes, evaluates and builds caches.
+
+    The techniques of docs/techniques.md plug in here: --progressive runs several stages one after the other, each
+    pruned from the previous stage's student; the curriculum orders the batches; extra teachers, on-policy batches
+    and the task term live in the step (edgeforge.kd_step)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from edgeforge.kd_curriculum import curriculum_order
     from edgeforge.kd_losses import HiddenProjector
+    from edgeforge.kd_multi_teacher import normalised_weights
+    from edgeforge.kd_progressive import stage_plan
+    from edgeforge.kd_step import StepCounters
     from edgeforge.llama_tools import edgeforge_home
     from edgeforge.prune import count_params, init_student, teacher_layer_for
-    from edgeforge.train_loop import TrainConfig, dist_init, is_main_process, pick_device, train
+    from edgeforge.train_loop import dist_init, is_main_process, pick_device
 
     t_run = time.perf_counter()
     rank, world = dist_init()
@@ -530,21 +665,36 @@ def run_distill(cfg: DistillConfig, log: Log | None = None,
     out = cfg.out
     ckpt = out / CHECKPOINT_DIR
     state_path = out / STATE_FILE
+    _check_world(cfg, world)
     if main:
         _check_out_dir(cfg, ckpt, state_path)
     cache_root = cfg.cache_dir or (edgeforge_home() / "kd-cache")
 
     teacher = resolve_teacher(cfg.teacher, main)
+    extras = [resolve_teacher(name, main) for name in cfg.extra_teachers]
+    for x in extras:  # a mixture or a routing compares distributions over the same tokens
+        check_vocabulary(teacher.hf_dir, x.hf_dir, role="extra teacher")
     if cfg.student_dir is not None:
         check_vocabulary(teacher.hf_dir, cfg.student_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(teacher.hf_dir))
     shape = student_shape(cfg, teacher) if cfg.student_dir is None else None
-    data = prepare_data(cfg, tokenizer, teacher, cache_root, main, say)
+    if main:  # before any weights load: a run that cannot fit in memory fails now, in one line
+        from edgeforge.preflight import check_distill_memory
+
+        check_distill_memory(teacher.hf_dir, cfg.student_dir, shape, cfg.batch_size, cfg.seq_len, device.type)
+    task = None
+    if cfg.task is not None:
+        from edgeforge.kd_rationale import prepare_task
+
+        task = prepare_task(cfg, tokenizer, teacher, cache_root, say)
+    data = prepare_data(cfg, tokenizer, teacher, cache_root, main, say, task.kd_docs if task else ())
     say(f"data: {data.info['train_sequences']} training sequences x {cfg.seq_len} tokens, "
         f"{data.info['heldout_sequences']} held-out x {data.heldout.shape[1]}")
 
     passes = {"training": 0, "calibration": 0, "evaluation": 0}
     t_model = teacher.load(torch.float32, device)
+    teacher_params = count_params(t_model)
+    stages = stage_plan(cfg, shape, int(t_model.config.num_hidden_layers))
     if cfg.student_dir is not None:
         student = AutoModelForCausalLM.from_pretrained(str(cfg.student_dir), dtype=torch.float32)
         init = {"method": "given", "path": str(cfg.student_dir), "params": count_params(student)}
@@ -552,7 +702,7 @@ def run_distill(cfg: DistillConfig, log: Log | None = None,
         kept_hidden = None
     else:
         calib = data.train[: cfg.calib_sequences]
-        student, report = init_student(t_model, shape, cfg.init, calib, seed=cfg.seed)  # type: ignore[arg-type]
+        student, report = init_student(t_model, stages[0][0], cfg.init, calib, seed=cfg.seed)  # type: ignore[arg-type]
         if cfg.init != "random":
             passes["calibration"] += math.ceil(len(calib) / 4)
         init = report.to_dict()
@@ -573,12 +723,22 @@ def run_distill(cfg: DistillConfig, log: Log | None = None,
         m = evaluate({"student": student}, t_model, data.heldout)
         passes["evaluation"] += len(data.heldout)
         state = {"fingerprint": cfg.fingerprint(), "teacher": m["teacher"], "before": m["student"]}
+        if task is not None:
+            state["task_before"] = _task_eval(student, tokenizer, task)
         out.mkdir(parents=True, exist_ok=True)
         state_path.write_text(json.dumps(state, indent=1), encoding="utf-8")
         say(f"before: teacher perplexity {m['teacher']['perplexity']:.2f}; student KL "
             f"{m['student']['kl_to_teacher']:.3f}, perplexity {m['student']['perplexity']:.2f}, top-1 "
-            f"{m['student']['top1_agreement']:.1%} "
-            f"({time.perf_counter() - t0:.0f} s)")
+            f"{m['student']['top1_agreement']:.1%}"
+            + (f", task accuracy {state['task_before']['task_accuracy']:.1%}" if task is not None else "")
+            + f" ({time.perf_counter() - t0:.0f} s)")
+
+    order, curriculum = None, None
+    if cfg.curriculum != "none":  # the pool: exactly the sequences a plain run with this budget would visit
+        pool = torch.tensor(sorted(rows_for_run(len(data.train), cfg, world)), dtype=torch.long)
+        order, curriculum = curriculum_order(cfg, t_model, student, data.train, pool)
+        say(f"curriculum: {len(pool)} sequences ordered by {cfg.curriculum} ({curriculum['scoring_seconds']:.0f} s)"
+            f", {cfg.curriculum_pacing} pacing from {cfg.curriculum_start:.0%}")
 
     # the training signal
     tdtype = teacher_train_dtype(cfg.teacher_dtype, device)
@@ -615,36 +775,98 @@ def run_distill(cfg: DistillConfig, log: Log | None = None,
     else:
         t_train = t_model.to(tdtype) if tdtype != torch.float32 else t_model
         del t_model
+    extra_train = [x.load(tdtype, device) for x in extras]
+    weights = normalised_weights(cfg.teacher_weights, 1 + len(extras))
     release_freed_memory()
 
-    # the module the loop trains: the student, plus a projector for hidden-state alignment across widths
-    n_s = student.config.num_hidden_layers
+    # the hidden-state alignment pairs and projector (one-stage runs only: validated in DistillConfig)
     align_pairs: list[tuple[int, int]] = []
     projector = None
     if cfg.hidden_loss != "none":
+        n_s = student.config.num_hidden_layers
         n_t = int(_read_config(teacher.hf_dir)["num_hidden_layers"])
         align_pairs = [(i, teacher_layer_for(i, n_s, n_t, align_from)) for i in range(n_s)]
         t_width = int(_read_config(teacher.hf_dir)["hidden_size"])
         if student.config.hidden_size != t_width:
             projector = HiddenProjector(student.config.hidden_size, t_width, kept_hidden).to(device)
-    kd_module = wrap_parallel(StudentForKD(student, [s for s, _ in align_pairs], projector), cfg.parallel, world,
-                              device)
-    sharded = world > 1 and cfg.parallel == "fsdp"
-    step_fn = _make_step(cfg, kd_module, t_train, cache, align_pairs, passes)
 
-    tcfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, warmup_steps=cfg.warmup_steps if cfg.warmup_steps is not None
-                       else min(10, max(1, cfg.steps // 10)), grad_accum=cfg.grad_accum, seed=cfg.seed,
-                       checkpoint_every=cfg.checkpoint_every,
-                       max_tokens=None if cfg.max_tokens is None else math.ceil(cfg.max_tokens / world),
-                       max_seconds=cfg.max_seconds)
-    say(f"distilling: {cfg.loss}{f' over the top-{cfg.top_k}' if cfg.top_k else ''}, {signal['mode']} teacher "
-        f"({signal['teacher_dtype']}), {cfg.steps} steps x {cfg.batch_size * cfg.grad_accum * world} sequences x "
-        f"{cfg.seq_len} tokens on {device.type}" + (f" x {world} processes ({cfg.parallel})" if world > 1 else ""))
-    st = train(kd_module, step_fn, _batches(data.train, cfg, rank, world), tcfg,
-               ckpt if cfg.checkpoint_every else None, resume=cfg.resume, desc="distill", on_log=on_log)
-    del t_train
-    tokens_all = st.tokens * world
-    if sharded:
+    counters = StepCounters()
+    progressive = len(stages) > 1
+    stage_records: list[dict[str, Any]] = list((state or {}).get("stages", []))
+    curve: list[dict[str, Any]] = [e for r in stage_records for e in r.pop("loss_curve", [])]
+    totals = {"steps": 0, "tokens": 0, "seconds": 0.0, "flops": 0.0}
+    for r in stage_records:
+        for k in ("steps", "tokens", "seconds"):
+            totals[k] += r["training"][k]
+        totals["flops"] += r["training_flops"]
+    kd_module: nn.Module = student
+    st = tcfg = None
+    for i, (sshape, ssteps) in enumerate(stages):
+        stage_ckpt = ckpt / f"stage-{i}" if progressive else ckpt
+        if i < len(stage_records):  # finished before an interruption: its distilled student is on disk
+            student = AutoModelForCausalLM.from_pretrained(str(ckpt / f"stage-{i}-student"), dtype=torch.float32)
+            student = student.to(device).requires_grad_(True)
+            continue
+        stage_teacher, stage_teacher_params = t_train, teacher_params
+        stage_init: dict[str, Any] = init
+        if i > 0:  # prune the previous stage's student; distil from it or from the teacher
+            previous = student
+            student, rep = init_student(previous, sshape, "auto", data.train[: cfg.calib_sequences], seed=cfg.seed)
+            student = student.to(device).requires_grad_(True)
+            stage_init = rep.to_dict()
+            if cfg.progressive_from == "previous":
+                stage_teacher = previous.to(tdtype).eval().requires_grad_(False)
+                stage_teacher_params = count_params(previous)
+            else:
+                del previous
+            t0 = time.perf_counter()
+            t_eval = teacher.load(torch.float32, device)
+            student.eval()
+            stage_before = evaluate({"student": student}, t_eval, data.heldout)["student"]
+            passes["evaluation"] += len(data.heldout)
+            del t_eval
+            say(f"stage {i + 1}/{len(stages)}: {sshape.layers} layers pruned from the previous student (kept "
+                f"{rep.kept_layers}), KL {stage_before['kl_to_teacher']:.3f} ({time.perf_counter() - t0:.0f} s)")
+        else:
+            stage_before = state["before"] if state else None
+        signal_teachers = [stage_teacher, *extra_train] if stage_teacher is not None else []
+        before_forwards, before_gen = counters.teacher_forwards, counters.generated_tokens
+        st, tcfg, kd_module = _train_stage(cfg, student, signal_teachers, weights, cache, data, order, task,
+                                           tokenizer, device, rank, world, ssteps, stage_ckpt, align_pairs,
+                                           projector, counters, on_log, say, f"stage {i + 1}/{len(stages)}: "
+                                           if progressive else "")
+        passes["training"] += counters.teacher_forwards - before_forwards
+        s_params = count_params(student)
+        flops = _stage_flops(st.tokens * world, s_params, [stage_teacher_params] * (stage_teacher is not None)
+                             + [count_params(x) for x in extra_train],
+                             counters.generated_tokens - before_gen, counters.task_tokens)
+        for k, v in (("steps", st.step), ("tokens", st.tokens * world), ("seconds", st.seconds), ("flops", flops)):
+            totals[k] += v
+        curve += [{**e, "stage": i + 1} if progressive else e for e in st.loss_curve]
+        if progressive:
+            rec = {"stage": i + 1, "layers": sshape.layers, "params": s_params,
+                   "teacher": "teacher" if i == 0 or cfg.progressive_from == "teacher" else f"stage {i} student",
+                   "teacher_params": stage_teacher_params, "kept_layers": stage_init.get("kept_layers"),
+                   "training": {"steps": st.step, "tokens": st.tokens, "seconds": round(st.seconds, 2)},
+                   "training_flops": flops, "before": stage_before}
+            if i + 1 < len(stages):  # the last stage's "after" is the run's (measured below)
+                t_eval = teacher.load(torch.float32, device)
+                student.eval()
+                rec["after"] = evaluate({"student": student}, t_eval, data.heldout)["student"]
+                passes["evaluation"] += len(data.heldout)
+                del t_eval
+                save_student(student, ckpt / f"stage-{i}-student", teacher.hf_dir)
+                assert state is not None
+                state["stages"] = [*stage_records, {**rec, "loss_curve": st.loss_curve}]
+                state_path.write_text(json.dumps(state, indent=1), encoding="utf-8")
+                say(f"stage {i + 1}/{len(stages)} ({sshape.layers} layers) after: KL "
+                    f"{rec['after']['kl_to_teacher']:.3f}, perplexity {rec['after']['perplexity']:.2f}")
+            stage_records.append(rec)
+            if stage_teacher is not t_train:
+                del stage_teacher
+    assert st is not None and tcfg is not None
+    del t_train, extra_train
+    if world > 1 and cfg.parallel == "fsdp":
         # FSDP: every process holds only shards of the student, and the evaluation and the save below need all of
         # it. Chosen: gather the full weights (a collective, every process) into a plain unwrapped copy on the main
         # process, then run the same single-process evaluate() and save_pretrained() as DDP. Simplest correct
@@ -654,7 +876,7 @@ def run_distill(cfg: DistillConfig, log: Log | None = None,
         student = gathered_student(kd_module, student.config, main)  # type: ignore[assignment]
     if not main:
         _barrier()
-        return {"rank": rank, "loss_curve": st.loss_curve, "teacher_forward_passes": passes["training"]}
+        return {"rank": rank, "loss_curve": curve, "teacher_forward_passes": passes["training"]}
 
     # after: the distilled student, against the fp32 teacher
     student = student.to(device)
@@ -667,6 +889,7 @@ def run_distill(cfg: DistillConfig, log: Log | None = None,
                  else cfg.student_dir)
     assert state is not None
     before = state["before"]
+    tokens_all = int(totals["tokens"])
     record = {
         "edgeforge_distill_version": 1,
         "config": cfg.to_dict(),
@@ -677,12 +900,12 @@ def run_distill(cfg: DistillConfig, log: Log | None = None,
         "teacher_signal": signal,
         "teacher_forward_passes": passes["training"],
         "teacher_forward_passes_other": {"calibration": passes["calibration"], "evaluation": passes["evaluation"]},
-        "training": {"steps": st.step, "tokens": tokens_all, "seconds": round(st.seconds, 2),
-                     "tokens_per_s": round(tokens_all / max(st.seconds, 1e-9), 1), "world_size": world,
+        "training": {"steps": int(totals["steps"]), "tokens": tokens_all, "seconds": round(totals["seconds"], 2),
+                     "tokens_per_s": round(tokens_all / max(totals["seconds"], 1e-9), 1), "world_size": world,
                      "parallel": cfg.parallel if world > 1 else "none",
                      "device": device.type, "peak_rss_bytes": peak_rss_bytes(),
-                     "stopped_by": _stopped_by(st, cfg, tcfg)},
-        "loss_curve": st.loss_curve,
+                     "stopped_by": _stopped_by(st, tcfg)},
+        "loss_curve": curve,
         "before": before,
         "after": after,
         "retention": {"definition": RETENTION_DEFINITION, "teacher": 1.0, "before": before["retention"],
@@ -690,10 +913,18 @@ def run_distill(cfg: DistillConfig, log: Log | None = None,
         "kl_gap_closed": {"definition": KL_GAP_DEFINITION,
                           "value": 1.0 - after["kl_to_teacher"] / before["kl_to_teacher"]
                           if before["kl_to_teacher"] > 0 else 0.0},
-        "seconds_total": round(time.perf_counter() - t_run, 1),
+        "training_flops": {"total": totals["flops"] + (curriculum or {}).get("scoring_flops", 0.0),
+                           "accounting": FLOPS_ACCOUNTING},
     }
+    record.update(_technique_records(cfg, stage_records, curriculum, counters, extras, teacher, weights,
+                                     init, after))
+    if task is not None:
+        record["task"] = {**task.info, "before": state["task_before"], "after": _task_eval(student, tokenizer, task)}
+        say(f"task accuracy {record['task']['before']['task_accuracy']:.1%} -> "
+            f"{record['task']['after']['task_accuracy']:.1%}")
     record["teacher"]["params"] = _param_count(teacher.hf_dir)
     record["student"]["params"] = count_params(student)
+    record["seconds_total"] = round(time.perf_counter() - t_run, 1)
     (out / "distill.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
     shutil.rmtree(ckpt, ignore_errors=True)  # done: the student is saved; the checkpoint was only for resuming
     state_path.unlink(missing_ok=True)
@@ -703,64 +934,105 @@ def run_distill(cfg: DistillConfig, log: Log | None = None,
     return record
 
 
-def _make_step(cfg: DistillConfig, kd_module: nn.Module, t_train: nn.Module | None, cache: Any,
-               align_pairs: list[tuple[int, int]],
-               passes: dict[str, int]) -> Callable[[dict[str, Tensor]], tuple[Tensor, dict[str, float]]]:
-    """The loss of one micro-batch: the KD divergence (+ CE, + hidden alignment), with the teacher's signal online
-    or from the cache."""
-    from edgeforge.kd_losses import (
-        divergence,
-        hidden_alignment,
-        mix_with_ce,
-        next_token_ce,
-        teacher_topk,
-        topk_divergence,
-    )
-
-    kind = cfg.loss
-
-    def step(batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-        ids = batch["input_ids"]
-        t_hidden: list[Tensor] = []
-        t_logits = t_vals = t_ids = None
-        if cache is not None:
-            t_vals, t_ids = (t.to(ids.device) for t in cache.lookup(batch["rows"].cpu()))
-        else:
-            assert t_train is not None
-            cap = _capture(t_train, [t for _, t in align_pairs])
-            try:
-                with torch.no_grad():
-                    t_logits = t_train(input_ids=ids, use_cache=False).logits
-                    passes["training"] += 1
-            finally:
-                cap.remove()
-            t_hidden = cap.outputs
-            if cfg.top_k:
-                t_vals, t_ids = teacher_topk(t_logits, cfg.top_k)
-                t_logits = None
-        s_logits, s_hidden = kd_module(ids)
-        if t_logits is not None:
-            kd = divergence(kind, s_logits, t_logits, cfg.temperature, cfg.jsd_beta, cfg.chunk_size)  # type: ignore
-        else:
-            kd = topk_divergence(kind, s_logits, t_vals, t_ids, cfg.temperature, cfg.jsd_beta,  # type: ignore
-                                 cfg.chunk_size)
-        metrics = {"kl": float(kd.detach())}
-        ce = next_token_ce(s_logits, ids, cfg.chunk_size) if cfg.alpha > 0 else None
-        loss = mix_with_ce(kd, ce, cfg.alpha)
-        if ce is not None:
-            metrics["ce"] = float(ce.detach())
-        if align_pairs:  # s_hidden comes projected to the teacher's width (StudentForKD)
-            h = sum(hidden_alignment(s, t.detach(), cfg.hidden_loss)  # type: ignore[arg-type]
-                    for s, t in zip(s_hidden, t_hidden, strict=True)) / len(align_pairs)
-            loss = loss + cfg.hidden_weight * h
-            metrics["hidden"] = float(h.detach())
-        return loss, metrics
-
-    return step
+FLOPS_ACCOUNTING = ("6 N_student per training token + 2 N per teacher forward token (each teacher) + 2 N_student per "
+                    "token the student samples (on-policy) + 6 N_student per supervised task token + 2 N per token "
+                    "scored for the curriculum; N = all parameters")
 
 
-def _stopped_by(st: Any, cfg: DistillConfig, tcfg: Any) -> str:
-    if st.step >= cfg.steps:
+def _check_world(cfg: DistillConfig, world: int) -> None:
+    """The techniques that run on one process only (not yet under torchrun)."""
+    if world <= 1:
+        return
+    if cfg.progressive:
+        raise BadInputError("--progressive: runs on one process; run it without torchrun")
+    if cfg.task_loss != "none":
+        raise BadInputError("--task-loss: the supervised task term runs on one process; run it without torchrun "
+                            "or use --task-loss none")
+    if cfg.on_policy_ratio > 0 and cfg.parallel == "fsdp":
+        raise BadInputError("--on-policy-ratio: sampling from an FSDP-sharded student is not supported; use "
+                            "--parallel ddp")
+
+
+def _train_stage(cfg: DistillConfig, student: nn.Module, teachers: list[nn.Module], weights: tuple[float, ...],
+                 cache: Any, data: DistillData, order: Tensor | None, task: Any, tokenizer: Any,
+                 device: torch.device, rank: int, world: int, steps: int, ckpt_dir: Path,
+                 align_pairs: list[tuple[int, int]], projector: nn.Module | None, counters: Any,
+                 on_log: Callable[[dict[str, float]], None] | None, say: Log,
+                 label: str) -> tuple[Any, Any, nn.Module]:
+    """Train ``student`` for ``steps`` optimizer steps; returns (TrainState, TrainConfig, the trained module)."""
+    from edgeforge.kd_step import make_step
+    from edgeforge.train_loop import TrainConfig, train
+
+    kd_module = wrap_parallel(StudentForKD(student, [s for s, _ in align_pairs], projector), cfg.parallel, world,
+                              device)
+    step_fn = make_step(cfg, kd_module, student, teachers, weights, cache, align_pairs, counters)
+    share = steps / cfg.steps  # progressive stages split the token and time budgets like the steps
+    tcfg = TrainConfig(steps=steps, lr=cfg.lr, warmup_steps=cfg.warmup_steps if cfg.warmup_steps is not None
+                       else min(10, max(1, steps // 10)), grad_accum=cfg.grad_accum, seed=cfg.seed,
+                       checkpoint_every=cfg.checkpoint_every,
+                       max_tokens=None if cfg.max_tokens is None else math.ceil(cfg.max_tokens * share / world),
+                       max_seconds=None if cfg.max_seconds is None else cfg.max_seconds * share)
+    mode = "online" if cache is None else "offline"
+    say(f"{label}distilling: {cfg.loss}{f' over the top-{cfg.top_k}' if cfg.top_k else ''}, {mode} teacher"
+        f"{f's x {len(teachers)} ({cfg.teacher_routing})' if len(teachers) > 1 else ''}, {steps} steps x "
+        f"{cfg.batch_size * cfg.grad_accum * world} sequences x {cfg.seq_len} tokens on {device.type}"
+        + (f" x {world} processes ({cfg.parallel})" if world > 1 else ""))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    st = train(kd_module, step_fn, _batches(data.train, cfg, rank, world, steps, order, task, pad), tcfg,
+               ckpt_dir if cfg.checkpoint_every else None, resume=cfg.resume, desc="distill", on_log=on_log)
+    return st, tcfg, kd_module
+
+
+def _stage_flops(tokens: int, student_params: int, teacher_params: list[int], generated_tokens: int,
+                 task_tokens: int) -> float:
+    """Training FLOPs of a stage (FLOPS_ACCOUNTING): training_cost.training_flops for the distillation tokens, plus
+    the student's sampling and the supervised task tokens."""
+    from edgeforge.training_cost import training_flops
+
+    return (training_flops("distill", tokens, student_params, sum(teacher_params))
+            + 2.0 * student_params * generated_tokens + 6.0 * student_params * task_tokens)
+
+
+def _task_eval(student: nn.Module, tokenizer: Any, task: Any) -> dict[str, Any]:
+    """Exact-match task accuracy of ``student`` on the task's held-out examples (greedy), as edgeforge finetune
+    measures it."""
+    from edgeforge.finetune import task_metrics
+
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return task_metrics(student, tokenizer, task.heldout)
+
+
+def _technique_records(cfg: DistillConfig, stage_records: list[dict[str, Any]], curriculum: dict[str, Any] | None,
+                       counters: Any, extras: list[Teacher], teacher: Teacher, weights: tuple[float, ...],
+                       init: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """What each technique measured, under its own key of distill.json (absent when the technique is off)."""
+    rec: dict[str, Any] = {}
+    if stage_records:
+        stage_records[-1]["after"] = after
+        rec["progressive"] = {"from": cfg.progressive_from, "stages": stage_records}
+    if curriculum is not None:
+        rec["curriculum"] = curriculum
+    if cfg.self_distill != "none":
+        rec["self_distill"] = {"mode": cfg.self_distill,
+                               "student_init": "random" if cfg.init == "random" else "from the teacher",
+                               "student_layers": init.get("layers"), "teacher_layers": init.get("teacher_layers"),
+                               "data": "the teacher's own greedy answers to the built-in prompts only"}
+    if extras:
+        rec["multi_teacher"] = {"teachers": [teacher.name, *(x.name for x in extras)], "routing": cfg.teacher_routing,
+                                **({"weights": list(weights)} if cfg.teacher_routing == "weights" else
+                                   {"samples_routed_to": counters.routed})}
+    if cfg.on_policy_ratio > 0:
+        rec["on_policy"] = {"ratio": cfg.on_policy_ratio, "tokens_sampled_per_sequence": cfg.on_policy_tokens,
+                            "micro_batches": counters.micro_batches,
+                            "on_policy_micro_batches": counters.on_policy_micro_batches,
+                            "generated_tokens": counters.generated_tokens,
+                            "generation_seconds": round(counters.generation_seconds, 2)}
+    return rec
+
+
+def _stopped_by(st: Any, tcfg: Any) -> str:
+    if st.step >= tcfg.steps:
         return "steps"
     if tcfg.max_tokens is not None and st.tokens >= tcfg.max_tokens:
         return "max_tokens"
@@ -781,8 +1053,9 @@ def _check_out_dir(cfg: DistillConfig, ckpt: Path, state_path: Path) -> None:
     if cfg.resume:
         if state_path.is_file():
             saved = json.loads(state_path.read_text(encoding="utf-8")).get("fingerprint")
-            if saved is not None:
-                saved = {"parallel": "ddp", **saved}  # a run started before --parallel existed ran DDP
+            if saved is not None:  # a run started before a setting existed ran with its default
+                defaults = DistillConfig(out=cfg.out, student_layers=1).to_dict()
+                saved = {**{k: defaults[k] for k in TECHNIQUE_FIELDS}, "parallel": "ddp", **saved}
             now = cfg.fingerprint()
             diff = sorted(k for k in set(saved or {}) | set(now) if (saved or {}).get(k) != now.get(k))
             if diff:

@@ -25,6 +25,10 @@ class ModelError(BadInputError):
     """A model path, alias or file cannot be read."""
 
 
+class ResourceError(BadInputError):
+    """Not enough disk or memory for a stage; found before the stage starts writing or training."""
+
+
 class QualityGateError(EdgeforgeError):
     """An artifact was made but fails its quality threshold; the artifact is kept for inspection."""
 

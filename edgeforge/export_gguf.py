@@ -11,17 +11,19 @@ Every file is written under a temporary name and renamed into place when complet
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
 from edgeforge import __version__
-from edgeforge.errors import BadInputError, EdgeforgeError, ModelError
+from edgeforge.errors import BadInputError, EdgeforgeError, ModelError, ResourceError
 from edgeforge.fileio import sha256_file  # noqa: F401  (re-exported: bench and tests import it from here)
 from edgeforge.models import ModelRef, read_arch
 from edgeforge.quiet import captured_stderr
@@ -44,7 +46,14 @@ def _ftype(quant: str) -> int:
 
 
 def check_hf_exportable(model_dir: Path) -> None:
-    """Fail early, naming the architecture, when llama.cpp's converter (as edgeforge uses it) cannot take it."""
+    """Fail early, naming the architecture, when llama.cpp's converter (as edgeforge uses it) cannot take it.
+
+    Also refuses code shipped with the model: the converter itself calls ``trust_remote_code=True`` for some
+    tokenizers (see edgeforge.model_files), so this check stays here even though model resolution makes it too.
+    """
+    from edgeforge.model_files import check_no_remote_code
+
+    check_no_remote_code(model_dir)
     try:
         cfg = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
@@ -70,9 +79,14 @@ def convert_hf(model_dir: Path, out: Path, outtype: str = "f16") -> Path:
     cmd = [sys.executable, str(script), str(model_dir), "--outfile", str(tmp), "--outtype", outtype]
     r = subprocess.run(cmd, capture_output=True, text=True, env=converter_env())
     if r.returncode != 0 or not tmp.is_file():
-        last = [ln for ln in (r.stderr or r.stdout).strip().splitlines() if ln.strip()][-1:] or ["no output"]
+        lines = [ln.strip() for ln in (r.stderr or r.stdout).splitlines() if ln.strip()]
+        # the exception line, not the progress bar the converter may have drawn after it
+        errors = [ln for ln in lines if "Error" in ln.split(":", 1)[0] or ln.startswith("error")]
+        last = (errors or lines or ["no output"])[-1]
+        if _disk_is_full(ExportError(last), out.parent):  # before the partial file is removed
+            last = f"No space left on device ({last[:200]})"
         tmp.unlink(missing_ok=True)
-        raise ExportError(f"llama.cpp's convert_hf_to_gguf.py failed on {model_dir}: {last[0]}")
+        raise ExportError(f"llama.cpp's convert_hf_to_gguf.py failed on {model_dir}: {last[:300]}")
     os.replace(tmp, out)
     return out
 
@@ -118,6 +132,8 @@ def quantize(src: Path, dst: Path, quant: str, threads: int, imatrix: Path | Non
             ok = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params) == 0
         detail = log.tail() or "llama_model_quantize returned an error"
     if not ok or not tmp.is_file():
+        if _disk_is_full(ExportError(detail), dst.parent):  # llama.cpp says "iostream error"; look before cleaning up
+            detail = f"No space left on device ({detail})"
         tmp.unlink(missing_ok=True)
         raise ExportError(f"quantizing {src.name} to {quant} failed: {detail}")
     os.replace(tmp, dst)
@@ -136,9 +152,17 @@ def write_lineage(src: Path, dst: Path, lineage: dict[str, Any]) -> Path:
     meta = {f"edgeforge.{k}": MetadataDetails(gguf.GGUFValueType.STRING,
                                               v if isinstance(v, str) else json.dumps(v, sort_keys=True))
             for k, v in lineage.items()}
-    # gguf-py draws a tqdm progress bar on stderr; keep the CLI's output clean.
-    with captured_stderr():
-        copy_with_new_metadata(reader, writer, meta, [])
+    try:
+        # gguf-py draws a tqdm progress bar on stderr; keep the CLI's output clean.
+        with captured_stderr():
+            try:
+                copy_with_new_metadata(reader, writer, meta, [])
+            except BaseException as e:  # close the bar (a local of the failed frame) while stderr is still captured
+                traceback.clear_frames(e.__traceback__)
+                raise
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed or interrupted copy leaves nothing behind
+        raise
     os.replace(tmp, dst)
     return dst
 
@@ -174,30 +198,15 @@ def export_gguf(
     _check_disk(model, quant, out)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".edgeforge-export-") as tmpdir:
-        tmp = Path(tmpdir)
-        if model.format == "hf":
-            base = convert_hf(model.path, tmp / "base.gguf", CONVERTER_OUTTYPE.get(quant, "f16"))
-        else:
-            base = model.path
-        convert_s = time.perf_counter() - t0
-        imatrix = imatrix_file
-        if imatrix is None and imatrix_data is not None:
-            imatrix = compute_imatrix(base, imatrix_data, tmp / "imatrix.gguf", threads)
-        imatrix_s = time.perf_counter() - t0 - convert_s
-        same_type = model.format == "hf" and quant in ("F16", "F32", "BF16")
-        quantized = base if same_type else quantize(base, tmp / "quantized.gguf", quant, threads, imatrix)
-        quantize_s = time.perf_counter() - t0 - convert_s - imatrix_s
-        lineage = {
-            "version": __version__,
-            "source_model": model.name,
-            "source_format": model.format,
-            "profile": profile or "",
-            "quant": quant,
-            "imatrix_data": str(imatrix_data) if imatrix_data else "",
-            "imatrix_file": str(imatrix_file) if imatrix_file else "",
-            "stages": [*(stages or []), "export-gguf"],
-        }
-        write_lineage(quantized, out, lineage)
+        try:
+            lineage, seconds = _export_in(Path(tmpdir), model, quant, out, imatrix_data, profile, stages, threads,
+                                          imatrix_file, t0)
+        except (OSError, ExportError) as e:
+            if not _disk_is_full(e, out.parent):
+                raise
+            raise ResourceError(f"the disk at {out.parent} filled up during the export (no space left on device); no "
+                                f"partial file is left at {out} and the temporary files are removed: free some space "
+                                "or pass another --out") from None
     record = {
         "kind": "gguf",
         "path": str(out),
@@ -207,11 +216,54 @@ def export_gguf(
         "source_model": model.name,
         "source_path": str(model.path),
         "lineage": lineage,
-        "seconds": {"convert": convert_s, "imatrix": imatrix_s, "quantize": quantize_s,
-                    "total": time.perf_counter() - t0},
+        "seconds": {**seconds, "total": time.perf_counter() - t0},
     }
     save_record(out, record)
     return record
+
+
+def _disk_is_full(err: BaseException, where: Path) -> bool:
+    """Whether a failed write was the disk filling up. Checked while the temporary files still exist: a full disk
+    does not always say so (numpy's tofile raises OSError without an errno, llama.cpp's quantizer reports an
+    iostream error)."""
+    if (isinstance(err, OSError) and err.errno == errno.ENOSPC) or "No space left on device" in str(err):
+        return True
+    import shutil
+
+    try:
+        return shutil.disk_usage(where).free < 1 << 20
+    except OSError:
+        return False
+
+
+def _export_in(tmp: Path, model: ModelRef, quant: str, out: Path, imatrix_data: Path | None, profile: str | None,
+               stages: list[str] | None, threads: int, imatrix_file: Path | None,
+               t0: float) -> tuple[dict[str, Any], dict[str, float]]:
+    """The export steps inside the temporary directory ``tmp``; the result is renamed to ``out`` when complete."""
+    if model.format == "hf":
+        base = convert_hf(model.path, tmp / "base.gguf", CONVERTER_OUTTYPE.get(quant, "f16"))
+    else:
+        base = model.path
+    convert_s = time.perf_counter() - t0
+    imatrix = imatrix_file
+    if imatrix is None and imatrix_data is not None:
+        imatrix = compute_imatrix(base, imatrix_data, tmp / "imatrix.gguf", threads)
+    imatrix_s = time.perf_counter() - t0 - convert_s
+    same_type = model.format == "hf" and quant in ("F16", "F32", "BF16")
+    quantized = base if same_type else quantize(base, tmp / "quantized.gguf", quant, threads, imatrix)
+    quantize_s = time.perf_counter() - t0 - convert_s - imatrix_s
+    lineage = {
+        "version": __version__,
+        "source_model": model.name,
+        "source_format": model.format,
+        "profile": profile or "",
+        "quant": quant,
+        "imatrix_data": str(imatrix_data) if imatrix_data else "",
+        "imatrix_file": str(imatrix_file) if imatrix_file else "",
+        "stages": [*(stages or []), "export-gguf"],
+    }
+    write_lineage(quantized, out, lineage)
+    return lineage, {"convert": convert_s, "imatrix": imatrix_s, "quantize": quantize_s}
 
 
 def record_path(artifact: Path) -> Path:
@@ -223,14 +275,28 @@ def record_path(artifact: Path) -> Path:
 def save_record(artifact: Path, record: dict[str, Any]) -> Path:
     p = record_path(artifact)
     tmp = p.with_name(f".{p.name}.partial")
-    tmp.write_text(json.dumps(record, indent=2, default=str), encoding="utf-8")
+    try:
+        tmp.write_text(json.dumps(record, indent=2, default=str), encoding="utf-8")
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, p)
     return p
 
 
 def load_record(artifact: Path) -> dict[str, Any]:
+    """The artifact's record, or {} when it has none; a damaged record is one BadInputError naming it."""
     p = record_path(artifact)
-    return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else {}
+    if not p.is_file():
+        return {}
+    try:
+        record = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise BadInputError(f"{p}: the artifact's record is not readable JSON ({' '.join(str(e).split())[:120]}); "
+                            "remove it (or export again) and pass --quant to say which thresholds apply") from None
+    if not isinstance(record, dict):
+        raise BadInputError(f"{p}: the artifact's record is not a JSON object; remove it or export again")
+    return record
 
 
 def _check_disk(model: ModelRef, quant: str, out: Path) -> None:
@@ -243,5 +309,5 @@ def _check_disk(model: ModelRef, quant: str, out: Path) -> None:
     need = gguf_file_bytes(arch, quant) + (gguf_file_bytes(arch, "F16") if model.format == "hf" else 0)
     free = shutil.disk_usage(out.parent).free
     if free < need * 1.1:
-        raise BadInputError(f"not enough disk at {out.parent}: the export needs about {need / 1e6:.0f} MB, "
-                            f"{free / 1e6:.0f} MB are free; free some space or pass another --out")
+        raise ResourceError(f"not enough disk at {out.parent}: the export needs about {need / 1e6:.1f} MB, "
+                            f"{free / 1e6:.1f} MB are free; free some space or pass another --out")

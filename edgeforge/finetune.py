@@ -17,7 +17,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -48,7 +48,25 @@ class FinetuneConfig:
     mix_general: float = 0.0  # fraction of micro-batches drawn from general text instead of the task
     eval_examples: int = 100
     checkpoint_every: int = 50
+    # techniques (docs/techniques.md); the defaults are plain LoRA
+    rank_sweep: tuple[int, ...] = ()  # ranks tried on a short budget first; the full run uses the pick (ft_rank_sweep)
+    rank_sweep_steps: int | None = None  # steps per swept rank [default: max(10, steps // 5)]
+    layerwise_lr_decay: float = 1.0  # lr x decay^(distance from the top layer); 1: off (ft_layerwise_lr)
+    ewc: float = 0.0  # EWC strength λ: penalty λ/2 Σ F (θ − θ0)², F the diagonal Fisher on general text (ft_ewc)
+    ewc_batches: int = 8  # general-text sequences for the Fisher estimate
     train: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.rank_sweep = tuple(int(r) for r in self.rank_sweep)
+        problems = [(name, expected) for name, ok, expected in (
+            ("rank_sweep", all(r >= 1 for r in self.rank_sweep), "positive ranks such as 4,8,16"),
+            ("rank_sweep_steps", self.rank_sweep_steps is None or self.rank_sweep_steps >= 1, "an integer >= 1"),
+            ("layerwise_lr_decay", 0.0 < self.layerwise_lr_decay <= 1.0, "a number in (0, 1]"),
+            ("ewc", self.ewc >= 0, "a number >= 0"),
+            ("ewc_batches", self.ewc_batches >= 1, "an integer >= 1")) if not ok]
+        if problems:
+            name, expected = problems[0]
+            raise BadInputError(f"--{name.replace('_', '-')}: expected {expected}, found {getattr(self, name)}")
 
 
 # ---------------------------------------------------------------- data
@@ -232,6 +250,17 @@ def base_model_dir(model_ref: str) -> tuple[Path, str]:
     return ref.path, ref.name
 
 
+def check_memory(model_ref: str, cfg: FinetuneConfig, device: torch.device) -> int:
+    """Pre-flight, before any weights are loaded: refuse (one line) when the predicted training memory exceeds what
+    this machine has available (edgeforge.preflight). Returns the prediction in bytes."""
+    from edgeforge.models import read_arch, resolve_model
+    from edgeforge.preflight import check_training_memory
+
+    arch = read_arch(resolve_model(model_ref))
+    return check_training_memory("finetune", "qlora" if cfg.method == "qlora" else "lora", arch, cfg.batch_size,
+                                 cfg.max_seq_len, device.type)
+
+
 def load_base(model_dir: Path, method: Method, device: torch.device) -> Any:
     from transformers import AutoModelForCausalLM
 
@@ -281,11 +310,21 @@ def run_finetune(model_ref: str, out: Path, cfg: FinetuneConfig, task: str | Non
     torch.manual_seed(cfg.seed)
     train_ex, held_ex, source = load_task_examples(task, data, cfg.seed)
     held_ex = held_ex[: cfg.eval_examples]
-    base_dir, base_name = base_model_dir(model_ref)
+    if not resume and (out / "checkpoint" / "state.json").is_file():
+        raise BadInputError(f"{out} holds an interrupted fine-tuning run; pass --resume to continue it, or remove the "
+                            "directory / choose another --out to start over")
     device = pick_device()
+    check_memory(model_ref, cfg, device)
+    base_dir, base_name = base_model_dir(model_ref)
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    techniques: dict[str, Any] = {}  # what --rank-sweep / --ewc / --layerwise-lr-decay measured, for the record
+    if cfg.rank_sweep:
+        from edgeforge.ft_rank_sweep import run_rank_sweep
+
+        techniques["rank_sweep"] = run_rank_sweep(base_dir, cfg, tokenizer, train_ex, device, log)
+        cfg = replace(cfg, rank=techniques["rank_sweep"]["chosen_rank"])
     model = load_base(base_dir, cfg.method, device)
 
     log(f"base model {base_name}: evaluating on {len(held_ex)} held-out examples and general text")
@@ -294,6 +333,15 @@ def run_finetune(model_ref: str, out: Path, cfg: FinetuneConfig, task: str | Non
         f"general perplexity {before['general_perplexity']:.2f}")
 
     model = add_adapter(model, cfg)
+    ewc, groups = None, None
+    if cfg.ewc > 0:
+        from edgeforge.ft_ewc import setup_ewc
+
+        ewc, techniques["ewc"] = setup_ewc(model, tokenizer, cfg.ewc, cfg.ewc_batches, log)
+    if cfg.layerwise_lr_decay < 1.0:
+        from edgeforge.ft_layerwise_lr import layerwise_setup
+
+        groups, techniques["layerwise_lr"] = layerwise_setup(model, cfg.layerwise_lr_decay)
     encoded = [encode_example(tokenizer, e["messages"], cfg.max_seq_len) for e in train_ex]
     general_rows: list[tuple[list[int], list[int]]] = []
     if cfg.mix_general > 0:
@@ -326,6 +374,10 @@ def run_finetune(model_ref: str, out: Path, cfg: FinetuneConfig, task: str | Non
             penalty = sum(((p - start[n]) ** 2).sum() for n, p in model.named_parameters() if p.requires_grad)
             loss = loss + cfg.l2sp * penalty
             metrics["l2sp"] = float(penalty.detach())
+        if ewc is not None:
+            penalty = ewc(model)
+            loss = loss + penalty
+            metrics["ewc"] = float(penalty.detach())
         return loss, metrics
 
     tcfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, warmup_steps=max(1, cfg.steps // 20), seed=cfg.seed,
@@ -341,7 +393,7 @@ def run_finetune(model_ref: str, out: Path, cfg: FinetuneConfig, task: str | Non
             curve_points.append({"step": int(entry["step"]), "task_accuracy": m["task_accuracy"]})
 
     state = train(model, step_fn, batches, tcfg, ckpt_dir=out / "checkpoint", resume=resume,
-                  desc=f"finetune {cfg.method}", on_log=on_log)
+                  desc=f"finetune {cfg.method}", on_log=on_log, param_groups=groups)
     after = {**task_metrics(model, tokenizer, held_ex), "general_perplexity": general_perplexity(model, tokenizer)}
     curve_points.append({"step": state.step, "task_accuracy": after["task_accuracy"]})
     log(f"after {state.step} steps: task accuracy {after['task_accuracy']:.1%}, valid JSON "
@@ -361,6 +413,7 @@ def run_finetune(model_ref: str, out: Path, cfg: FinetuneConfig, task: str | Non
         "after": after,
         "forgetting": {"general_perplexity_delta_pct":
                        100 * (after["general_perplexity"] / before["general_perplexity"] - 1)},
+        **techniques,
     }
     adapter_dir = out / "adapter" if merge else out
     staging = adapter_dir.with_name(adapter_dir.name + ".partial")

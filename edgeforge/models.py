@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import glob
 import importlib.util
-import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -74,11 +73,16 @@ def resolve_model(ref: str | os.PathLike[str] | None) -> ModelRef:
         )
     if p.is_dir():
         if not (p / "config.json").is_file():
-            ggufs = sorted(p.glob("*.gguf"))
+            ggufs = sorted(f for f in p.glob("*.gguf") if f.is_file())
             if len(ggufs) == 1:
                 return ModelRef(name=name, path=ggufs[0], format="gguf")
             raise ModelError(f"{p}: a model directory needs a config.json (found none)")
+        from edgeforge.model_files import check_hf_dir
+
+        check_hf_dir(p)
         return ModelRef(name=name, path=p, format="hf")
+    if not p.is_file():  # a FIFO or a device: reading it could block forever
+        raise ModelError(f"{p}: not a regular file; expected a .gguf file or a model directory")
     if p.suffix.lower() == ".gguf":
         return ModelRef(name=name, path=p, format="gguf")
     raise ModelError(f"{p}: expected a .gguf file or a model directory, found a file of type '{p.suffix or 'none'}'")
@@ -139,21 +143,37 @@ def count_params(
     return embed + n_layers * probe.layer_params + hidden_size
 
 
+def _positive_int(value: Any, source: str, key: str) -> int:
+    """``value`` as an int >= 1; ModelError naming the field otherwise (configs and GGUF metadata can lie)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ModelError(f"{source}: field '{key}' must be a positive integer, found {str(value)[:40]!r}")
+    try:
+        n = int(value)
+    except (ValueError, OverflowError):
+        n = 0
+    if n < 1 or n != float(value):
+        raise ModelError(f"{source}: field '{key}' must be a positive integer, found {str(value)[:40]!r}")
+    return n
+
+
 def arch_from_config(config: dict[str, Any], source: str = "config.json") -> ModelArch:
     """Read the architecture from a Hugging Face ``config.json`` mapping."""
-    def need(key: str) -> Any:
+    def need(key: str) -> int:
         if key not in config:
             raise ModelError(f"{source}: field '{key}' is missing; expected a decoder config (llama, qwen2, mistral)")
-        return config[key]
+        return _positive_int(config[key], source, key)
+
+    def optional(key: str, default: int) -> int:
+        return _positive_int(config[key], source, key) if config.get(key) else default
 
     model_type = str(config.get("model_type", "unknown"))
-    n_heads = int(need("num_attention_heads"))
-    hidden = int(need("hidden_size"))
-    n_kv = int(config.get("num_key_value_heads") or n_heads)
-    head_dim = int(config.get("head_dim") or hidden // n_heads)
-    layers = int(need("num_hidden_layers"))
-    inter = int(need("intermediate_size"))
-    vocab = int(need("vocab_size"))
+    n_heads = need("num_attention_heads")
+    hidden = need("hidden_size")
+    n_kv = optional("num_key_value_heads", n_heads)
+    head_dim = optional("head_dim", max(1, hidden // n_heads))
+    layers = need("num_hidden_layers")
+    inter = need("intermediate_size")
+    vocab = need("vocab_size")
     tied = bool(config.get("tie_word_embeddings", False))
     qkv_bias = model_type == "qwen2" or bool(config.get("attention_bias", False))
     return ModelArch(
@@ -167,7 +187,7 @@ def arch_from_config(config: dict[str, Any], source: str = "config.json") -> Mod
         vocab_size=vocab,
         tied_embeddings=tied,
         n_params=count_params(layers, hidden, n_heads, n_kv, head_dim, inter, vocab, tied, qkv_bias),
-        max_context=int(config.get("max_position_embeddings", 2048)),
+        max_context=optional("max_position_embeddings", 2048),
         qkv_bias=qkv_bias,
     )
 
@@ -180,42 +200,61 @@ def _gguf_value(reader: Any, key: str) -> Any:
 
 
 def arch_from_gguf(path: Path) -> ModelArch:
-    """Read the architecture from GGUF metadata (memory-mapped; no tensor data is loaded)."""
+    """Read the architecture from GGUF metadata (memory-mapped; no tensor data is loaded).
+
+    gguf-py raises whatever numpy or struct raise on a corrupt or truncated file (ValueError, IndexError,
+    struct.error, ...), and its metadata values can have any type: every such failure is one ModelError.
+    """
     from gguf import GGUFReader
 
+    fix = "re-export or re-download it"
     try:
         reader = GGUFReader(str(path), "r")
-    except Exception as e:  # gguf raises ValueError/struct.error/IndexError on corrupt files
-        raise ModelError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
-    arch = _gguf_value(reader, "general.architecture")
-    if not arch:
-        raise ModelError(f"{path}: GGUF metadata lacks 'general.architecture'")
+    except Exception as e:  # noqa: BLE001 - see the docstring
+        detail = " ".join(str(e).split())[:160]
+        raise ModelError(f"{path}: not a readable GGUF file, corrupt or truncated ({type(e).__name__}: {detail}); "
+                         f"{fix}") from None
+    try:
+        return _arch_from_reader(reader, path)
+    except ModelError:
+        raise
+    except Exception as e:  # noqa: BLE001 - see the docstring
+        raise ModelError(f"{path}: not a readable GGUF file, its metadata is corrupt ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:160]}); {fix}") from None
 
-    def need(suffix: str) -> Any:
+
+def _arch_from_reader(reader: Any, path: Path) -> ModelArch:
+    arch = _gguf_value(reader, "general.architecture")
+    if not arch or not isinstance(arch, str):
+        raise ModelError(f"{path}: GGUF metadata lacks 'general.architecture' (found {str(arch)[:40]!r})")
+    source = f"{path}: GGUF metadata"
+
+    def need(suffix: str) -> int:
         v = _gguf_value(reader, f"{arch}.{suffix}")
         if v is None:
             raise ModelError(f"{path}: GGUF metadata lacks '{arch}.{suffix}'")
-        return v
+        return _positive_int(v, source, f"{arch}.{suffix}")
 
-    n_heads = int(need("attention.head_count"))
-    hidden = int(need("embedding_length"))
-    n_kv = int(_gguf_value(reader, f"{arch}.attention.head_count_kv") or n_heads)
-    head_dim = int(_gguf_value(reader, f"{arch}.attention.key_length") or hidden // n_heads)
+    def optional(suffix: str, default: int) -> int:
+        v = _gguf_value(reader, f"{arch}.{suffix}")
+        return default if v is None or v == 0 else _positive_int(v, source, f"{arch}.{suffix}")
+
+    n_heads = need("attention.head_count")
+    hidden = need("embedding_length")
     tokens = reader.fields.get("tokenizer.ggml.tokens")
-    vocab = _gguf_value(reader, f"{arch}.vocab_size") or (len(tokens.data) if tokens is not None else 0)
     names = {t.name for t in reader.tensors}
     return ModelArch(
-        architecture=str(arch),
-        n_layers=int(need("block_count")),
+        architecture=arch,
+        n_layers=need("block_count"),
         hidden_size=hidden,
         n_heads=n_heads,
-        n_kv_heads=n_kv,
-        head_dim=head_dim,
-        intermediate_size=int(need("feed_forward_length")),
-        vocab_size=int(vocab),
+        n_kv_heads=optional("attention.head_count_kv", n_heads),
+        head_dim=optional("attention.key_length", max(1, hidden // n_heads)),
+        intermediate_size=need("feed_forward_length"),
+        vocab_size=optional("vocab_size", len(tokens.data) if tokens is not None else 0),
         tied_embeddings="output.weight" not in names,
         n_params=int(sum(int(t.n_elements) for t in reader.tensors)),
-        max_context=int(_gguf_value(reader, f"{arch}.context_length") or 2048),
+        max_context=optional("context_length", 2048),
         qkv_bias="blk.0.attn_q.bias" in names,
     )
 
@@ -224,11 +263,7 @@ def read_arch(ref: ModelRef) -> ModelArch:
     """The architecture of a resolved model, read from metadata only."""
     if ref.format == "gguf":
         return arch_from_gguf(ref.path)
+    from edgeforge.model_files import read_json_object
+
     cfg_path = ref.path / "config.json"
-    try:
-        config = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelError(f"{cfg_path}: cannot read config ({e})") from None
-    if not isinstance(config, dict):
-        raise ModelError(f"{cfg_path}: expected a JSON object")
-    return arch_from_config(config, str(cfg_path))
+    return arch_from_config(read_json_object(cfg_path), str(cfg_path))

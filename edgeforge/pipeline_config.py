@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edgeforge.errors import BadInputError
@@ -40,6 +39,23 @@ class DistillSettings(_Strict):
     seq_len: int = Field(default=128, ge=8)
     checkpoint_every: int = Field(default=20, ge=1)
     generate_answers: bool = True  # built-in data: add the teacher's answers to built-in prompts
+    # The techniques of docs/techniques.md (each off by default: plain KD)
+    progressive: list[int] = Field(default_factory=list)  # e.g. [20, 8]: the last must be the student's layers
+    progressive_from: Literal["previous", "teacher"] = "previous"
+    curriculum: Literal["none", "teacher-loss", "student-loss"] = "none"
+    curriculum_pacing: Literal["linear", "root", "step"] = "root"
+    curriculum_start: float = Field(default=0.25, gt=0, le=1)
+    self_distill: Literal["none", "pruned", "born-again"] = "none"
+    task_loss: Literal["none", "answer", "rationale"] = "none"  # with the build's task: KD + task (+ rationale) terms
+    rationale_weight: float = Field(default=1.0, ge=0)
+    task_examples: int = Field(default=128, ge=1)
+    task_eval_examples: int = Field(default=50, ge=1)
+    rationale_tokens: int = Field(default=48, ge=1)
+    extra_teachers: list[str] = Field(default_factory=list)  # more teachers sharing the vocabulary
+    teacher_weights: list[float] = Field(default_factory=list)
+    teacher_routing: Literal["weights", "lowest-loss"] = "weights"
+    on_policy_ratio: float = Field(default=0.0, ge=0, le=1)
+    on_policy_tokens: int = Field(default=32, ge=1)
 
 
 class FinetuneSettings(_Strict):
@@ -54,6 +70,12 @@ class FinetuneSettings(_Strict):
     batch_size: int = Field(default=8, ge=1)
     eval_examples: int = Field(default=100, ge=1)
     checkpoint_every: int = Field(default=50, ge=1)
+    # The techniques of docs/techniques.md (each off by default: plain LoRA)
+    rank_sweep: list[int] = Field(default_factory=list)  # e.g. [4, 8, 16]: pick by held-out score per parameter
+    rank_sweep_steps: int | None = Field(default=None, ge=1)
+    layerwise_lr_decay: float = Field(default=1.0, gt=0, le=1)
+    ewc: float = Field(default=0.0, ge=0)
+    ewc_batches: int = Field(default=8, ge=1)
 
 
 class ExportSettings(_Strict):
@@ -128,16 +150,12 @@ def load_pipeline(path: Path | None) -> PipelineConfig:
     """Read a pipeline YAML file (``yaml.safe_load``), or the defaults when ``path`` is None."""
     if path is None:
         return PipelineConfig()
+    from edgeforge.validation import read_yaml_file
+
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise BadInputError(f"--config {path}: cannot read the pipeline file ({e.strerror})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise BadInputError(f"--config {path}: not valid YAML{where}; fix the syntax") from None
+        data = read_yaml_file(Path(path), "pipeline", BadInputError)
+    except BadInputError as e:
+        raise BadInputError(f"--config {e}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

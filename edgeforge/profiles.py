@@ -13,11 +13,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edgeforge.errors import ProfileError
-from edgeforge.validation import describe_validation_error
+from edgeforge.validation import describe_validation_error, read_yaml_file
 
 Backend = Literal["cpu", "cuda", "vulkan", "metal", "opencl", "npu"]
 ArtifactFormat = Literal["gguf", "onnx"]
@@ -128,16 +127,7 @@ BUILTIN_PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
 def load_profile_file(path: str | os.PathLike[str]) -> DeviceProfile:
     """Read and validate one profile YAML file. Raises ProfileError naming the file and the field."""
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ProfileError(f"{p}: no such profile file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ProfileError(f"{p}: cannot read profile file ({e})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ProfileError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    data = read_yaml_file(p, "profile", ProfileError)
     if not isinstance(data, dict):
         raise ProfileError(f"{p}: expected a YAML mapping of profile fields, found {type(data).__name__}")
     try:

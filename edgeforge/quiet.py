@@ -32,12 +32,17 @@ def captured_stderr() -> Iterator[CapturedStderr]:
         return
     sys.stderr.flush()
     saved = os.dup(2)
+    saved_py = sys.stderr
     with tempfile.TemporaryFile(mode="w+b") as tmp:
         os.dup2(tmp.fileno(), 2)
+        # Python-level writes too (tqdm bars, llama-cpp-python's log callback): they reach fd 2 in a plain process,
+        # but not where sys.stderr was replaced (click's CliRunner, notebooks), which would then show them.
+        sys.stderr = open(2, "w", encoding="utf-8", errors="replace", closefd=False)
         try:
             yield cap
         finally:
             sys.stderr.flush()
+            sys.stderr = saved_py
             os.dup2(saved, 2)
             os.close(saved)
             tmp.seek(0)

@@ -38,12 +38,11 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, Annotated, Any, Literal, Protocol
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from edgeforge.errors import BadInputError, EdgeforgeError
 from edgeforge.profiles import _profile_files  # the same *.yaml / *.yml listing
-from edgeforge.validation import describe_validation_error
+from edgeforge.validation import describe_validation_error, read_yaml_file
 
 REPO_DIR = Path(__file__).resolve().parent.parent
 BUILTIN_TARGETS_DIR = REPO_DIR / "targets"
@@ -173,14 +172,7 @@ def load_target_file(path: str | os.PathLike[str]) -> Target:
     Raises TargetConfigError naming the file and the field.
     """
     p = Path(path)
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise TargetConfigError(f"{p}: no such target file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise TargetConfigError(f"{p}: cannot read target file ({e})") from None
-    except yaml.YAMLError as e:
-        raise TargetConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    data = read_yaml_file(p, "target", TargetConfigError)
     if not isinstance(data, dict):
         raise TargetConfigError(f"{p}: expected a YAML mapping of target fields, found {type(data).__name__}")
     try:

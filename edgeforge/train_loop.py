@@ -170,19 +170,32 @@ def save_checkpoint(ckpt_dir: Path, model: nn.Module, optimizer: torch.optim.Opt
 def load_checkpoint(ckpt_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> TrainState:
     """Restore weights, optimizer state and RNG. An FSDP2 model: every process calls this and reads the full state,
     which ``set_model_state_dict`` / ``set_optimizer_state_dict`` cut into this process's shards."""
+    import pickle
+
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from edgeforge.errors import BadInputError
+
     core = model.module if hasattr(model, "module") else model
-    weights = load_file(str(ckpt_dir / "trainable.safetensors"))
+    try:
+        weights = load_file(str(ckpt_dir / "trainable.safetensors"))
+        # weights_only=True: a planted pickle payload is refused, never run
+        extra = torch.load(ckpt_dir / "optimizer.pt", weights_only=True, map_location="cpu")
+        if not isinstance(extra, dict) or "optimizer" not in extra or "rng_cpu" not in extra:
+            raise ValueError("optimizer.pt is not an edgeforge checkpoint")
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError, SafetensorError) as e:
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise BadInputError(f"checkpoint {ckpt_dir} is damaged or not edgeforge's ({first}); remove it to start "
+                            "over, or choose another --out") from None
     missing = set(weights) - _trainable_names(model)
     if missing:
-        raise ValueError(f"checkpoint {ckpt_dir} holds parameters this model lacks: {sorted(missing)[:3]}; "
-                         "it belongs to another run (remove it or choose another --out)")
-    extra = torch.load(ckpt_dir / "optimizer.pt", weights_only=True, map_location="cpu")
+        raise BadInputError(f"checkpoint {ckpt_dir} holds parameters this model lacks: {sorted(missing)[:3]}; "
+                            "it belongs to another run (remove it or choose another --out)")
     sharded = is_sharded(model)
     optim_format = extra.get("optimizer_format", "param_ids")
     if optim_format != ("fqn" if sharded else "param_ids"):
-        raise ValueError(f"checkpoint {ckpt_dir} was written by a run {'without' if sharded else 'with'} FSDP; "
+        raise BadInputError(f"checkpoint {ckpt_dir} was written by a run {'without' if sharded else 'with'} FSDP; "
                          "resume it with the same parallel mode and number of processes")
     if sharded:
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
@@ -212,12 +225,15 @@ def train(
     resume: bool = False,
     desc: str = "train",
     on_log: Callable[[dict[str, float]], None] | None = None,
+    param_groups: list[dict[str, Any]] | None = None,
 ) -> TrainState:
     """Train the parameters of ``model`` that require grad.
 
     ``batches(start_step)`` yields micro-batches (dicts of tensors with ``input_ids`` [batch, seq]) in a fixed order
     from optimizer step ``start_step`` on, so a resumed run sees exactly the data the interrupted one would have.
-    Returns the final state; the loss curve holds one entry per logged step.
+    ``param_groups`` (optional) splits the trainable parameters into groups ``{"params": [...], "lr_scale": s}``;
+    each group's learning rate is the schedule's times its ``lr_scale`` (layer-wise learning rates). Returns the
+    final state; the loss curve holds one entry per logged step.
     """
     from tqdm import tqdm
 
@@ -227,7 +243,13 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    groups: list[dict[str, Any]] = [{"params": params, "lr_scale": 1.0}]
+    if param_groups is not None:
+        groups = [{"params": list(g["params"]), "lr_scale": float(g.get("lr_scale", 1.0))} for g in param_groups]
+        grouped = {id(p) for g in groups for p in g["params"]}
+        if grouped != {id(p) for p in params}:
+            raise ValueError("param_groups must hold exactly the model's trainable parameters")
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     state = TrainState()
     if resume and ckpt_dir is not None and (ckpt_dir / "state.json").is_file():
         state = load_checkpoint(ckpt_dir, model, optimizer)
@@ -246,7 +268,7 @@ def train(
                 break
             t0 = time.perf_counter()
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(state.step, cfg)
+                group["lr"] = lr_at(state.step, cfg) * group.get("lr_scale", 1.0)
             optimizer.zero_grad(set_to_none=True)
             sums: dict[str, float] = {}
             step_tokens = 0

@@ -1,11 +1,45 @@
 """One wording for every validated file (profiles, targets, pipeline files): the file, the field, what was expected
-and what was found."""
+and what was found; and one reader for the YAML they are written in."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
+
+
+def read_yaml_file(path: Path, what: str, error: type[Exception]) -> Any:
+    """``yaml.safe_load`` of a user's ``what`` file (profile, target, pipeline); every failure is one ``error``.
+
+    Besides a missing file and bad syntax, PyYAML lets through errors that are not ``yaml.YAMLError``: a scalar it
+    takes for a date but cannot build (``since: 2001-02-30`` raises ValueError) and nesting deeper than Python's
+    recursion limit (RecursionError). A path that exists but is not a regular file (a FIFO blocks a reader until
+    something writes to it) is refused before it is opened.
+    """
+    import yaml
+
+    if not path.is_file():
+        if path.exists():
+            raise error(f"{path}: not a regular file; expected a YAML {what} file")
+        raise error(f"{path}: no such {what} file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: cannot read {what} file (not UTF-8: invalid byte at offset {e.start}); convert it to "
+                    "UTF-8") from None
+    except OSError as e:
+        raise error(f"{path}: cannot read {what} file ({e.strerror or e})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise error(f"{path}: not valid YAML{where} ({str(e).splitlines()[0]})") from None
+    except RecursionError:
+        raise error(f"{path}: not valid YAML (nested too deeply to read)") from None
+    except (ValueError, TypeError, OverflowError) as e:
+        raise error(f"{path}: not valid YAML (a value cannot be read: {e}; quote it if it is meant as text)") from None
 
 
 def describe_validation_error(path: Path, err: ValidationError, what: str,
@@ -31,5 +65,6 @@ def describe_validation_error(path: Path, err: ValidationError, what: str,
         elif e["type"] == "union_tag_not_found":
             parts.append(f"field 'type' is missing ({', '.join(union_tags)})")
         else:
-            parts.append(f"field '{name}': {e['msg']}, found {e.get('input')!r}")
+            found = repr(e.get("input"))
+            parts.append(f"field '{name}': {e['msg']}, found {found if len(found) <= 120 else found[:117] + '...'}")
     return f"{path}: invalid {what}: " + "; ".join(parts)

@@ -104,7 +104,9 @@ class GgufEngine:
                 self.llm = Llama(str(path), n_ctx=n_ctx, n_batch=512, logits_all=True, verbose=False,
                                  n_threads=threads or os.cpu_count())
             except (ValueError, RuntimeError) as e:
-                raise BadInputError(f"{path}: llama.cpp cannot load this GGUF ({e}; {log.tail()})") from None
+                detail = "; ".join(x for x in (str(e), log.tail()) if x)
+                raise BadInputError(f"{path}: llama.cpp cannot load this GGUF: corrupt, truncated or of an unsupported "
+                                    f"architecture ({detail})") from None
 
     def logits(self, token_ids: list[int]) -> np.ndarray:
         self.llm.reset()

@@ -35,6 +35,8 @@ from device_bench.schema import validate_report
 PROG = "device_bench"
 DEFAULT_SHORT_PROMPT_TOKENS = 32
 _WORKER_FLAG = "--_worker"
+#: Set by a launcher to its own pid: the supervisor then dies with it (see _supervise).
+PARENT_PID_ENV = "DEVICE_BENCH_PARENT_PID"
 _FALLBACK_FLAG = "--_repack-fallback"
 #: Signals that mean "the native code crashed", as opposed to being killed from outside.
 _CRASH_SIGNALS = {signal.SIGSEGV, signal.SIGILL, signal.SIGBUS, signal.SIGFPE, signal.SIGABRT}
@@ -101,7 +103,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _supervise(argv: list[str], args: argparse.Namespace) -> int:
-    """Run the benchmark in a child process and turn a native crash into one error line (or one retry)."""
+    """Run the benchmark in a child process and turn a native crash into one error line (or one retry).
+
+    A launcher that sets ``DEVICE_BENCH_PARENT_PID`` to its own pid (edgeforge's local target does) has this
+    supervisor die with it: killed by SIGKILL, the launcher cannot stop it, and it would run on as an orphan.
+    """
+    parent = os.environ.get(PARENT_PID_ENV, "")
+    if parent.isdigit():
+        _die_with_parent(int(parent))
     exit_code, crash = _run_child(argv)
     if crash is None:
         return exit_code
@@ -224,8 +233,11 @@ def _run_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def _die_with_parent() -> None:
-    """On Linux, have the kernel kill this worker if its supervisor dies (even by SIGKILL); best-effort."""
+def _die_with_parent(expected_parent: int | None = None) -> None:
+    """On Linux, have the kernel kill this process if its parent dies (even by SIGKILL); best-effort.
+
+    ``expected_parent``: the parent's pid; if it already died before the request took effect, stop now.
+    """
     if not sys.platform.startswith("linux"):
         return
     try:
@@ -234,7 +246,9 @@ def _die_with_parent() -> None:
         pr_set_pdeathsig = 1
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
     except (OSError, AttributeError):
-        pass
+        return
+    if expected_parent is not None and os.getppid() != expected_parent:
+        raise BenchError("the process that started the benchmark is gone; nothing was measured")
 
 
 def _plan(args: argparse.Namespace) -> Plan:
