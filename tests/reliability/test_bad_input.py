@@ -269,7 +269,7 @@ def test_malformed_pipeline_yaml(case: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("case", ["impossible-date", "too-deep", "not-utf8"])
-def test_malformed_pipeline_yaml_pending_fix(case: str, tmp_path: Path) -> None:
+def test_malformed_pipeline_yaml_file(case: str, tmp_path: Path) -> None:
     text, fragment = BAD_YAML[case]
     f = _write_yaml(tmp_path / "bad.yaml", text)
     assert_one_error_line(invoke("build", "--config", f, "--out", tmp_path / "b", "--dry-run"), ["bad.yaml", fragment])
