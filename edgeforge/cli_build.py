@@ -60,8 +60,8 @@ def build_cmd(profile_name: str | None, teacher: str | None, data: tuple[Path, .
     })
     if no_task:
         cfg = cfg.model_copy(update={"task": None})
-    log = (lambda _m: None) if as_json and not dry_run else _echo_err
-    builder = Builder(cfg, out, tuple(profiles_dirs), log=_echo_err if not as_json else log)
+    # Progress goes to stderr in every mode (stdout carries the JSON summary with --json).
+    builder = Builder(cfg, out, tuple(profiles_dirs), log=_echo_err)
     if dry_run:
         rows = describe(builder)
         if as_json:
