@@ -18,9 +18,9 @@ wall time. The rank sweep's short runs are included in its wall time and FLOPs; 
 Runs one after the other in this process; the LoRA baseline runs first because its merged model is the second teacher
 of the multi-teacher rows. Prints ONE Markdown table and a line of settings; every record goes to OUT/techniques.json.
 ``--quick`` is a smoke run (2 steps, tiny evaluations): it checks the wiring end to end, its numbers mean nothing.
-Time: the ``--quick`` smoke run measured 5.3 minutes with the 2 cores shared with other jobs. The default rows are
-estimated (from the smoke run's parts, not measured) at 30-40 minutes on 2 quiet CPU cores, about 20 of them the
-distillation rows; ``--all`` adds three variants (about 6 minutes). To trim: ``--eval-examples 30``,
+Time: the ``--quick`` smoke run measured 5.3 minutes with the 2 cores shared with other jobs. The default rows with
+``--eval-examples 30 --finetune-steps 40`` measured 19 minutes on 2 otherwise idle cores (the README's table);
+``--all`` adds three variants (about 6 minutes). To trim: ``--eval-examples 30``,
 ``--finetune-steps 40``, or run the table in parts with ``--rows`` (each part prints its own rows).
 """
 

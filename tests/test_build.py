@@ -98,7 +98,6 @@ def test_finetune_then_distill_order(tmp_path: Path, tiny: Path):
     assert names[:2] == ["finetune-teacher", "distill"]
 
 
-@pytest.mark.integration
 def test_tiny_build_ships_a_verified_folder_and_reruns_from_the_cache(tmp_path: Path, tiny: Path):
     from llama_cpp import Llama
     from optimum.onnxruntime import ORTModelForCausalLM
