@@ -151,12 +151,17 @@ def _tradeoff_fig(summary: dict) -> Figure | None:
     return fig
 
 
+def _short(artifact: str, keep: int = 22) -> str:
+    """A tick label that does not run into its neighbours: the end of a long file name (where the type is)."""
+    return artifact if len(artifact) <= keep else "..." + artifact[-keep:]
+
+
 def _speed_fig(summary: dict) -> Figure | None:
     rows = [r for r in _rows(summary.get("speed"))
             if r.get("estimated_decode_tokens_per_s") is not None or r.get("measured_decode_tokens_per_s") is not None]
     if not rows:
         return None
-    labels = [f"{r.get('profile', '?')}\n{r.get('artifact', '?')}" for r in rows]
+    labels = [f"{r.get('profile', '?')}\n{_short(str(r.get('artifact', '?')))}" for r in rows]
     est = [r.get("estimated_decode_tokens_per_s") for r in rows]
     meas = [r.get("measured_decode_tokens_per_s") for r in rows]
     w = 0.38
