@@ -436,6 +436,7 @@ class Builder:
         return f"{base}-{self.profile.name}"
 
     def ship(self, bench: list[dict[str, Any]]) -> tuple[Path, dict[str, Any]]:
+        from edgeforge.export_gguf import record_path
         from edgeforge.ship import write_ship
 
         ship = self.out / "ship"
@@ -452,7 +453,7 @@ class Builder:
                 shutil.copytree(src, dst)
             else:
                 shutil.copy2(src, dst)
-                rec = src.with_name(src.name + ".edgeforge.json")
+                rec = record_path(src)
                 if rec.is_file():
                     shutil.copy2(rec, partial / rec.name)
             measured = [r for r in bench if Path(str(r.get("artifact", ""))).name == src.name]
