@@ -16,11 +16,11 @@ $(BIN)/edgeforge: pyproject.toml
 	# torch by exact version first: a bare 'torch' requirement would pull a multi-GB CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
 	# llama-cpp-python compiles llama.cpp natively, but without Intel AMX (it faults in some VMs; see
-	# edgeforge/llama_tools.py). --no-cache-dir: a wheel cached from a build with other flags must not be reused.
+	# edgeforge/export/llama_tools.py). --no-cache-dir: a wheel cached from a build with other flags must not be reused.
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install -q --no-cache-dir llama-cpp-python==0.3.36
 	$(BIN)/pip install -q -e '.[dev]'
 	# llama.cpp's converter and tools at the binding's version (fetched and built once, ~5 min on 2 cores)
-	$(BIN)/python -m edgeforge.llama_tools
+	$(BIN)/python -m edgeforge.export.llama_tools
 	touch $@
 
 # The main job on the embedded default: the bundled teacher, built-in data and task, for a device it is too slow

@@ -18,9 +18,9 @@ import statistics
 import subprocess
 from pathlib import Path
 
-from edgeforge.bench import BenchOptions, local_artifact, run_local
-from edgeforge.llama_tools import ensure_tools
-from edgeforge.targets import LocalTarget
+from edgeforge.bench.run import BenchOptions, local_artifact, run_local
+from edgeforge.bench.targets import LocalTarget
+from edgeforge.export.llama_tools import ensure_tools
 
 GOAL = 0.05
 

@@ -74,7 +74,7 @@ def _steady(step_times: list[float], step_tokens: list[int], warmup: int) -> flo
 
 
 def _config(args: argparse.Namespace, out: Path, **kw: Any) -> Any:
-    from edgeforge.distill import DistillConfig
+    from edgeforge.distill.run import DistillConfig
 
     return DistillConfig(out=out, teacher=args.teacher, student_layers=args.student_layers, steps=args.steps,
                          batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, seed=0, checkpoint_every=0,
@@ -83,7 +83,7 @@ def _config(args: argparse.Namespace, out: Path, **kw: Any) -> Any:
 
 def child_kd(args: argparse.Namespace, offline: bool) -> dict[str, Any]:
     take_turn()  # the set-up (loading, pruning, the "before" evaluation) runs in one turn of its own
-    from edgeforge.distill import run_distill
+    from edgeforge.distill.run import run_distill
 
     rss = RssSampler()
     times: list[float] = []
@@ -114,8 +114,8 @@ def child_ce(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from transformers import AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
-    from edgeforge.distill import evaluate, prepare_data, resolve_teacher
-    from edgeforge.prune import StudentShape, init_student
+    from edgeforge.distill.prune import StudentShape, init_student
+    from edgeforge.distill.run import evaluate, prepare_data, resolve_teacher
 
     cfg = _config(args, Path(args.workdir) / "ce")
     teacher = resolve_teacher(cfg.teacher, True)

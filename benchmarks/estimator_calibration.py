@@ -5,11 +5,11 @@ Run: .venv/bin/python benchmarks/estimator_calibration.py
 
 from __future__ import annotations
 
-from edgeforge.calibration import CALIBRATION_ROWS
-from edgeforge.estimator import estimate_speed
-from edgeforge.models import arch_from_config
-from edgeforge.profiles import load_registry
-from edgeforge.sizing import gguf_file_bytes
+from edgeforge.models.refs import arch_from_config
+from edgeforge.plan.calibration import CALIBRATION_ROWS
+from edgeforge.plan.estimator import estimate_speed
+from edgeforge.plan.profiles import load_registry
+from edgeforge.plan.sizing import gguf_file_bytes
 
 
 def main() -> None:

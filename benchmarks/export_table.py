@@ -39,13 +39,13 @@ def main() -> None:
     ap.add_argument("--out-dir", type=Path, default=Path("/tmp/edgeforge-export-bench"))
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from edgeforge.builtin_data import write_calibration_text
-    from edgeforge.export_gguf import compute_imatrix, export_gguf
-    from edgeforge.export_onnx import export_onnx
-    from edgeforge.gguf_teacher import hf_dir_for, materialize_hf
-    from edgeforge.llama_tools import edgeforge_home
-    from edgeforge.models import resolve_model
-    from edgeforge.verify import Reference, verify_artifact
+    from edgeforge.data.builtin import write_calibration_text
+    from edgeforge.export.gguf import compute_imatrix, export_gguf
+    from edgeforge.export.onnx.export import export_onnx
+    from edgeforge.models.gguf_hf import hf_dir_for, materialize_hf
+    from edgeforge.models.refs import resolve_model
+    from edgeforge.paths import edgeforge_home
+    from edgeforge.verify.artifact import Reference, verify_artifact
 
     out = args.out_dir
     out.mkdir(parents=True, exist_ok=True)

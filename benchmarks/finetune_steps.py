@@ -26,9 +26,12 @@ def main() -> None:
     args = ap.parse_args()
     from transformers import AutoTokenizer
 
-    from edgeforge.export_gguf import export_gguf
-    from edgeforge.finetune import FinetuneConfig, artifact_task_metrics, load_task_examples, run_finetune
-    from edgeforge.models import ModelRef
+    from edgeforge.export.gguf import export_gguf
+    from edgeforge.finetune.config import FinetuneConfig
+    from edgeforge.finetune.run import run_finetune
+    from edgeforge.models.refs import ModelRef
+    from edgeforge.tasks.examples import load_task_examples
+    from edgeforge.tasks.metrics import artifact_task_metrics
 
     out = args.out / args.method
     cfg = FinetuneConfig(method=args.method, steps=args.steps, checkpoint_every=max(1, args.steps // 4))

@@ -113,7 +113,7 @@ def parse_args() -> argparse.Namespace:
 
 def run_distill_row(args: argparse.Namespace, name: str, overrides: dict[str, Any],
                     extra_teacher: Path | None) -> dict[str, Any]:
-    from edgeforge.distill import DistillConfig, run_distill
+    from edgeforge.distill.run import DistillConfig, run_distill
 
     out = args.out / name
     shutil.rmtree(out, ignore_errors=True)
@@ -127,7 +127,8 @@ def run_distill_row(args: argparse.Namespace, name: str, overrides: dict[str, An
 
 
 def run_finetune_row(args: argparse.Namespace, name: str, overrides: dict[str, Any]) -> dict[str, Any]:
-    from edgeforge.finetune import FinetuneConfig, run_finetune
+    from edgeforge.finetune.config import FinetuneConfig
+    from edgeforge.finetune.run import run_finetune
 
     out = args.out / f"ft-{name}"
     shutil.rmtree(out, ignore_errors=True)
@@ -142,7 +143,7 @@ def merged_copy(adapter_dir: Path, out: Path) -> Path:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from edgeforge.finetune import base_model_dir
+    from edgeforge.finetune.adapter import base_model_dir
 
     base_dir, _ = base_model_dir(TEACHER)
     shutil.rmtree(out, ignore_errors=True)
@@ -158,8 +159,8 @@ def _fmt(x: float | None, spec: str) -> str:
 
 def main() -> None:
     args = parse_args()
-    from edgeforge.models import read_arch, resolve_model
-    from edgeforge.training_cost import training_flops
+    from edgeforge.models.refs import read_arch, resolve_model
+    from edgeforge.plan.training_cost import training_flops
 
     args.out.mkdir(parents=True, exist_ok=True)
     d_rows, f_rows = distill_rows(args), finetune_rows(args)

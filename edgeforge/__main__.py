@@ -1,3 +1,3 @@
-from edgeforge.cli import main
+from edgeforge.cli.app import main
 
 main()

@@ -1,6 +1,6 @@
 """Errors that the CLI turns into one clear line and a non-zero exit.
 
-Library code raises these; only ``edgeforge.cli`` converts them into messages and exit codes.
+Library code raises these; only ``edgeforge.cli.app`` converts them into messages and exit codes.
 Each message says what was expected, what was found, and how to fix it.
 """
 

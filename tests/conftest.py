@@ -14,7 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("EDGEFORGE_HOME", str(Path.home() / ".cache" / "edgeforge"))
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from edgeforge.calibration import LLAMA_2_7B, LLAMA_3_2_3B, LLAMA_3_8B, TINYLLAMA_1_1B  # noqa: F401 (re-exported)
+from edgeforge.plan.calibration import LLAMA_2_7B, LLAMA_3_2_3B, LLAMA_3_8B, TINYLLAMA_1_1B  # noqa: F401 (re-exported)
 
 
 def write_config_dir(root: Path, config: dict) -> Path:

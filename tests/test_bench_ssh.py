@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 from test_targets import TINY, assert_one_error_line, edgeforge
 
-from edgeforge.bench import BenchOptions, TargetJob, run_benchmarks
-from edgeforge.export_gguf import sha256_file
-from edgeforge.profiles import load_registry
-from edgeforge.targets import SshShell, TransferCorruptedError, load_target_file
+from edgeforge.bench.run import BenchOptions, TargetJob, run_benchmarks
+from edgeforge.bench.targets import SshShell, TransferCorruptedError, load_target_file
+from edgeforge.export.gguf import sha256_file
+from edgeforge.plan.profiles import load_registry
 
 SSHD = Path("/usr/sbin/sshd")
 #: A Python without llama_cpp, as a device that never had the runtime installed.
@@ -129,7 +129,7 @@ def assert_nothing_left(sshd: SshServer, workdir: Path) -> None:
 @pytest.fixture(scope="session")
 def gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The bundled teacher (98 MB Q4_1 GGUF), linked into a writable folder so results can be saved next to it."""
-    from edgeforge.models import resolve_model
+    from edgeforge.models.refs import resolve_model
 
     link = tmp_path_factory.mktemp("artifacts") / "teacher.gguf"
     link.symlink_to(resolve_model(None).path)

@@ -16,7 +16,7 @@ import yaml
 from click.testing import CliRunner
 from tiny_models import make_tiny_model
 
-from edgeforge.cli import cli
+from edgeforge.cli.app import cli
 
 EDGEFORGE = [sys.executable, "-m", "edgeforge"]
 
@@ -102,7 +102,7 @@ def test_tiny_build_ships_a_verified_folder_and_reruns_from_the_cache(tmp_path: 
     from llama_cpp import Llama
     from optimum.onnxruntime import ORTModelForCausalLM
 
-    from edgeforge.ship import check_manifest
+    from edgeforge.ship.folder import check_manifest
 
     cfg = tiny_pipeline(tmp_path, tiny)
     out = tmp_path / "out"
@@ -173,7 +173,7 @@ def test_sigkill_during_distillation_resumes_from_the_checkpoint(tmp_path: Path,
 
 
 def test_committed_pipeline_files_validate_and_name_their_command():
-    from edgeforge.pipeline_config import PipelineConfig, load_pipeline
+    from edgeforge.build.config import PipelineConfig, load_pipeline
 
     files = sorted((Path(__file__).resolve().parent.parent / "pipelines").glob("*.yaml"))
     assert files
@@ -190,7 +190,7 @@ def test_short_build_on_the_bundled_teacher_for_a_pi_zero(tmp_path: Path):
     it into its 8-layer student, fine-tunes that on home-commands, exports, verifies, benchmarks and ships."""
     from llama_cpp import Llama
 
-    from edgeforge.ship import check_manifest
+    from edgeforge.ship.folder import check_manifest
 
     cfg = tmp_path / "short.yaml"
     cfg.write_text("# edgeforge build --config short.yaml --profile raspberry-pi-zero-2w\n" + yaml.safe_dump({

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import LLAMA_3_2_3B
 
-from edgeforge.cli import cli
+from edgeforge.cli.app import cli
 
 
 def run(*args: str) -> tuple[int, str, str]:

@@ -17,11 +17,11 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 from tiny_models import make_tiny_model
 
-from edgeforge import kd_losses as kd
-from edgeforge.cli import cli
-from edgeforge.distill import DistillConfig, run_distill
+from edgeforge.cli.app import cli
+from edgeforge.distill.prune import StudentShape, collect_stats, init_student
+from edgeforge.distill.run import DistillConfig, run_distill
+from edgeforge.distill.run import losses as kd
 from edgeforge.errors import BadInputError
-from edgeforge.prune import StudentShape, collect_stats, init_student
 
 V = 11
 
@@ -206,8 +206,8 @@ def test_init_method_and_shape_errors(teacher):
 
 
 def test_profile_gives_the_planners_student_shape(teacher_dir: Path):
-    from edgeforge.distill import Teacher, student_shape
-    from edgeforge.models import resolve_model
+    from edgeforge.distill.run import Teacher, student_shape
+    from edgeforge.models.refs import resolve_model
 
     gguf = resolve_model(None).path  # the bundled teacher: metadata only, nothing is loaded
     cfg = DistillConfig(profile="raspberry-pi-zero-2w")
@@ -223,7 +223,7 @@ def test_profile_gives_the_planners_student_shape(teacher_dir: Path):
 # ------------------------------------------------------------------ runs on the tiny teacher
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from edgeforge.builtin_data import training_prose
+    from edgeforge.data.builtin import training_prose
 
     p = tmp_path_factory.mktemp("data") / "train.txt"
     p.write_text(training_prose(1500), encoding="utf-8")  # ~10 sequences of 32: epochs repeat, so loss falls
@@ -304,7 +304,7 @@ def test_cli_distill_json_and_eval_table(teacher_dir: Path, data_file: Path, tmp
 def test_teacher_answers_are_generated_once_and_cached(teacher_dir: Path, tmp_path: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from edgeforge.teacher_cache import answer_documents, teacher_answers
+    from edgeforge.distill.teacher_cache import answer_documents, teacher_answers
 
     tok = AutoTokenizer.from_pretrained(str(teacher_dir))
     loads: list[int] = []
@@ -339,7 +339,7 @@ def test_two_process_ddp_run_on_gloo(teacher_dir: Path, data_file: Path, tmp_pat
 def test_parallel_setting_is_validated_and_one_process_wraps_nothing():
     from torch import nn
 
-    from edgeforge.distill import wrap_parallel
+    from edgeforge.distill.run import wrap_parallel
 
     with pytest.raises(BadInputError, match="--parallel: expected ddp | fsdp"):
         DistillConfig(student_layers=2, parallel="zero3")
@@ -352,9 +352,9 @@ _INTERRUPTING_RUNNER = """
 import json, sys
 from pathlib import Path
 
-import edgeforge.distill as distill
-from edgeforge.cli import cli
-from edgeforge.train_loop import is_main_process
+import edgeforge.distill.run as distill
+from edgeforge.cli.app import cli
+from edgeforge.train.loop import is_main_process
 
 log_path, stop_at, seen, run = Path(sys.argv[1]), int(sys.argv[2]), [], distill.run_distill
 

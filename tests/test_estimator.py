@@ -1,17 +1,17 @@
 """The speed estimator against every published measurement in shared/device-specs.md (within +-30%).
 
-The efficiencies are general per-backend constants (edgeforge.estimator); nothing here is per row.
+The efficiencies are general per-backend constants (edgeforge.plan.estimator); nothing here is per row.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from edgeforge.calibration import CALIBRATION_ROWS, TINYLLAMA_1_1B
-from edgeforge.estimator import estimate_speed
-from edgeforge.models import arch_from_config
-from edgeforge.profiles import load_registry
-from edgeforge.sizing import gguf_file_bytes
+from edgeforge.models.refs import arch_from_config
+from edgeforge.plan.calibration import CALIBRATION_ROWS, TINYLLAMA_1_1B
+from edgeforge.plan.estimator import estimate_speed
+from edgeforge.plan.profiles import load_registry
+from edgeforge.plan.sizing import gguf_file_bytes
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,9 @@ from safetensors.torch import load_file, save_file
 from tiny_models import make_tiny_model
 
 from edgeforge.errors import BadInputError, QualityGateError
-from edgeforge.export_gguf import export_gguf, load_record, read_lineage
-from edgeforge.models import ModelRef, resolve_model
-from edgeforge.verify import GgufEngine, Reference, verify_artifact
+from edgeforge.export.gguf import export_gguf, load_record, read_lineage
+from edgeforge.models.refs import ModelRef, resolve_model
+from edgeforge.verify.artifact import GgufEngine, Reference, verify_artifact
 
 MIXED_TEXT = (
     "<|im_start|>user\nExplain why a Raspberry Pi needs a small model. Ünïcödé, 3.14159, 1234567 🚀 中文 нещо, "
@@ -70,7 +70,7 @@ def test_f16_export_matches_llama_cpp_converter(tiny: Path, tiny_f16: tuple[Path
     """Our F16 export is llama.cpp's converter output plus edgeforge.* metadata: the tensors are identical."""
     import gguf
 
-    from edgeforge.llama_tools import converter_env, ensure_tree
+    from edgeforge.export.llama_tools import converter_env, ensure_tree
 
     ours = tiny_f16[0]
     theirs = tmp_path / "theirs.gguf"
@@ -141,7 +141,7 @@ def test_bundled_teacher_q4_k_m_within_thresholds(tmp_path: Path):
 
 @pytest.mark.integration
 def test_depth_pruned_student_exports_to_q4_k_m(tmp_path: Path):
-    """A student depth-pruned from the bundled teacher by block influence (edgeforge.prune, 24 of 30 layers kept,
+    """A student depth-pruned from the bundled teacher by block influence (distill.prune, 24 of 30 layers kept,
     nothing trained) exports to Q4_K_M within the Q4_K_M thresholds of its own fp32 model.
 
     Measured: 26 layers KL 0.056 / top-1 86.1%, 24 layers 0.067 / 85.2% (held-out perplexity 22.5), while a student
@@ -150,8 +150,8 @@ def test_depth_pruned_student_exports_to_q4_k_m(tmp_path: Path):
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from edgeforge.builtin_data import training_prose
-    from edgeforge.prune import choose_layers, collect_stats, prune_depth
+    from edgeforge.data.builtin import training_prose
+    from edgeforge.distill.prune import choose_layers, collect_stats, prune_depth
 
     teacher = Reference(resolve_model(None))
     tok = AutoTokenizer.from_pretrained(str(teacher.hf_dir))
@@ -173,7 +173,7 @@ def test_depth_pruned_student_exports_to_q4_k_m(tmp_path: Path):
 def test_quant_auto_picks_the_smallest_type_within_the_kl_budget(tiny: Path, tmp_path: Path):
     from click.testing import CliRunner
 
-    from edgeforge.cli import cli
+    from edgeforge.cli.app import cli
 
     out = tmp_path / "auto.gguf"
     args = ["export", "gguf", str(tiny), "--quant", "auto", "--profile", "raspberry-pi-5-8gb", "--out", str(out),

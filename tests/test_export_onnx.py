@@ -18,7 +18,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from edgeforge.errors import BadInputError, EdgeforgeError, ModelError  # noqa: E402
-from edgeforge.export_onnx import (  # noqa: E402
+from edgeforge.export.onnx.export import (  # noqa: E402
     MODEL_FILE,
     RECORD_FILE,
     RUNTIME_FILE,
@@ -28,7 +28,7 @@ from edgeforge.export_onnx import (  # noqa: E402
     onnx_logits,
     torch_logits,
 )
-from edgeforge.verify_metrics import agreement  # noqa: E402
+from edgeforge.verify.metrics import agreement  # noqa: E402
 
 VOCAB = 512
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
@@ -232,7 +232,7 @@ def test_other_architectures_export(tmp_path: Path, model_type: str, tie: bool) 
 
 def test_external_data_layout_loads(tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Models over protobuf's 2 GiB keep their weights in model.onnx_data; exercised here by lowering the bar."""
-    import edgeforge.export_onnx as mod
+    import edgeforge.export.onnx.export as mod
 
     monkeypatch.setattr(mod, "_EXTERNAL_DATA_THRESHOLD_BYTES", 0)
     rec = export_onnx(tiny_llama, tmp_path / "out", quantize="int8")

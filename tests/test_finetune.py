@@ -11,17 +11,13 @@ import torch
 from click.testing import CliRunner
 from tiny_models import make_tiny_model
 
-from edgeforge.cli import cli
+from edgeforge.cli.app import cli
 from edgeforge.errors import BadInputError
-from edgeforge.finetune import (
-    IGNORE_INDEX,
-    FinetuneConfig,
-    encode_example,
-    general_perplexity,
-    load_task_examples,
-    run_finetune,
-)
+from edgeforge.finetune.config import FinetuneConfig
+from edgeforge.finetune.loss import general_perplexity
+from edgeforge.finetune.run import run_finetune
 from edgeforge.tasks import build_task
+from edgeforge.tasks.examples import IGNORE_INDEX, encode_example, load_task_examples
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +80,8 @@ def test_bad_task_file_through_the_cli_is_one_line(tmp_path: Path, tiny: Path):
 def test_forgetting_metric_is_the_heldout_perplexity(tiny: Path, tokenizer):
     from transformers import AutoModelForCausalLM
 
-    from edgeforge.builtin_data import heldout_prose
-    from edgeforge.data import pack
+    from edgeforge.data.builtin import heldout_prose
+    from edgeforge.data.text import pack
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny)).eval()
     ppl = general_perplexity(model, tokenizer, seq_len=64, n_seqs=2)
@@ -128,7 +124,8 @@ def test_qlora_runs_and_merges_into_full_precision(tiny: Path, tmp_path: Path):
 def test_answer_loss_equals_the_masked_full_loss(tiny: Path, tokenizer):
     from transformers import AutoModelForCausalLM
 
-    from edgeforge.finetune import answer_loss, collate
+    from edgeforge.finetune.loss import answer_loss
+    from edgeforge.tasks.examples import collate
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny)).eval()
     _, held = build_task("home-commands", 0)

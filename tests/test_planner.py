@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from conftest import LLAMA_3_2_3B, LLAMA_3_8B
 
-from edgeforge.models import ModelRef, arch_from_config, read_arch, resolve_model
-from edgeforge.planner import plan, shrink
-from edgeforge.profiles import load_registry
-from edgeforge.training_cost import training_fit
+from edgeforge.models.refs import ModelRef, arch_from_config, read_arch, resolve_model
+from edgeforge.plan.planner import plan, shrink
+from edgeforge.plan.profiles import load_registry
+from edgeforge.plan.training_cost import training_fit
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def test_qlora_fits_an_8b_model_in_8_gb_but_full_fine_tuning_does_not(reg):
 
 
 def test_exportability_gate(config_dir):
-    from edgeforge.exportability import check_exportable
+    from edgeforge.plan.exportability import check_exportable
 
     teacher = check_exportable(resolve_model(None))
     assert teacher["gguf"]["ok"] and teacher["onnx"]["ok"]

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from edgeforge.errors import ProfileError
-from edgeforge.profiles import BUILTIN_PROFILES_DIR, load_profile_file, load_registry
+from edgeforge.plan.profiles import BUILTIN_PROFILES_DIR, load_profile_file, load_registry
 
 REQUIRED = [
     "raspberry-pi-zero-2w", "raspberry-pi-4-4gb", "raspberry-pi-5-4gb", "raspberry-pi-5-8gb", "raspberry-pi-5-16gb",

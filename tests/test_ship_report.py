@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from edgeforge.report_html import render_report
-from edgeforge.ship import MANIFEST_SCHEMA, check_manifest, file_entries, model_card, modelfile, write_ship
+from edgeforge.ship.folder import MANIFEST_SCHEMA, check_manifest, file_entries, model_card, modelfile, write_ship
+from edgeforge.ship.report_html import render_report
 
 # SmolLM2-135M-Instruct's chat template, verbatim from the bundled GGUF's tokenizer.chat_template.
 SMOLLM2_TEMPLATE = (

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from conftest import LLAMA_2_7B, LLAMA_3_2_3B, TINYLLAMA_1_1B
 
-from edgeforge.models import arch_from_config
-from edgeforge.sizing import gguf_file_bytes, kv_cache_bytes, onnx_weights_bytes
+from edgeforge.models.refs import arch_from_config
+from edgeforge.plan.sizing import gguf_file_bytes, kv_cache_bytes, onnx_weights_bytes
 
 
 def test_kv_cache_matches_hand_computation_for_gqa():

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from edgeforge.bench import (
+from edgeforge.bench.run import (
     RESULT_KEYS,
     BenchOptions,
     estimate_for,
@@ -28,11 +28,7 @@ from edgeforge.bench import (
     make_result,
     result_path,
 )
-from edgeforge.cli import cli
-from edgeforge.errors import BadInputError
-from edgeforge.models import resolve_model
-from edgeforge.profiles import load_registry
-from edgeforge.targets import (
+from edgeforge.bench.targets import (
     BUILTIN_TARGETS_DIR,
     HostKeyError,
     Interrupted,
@@ -47,6 +43,10 @@ from edgeforge.targets import (
     resolve_target,
     run_process,
 )
+from edgeforge.cli.app import cli
+from edgeforge.errors import BadInputError
+from edgeforge.models.refs import resolve_model
+from edgeforge.plan.profiles import load_registry
 
 REPO = Path(__file__).resolve().parents[1]
 CLI_TIMEOUT_S = 300
@@ -152,7 +152,7 @@ def test_unknown_target_suggests_close_names() -> None:
 
 
 def test_local_exists_without_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("edgeforge.targets.BUILTIN_TARGETS_DIR", tmp_path / "none")
+    monkeypatch.setattr("edgeforge.bench.targets.BUILTIN_TARGETS_DIR", tmp_path / "none")
     assert resolve_target("local").type == "local"
     assert BUILTIN_TARGETS_DIR.is_dir()
 

@@ -16,8 +16,8 @@ import torch
 from click.testing import CliRunner
 from tiny_models import make_tiny_model
 
-from edgeforge.cli import cli
-from edgeforge.distill import DistillConfig, run_distill
+from edgeforge.cli.app import cli
+from edgeforge.distill.run import DistillConfig, run_distill
 from edgeforge.errors import BadInputError
 
 
@@ -41,7 +41,7 @@ def tokenizer(teacher_dir: Path):
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from edgeforge.builtin_data import training_prose
+    from edgeforge.data.builtin import training_prose
 
     p = tmp_path_factory.mktemp("data") / "train.txt"
     p.write_text(training_prose(1500), encoding="utf-8")
@@ -57,7 +57,7 @@ def _cfg(teacher_dir: Path, data_file: Path, out: Path, **kw) -> DistillConfig:
 
 # ------------------------------------------------------------------ progressive
 def test_progressive_parsing_budget_split_and_validation():
-    from edgeforge.kd_progressive import check_stages, parse_layers, split_steps
+    from edgeforge.distill.techniques.progressive import check_stages, parse_layers, split_steps
 
     assert parse_layers("20, 10") == (20, 10)
     assert split_steps(40, 2) == [20, 20] and split_steps(41, 3) == [13, 14, 14] and sum(split_steps(7, 3)) == 7
@@ -117,7 +117,7 @@ def test_progressive_run_resumes_inside_its_second_stage(teacher_dir: Path, data
 
 # ------------------------------------------------------------------ curriculum
 def test_pacing_schedules_start_grow_and_reach_the_whole_pool():
-    from edgeforge.kd_curriculum import FULL_AT, STEP_LEVELS, pacing_fraction
+    from edgeforge.distill.techniques.curriculum import FULL_AT, STEP_LEVELS, pacing_fraction
 
     total = 100
     for kind in ("linear", "root", "step"):
@@ -131,7 +131,7 @@ def test_pacing_schedules_start_grow_and_reach_the_whole_pool():
 
 
 def test_curriculum_order_is_easy_first_and_batches_follow_the_pacing():
-    from edgeforge.kd_curriculum import curriculum_rows, difficulty_order, pacing_fraction
+    from edgeforge.distill.techniques.curriculum import curriculum_rows, difficulty_order, pacing_fraction
 
     pool = torch.tensor([10, 11, 12, 13, 14, 15, 16, 17])
     scores = torch.tensor([5.0, 1.0, 7.0, 2.0, 8.0, 3.0, 6.0, 4.0])
@@ -146,7 +146,7 @@ def test_curriculum_order_is_easy_first_and_batches_follow_the_pacing():
     assert set(curriculum_rows(order, 0, total, 0, 2, "linear", 0.25, 0).tolist()) == {11, 13}  # the easiest two
     assert torch.equal(curriculum_rows(order, 3, total, 7, 2, "root", 0.25, 0),
                        curriculum_rows(order, 3, total, 7, 2, "root", 0.25, 0))  # reproducible (resume)
-    from edgeforge.distill import _batches  # the run's batches: the easiest rows first, the whole pool at the end
+    from edgeforge.distill.run import _batches  # the run's batches: the easiest rows first, the whole pool at the end
 
     cfg = DistillConfig(student_layers=2, steps=total, batch_size=2, curriculum="teacher-loss",
                         curriculum_pacing="linear")
@@ -160,7 +160,7 @@ def test_curriculum_order_is_easy_first_and_batches_follow_the_pacing():
 def test_difficulty_scores_are_the_models_losses(teacher_dir: Path):
     from transformers import AutoModelForCausalLM
 
-    from edgeforge.kd_curriculum import score_sequences
+    from edgeforge.distill.techniques.curriculum import score_sequences
 
     model = AutoModelForCausalLM.from_pretrained(str(teacher_dir)).eval()
     seqs = torch.randint(0, 49152, (3, 16), generator=torch.Generator().manual_seed(0))
@@ -184,8 +184,8 @@ def test_curriculum_run_draws_from_the_ordered_pool(teacher_dir: Path, data_file
 # ------------------------------------------------------------------ self-distillation
 def test_self_distillation_trains_on_the_teachers_outputs_only(teacher_dir: Path, tokenizer, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch):
-    import edgeforge.teacher_cache as tc
-    from edgeforge.distill import Teacher, prepare_data, student_shape
+    import edgeforge.distill.teacher_cache as tc
+    from edgeforge.distill.run import Teacher, prepare_data, student_shape
 
     rows = [{"prompt": f"question {i}", "answer": f"the teacher's own answer number {i} " * 4} for i in range(8)]
     monkeypatch.setattr(tc, "teacher_answers", lambda *a, **k: (rows, {"cache_hit": True, "path": "x",
@@ -205,7 +205,7 @@ def test_self_distillation_trains_on_the_teachers_outputs_only(teacher_dir: Path
 
 # ------------------------------------------------------------------ rationales
 def test_rationale_formatting_prefixes_and_loss_masks(tokenizer):
-    from edgeforge.kd_rationale import (
+    from edgeforge.distill.techniques.rationale import (
         ANSWER_PREFIX,
         IGNORE_INDEX,
         RATIONALE_PREFIX,
@@ -242,7 +242,7 @@ def test_rationale_formatting_prefixes_and_loss_masks(tokenizer):
 
 
 def test_rationale_prompt_shows_the_answer_and_cleans_the_reply():
-    from edgeforge.kd_rationale import clean_rationale, rationale_prompt
+    from edgeforge.distill.techniques.rationale import clean_rationale, rationale_prompt
 
     p = rationale_prompt("dim the hallway lights to 20%", '{"device": "light"}')
     assert p.endswith('Command: dim the hallway lights to 20%\nJSON: {"device": "light"}\nExplanation:')
@@ -267,7 +267,7 @@ def test_rationale_task_run_generates_caches_and_measures(teacher_dir: Path, dat
 # ------------------------------------------------------------------ multi-teacher
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_mixture_of_two_teachers_is_the_weighted_distribution(temperature: float):
-    from edgeforge.kd_multi_teacher import mixture_logits
+    from edgeforge.distill.techniques.multi_teacher import mixture_logits
 
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(2, 5, 11, generator=g) * 3, torch.randn(2, 5, 11, generator=g) * 3
@@ -278,7 +278,7 @@ def test_mixture_of_two_teachers_is_the_weighted_distribution(temperature: float
 
 
 def test_lowest_loss_routing_picks_the_teacher_that_knows_each_sample():
-    from edgeforge.kd_multi_teacher import route_lowest_loss, routed_logits
+    from edgeforge.distill.techniques.multi_teacher import route_lowest_loss, routed_logits
 
     ids = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
     a, b = torch.zeros(2, 4, 10), torch.zeros(2, 4, 10)
@@ -291,7 +291,7 @@ def test_lowest_loss_routing_picks_the_teacher_that_knows_each_sample():
 
 
 def test_teacher_weights_are_normalised_and_checked():
-    from edgeforge.kd_multi_teacher import normalised_weights
+    from edgeforge.distill.techniques.multi_teacher import normalised_weights
 
     assert normalised_weights((1, 3), 2) == (0.25, 0.75) and normalised_weights((), 3) == pytest.approx((1 / 3,) * 3)
     with pytest.raises(BadInputError, match="--teacher-weights: expected one weight per teacher"):
@@ -323,7 +323,7 @@ def test_two_teacher_run_routes_every_sample(teacher_dir: Path, other_teacher_di
 # ------------------------------------------------------------------ on-policy
 @pytest.mark.parametrize("ratio", [0.0, 0.25, 0.3, 0.5, 1.0])
 def test_on_policy_mix_ratio_is_exact(ratio: float):
-    from edgeforge.kd_on_policy import is_on_policy
+    from edgeforge.distill.techniques.on_policy import is_on_policy
 
     flags = [is_on_policy(i, ratio) for i in range(200)]
     for n in (10, 40, 200):
@@ -334,9 +334,9 @@ def test_on_policy_batches_come_from_the_students_samples(teacher_dir: Path, dat
     """The teacher scores exactly what the student sampled after the data prompt, and only those positions count."""
     from transformers import AutoModelForCausalLM
 
-    from edgeforge.distill import StudentForKD
-    from edgeforge.kd_on_policy import on_policy_batch
-    from edgeforge.kd_step import StepCounters, make_step
+    from edgeforge.distill.step import StepCounters, make_step
+    from edgeforge.distill.student import StudentForKD
+    from edgeforge.distill.techniques.on_policy import on_policy_batch
 
     student = AutoModelForCausalLM.from_pretrained(str(teacher_dir)).eval()
     teacher = AutoModelForCausalLM.from_pretrained(str(teacher_dir)).eval()
@@ -365,7 +365,7 @@ def test_on_policy_run_records_the_mix(teacher_dir: Path, data_file: Path, tmp_p
 
 # ------------------------------------------------------------------ fine-tuning: rank sweep, layer-wise lr, EWC
 def test_rank_sweep_picks_by_accuracy_per_parameter():
-    from edgeforge.ft_rank_sweep import parse_ranks, pick_rank
+    from edgeforge.finetune.techniques.rank_sweep import parse_ranks, pick_rank
 
     res = [{"rank": 4, "trainable_params": 100, "accuracy": 0.30, "loss": 1.0},
            {"rank": 8, "trainable_params": 200, "accuracy": 0.50, "loss": 0.8},
@@ -386,7 +386,7 @@ def test_layerwise_learning_rates_per_parameter_group(teacher_dir: Path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from edgeforge.ft_layerwise_lr import layerwise_param_groups, lr_scale
+    from edgeforge.finetune.techniques.layerwise_lr import layerwise_param_groups, lr_scale
 
     assert lr_scale("model.layers.3.self_attn.q_proj.weight", 4, 0.5) == 1.0
     assert lr_scale("base_model.model.model.layers.0.mlp.up_proj.lora_A.default.weight", 4, 0.5) == 0.125
@@ -401,7 +401,7 @@ def test_layerwise_learning_rates_per_parameter_group(teacher_dir: Path):
 
 
 def test_train_loop_scales_each_groups_learning_rate():
-    from edgeforge.train_loop import TrainConfig, train
+    from edgeforge.train.loop import TrainConfig, train
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
@@ -428,7 +428,13 @@ def test_train_loop_scales_each_groups_learning_rate():
 def test_ewc_penalty_is_nonzero_after_a_step_and_pulls_towards_the_start(teacher_dir: Path, tokenizer):
     from transformers import AutoModelForCausalLM
 
-    from edgeforge.ft_ewc import EWCPenalty, fisher_diagonal, general_text_batches, lm_loss, normalise_fisher
+    from edgeforge.finetune.techniques.ewc import (
+        EWCPenalty,
+        fisher_diagonal,
+        general_text_batches,
+        lm_loss,
+        normalise_fisher,
+    )
 
     model = AutoModelForCausalLM.from_pretrained(str(teacher_dir))
     for n, p in model.named_parameters():  # a small trainable set keeps the test fast
@@ -459,7 +465,7 @@ def test_ewc_penalty_is_nonzero_after_a_step_and_pulls_towards_the_start(teacher
 
 
 def test_finetune_config_validates_the_technique_settings():
-    from edgeforge.finetune import FinetuneConfig
+    from edgeforge.finetune.config import FinetuneConfig
 
     for kw, flag in (({"ewc": -1.0}, "--ewc"), ({"layerwise_lr_decay": 0.0}, "--layerwise-lr-decay"),
                      ({"rank_sweep": (0, 4)}, "--rank-sweep"), ({"ewc_batches": 0}, "--ewc-batches")):
@@ -468,7 +474,8 @@ def test_finetune_config_validates_the_technique_settings():
 
 
 def test_finetune_with_rank_sweep_ewc_and_layerwise_lr(teacher_dir: Path, tmp_path: Path):
-    from edgeforge.finetune import FinetuneConfig, run_finetune
+    from edgeforge.finetune.config import FinetuneConfig
+    from edgeforge.finetune.run import run_finetune
 
     cfg = FinetuneConfig(rank=16, steps=2, batch_size=2, eval_examples=2, checkpoint_every=0, max_seq_len=64,
                          rank_sweep=(2, 4), rank_sweep_steps=1, layerwise_lr_decay=0.5, ewc=1.0, ewc_batches=2)

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from edgeforge.data import batch_iterator
-from edgeforge.train_loop import TrainConfig, lr_at, train
+from edgeforge.data.text import batch_iterator
+from edgeforge.train.loop import TrainConfig, lr_at, train
 
 
 def _model() -> nn.Module:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from edgeforge.gguf_teacher import write_canonical_tokenizer
-from edgeforge.models import resolve_model
+from edgeforge.models.gguf_hf import write_canonical_tokenizer
+from edgeforge.models.refs import resolve_model
 
 VOCAB = 49152
 

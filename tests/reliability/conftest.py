@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from tiny_models import make_tiny_model
 
-from edgeforge.export_gguf import export_gguf
-from edgeforge.models import ModelRef
+from edgeforge.export.gguf import export_gguf
+from edgeforge.models.refs import ModelRef
 
 
 @pytest.fixture(scope="session")
@@ -41,7 +41,7 @@ def task_jsonl(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def text_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Plain training text for distillation (a few dozen short sequences)."""
-    from edgeforge.builtin_data import training_prose
+    from edgeforge.data.builtin import training_prose
 
     path = tmp_path_factory.mktemp("reliability-text") / "train.txt"
     path.write_text(training_prose(3000), encoding="utf-8")

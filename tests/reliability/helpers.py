@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
-from edgeforge.cli import cli
+from edgeforge.cli.app import cli
 
 EDGEFORGE = [sys.executable, "-m", "edgeforge"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}

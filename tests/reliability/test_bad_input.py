@@ -131,7 +131,7 @@ TRUNCATIONS = {"magic": 3, "header": 40, "vocabulary": 500_000, "tensor-data": 4
 
 @pytest.mark.parametrize("where", list(TRUNCATIONS))
 def test_truncated_gguf_model_resolution(where: str, tmp_path: Path, tiny_f16: Path) -> None:
-    """plan / models show / export gguf read the GGUF metadata (edgeforge.models.read_arch) before anything else."""
+    """plan / models show / export gguf read the GGUF metadata (models.refs.read_arch) before anything else."""
     bad = tmp_path / f"cut-{where}.gguf"
     bad.write_bytes(tiny_f16.read_bytes()[:TRUNCATIONS[where]])
     assert_one_error_line(invoke("plan", "--profile", PROFILE, "--teacher", bad), ["not a readable GGUF", bad.name])

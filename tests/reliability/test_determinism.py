@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from edgeforge.export_gguf import export_gguf, read_lineage, sha256_file
-from edgeforge.models import ModelRef
+from edgeforge.export.gguf import export_gguf, read_lineage, sha256_file
+from edgeforge.models.refs import ModelRef
 
 from .helpers import invoke
 
@@ -43,7 +43,7 @@ def test_gguf_q8_0_export_is_byte_identical(tmp_path: Path, tiny: Path) -> None:
 def test_onnx_int8_export_is_byte_identical(tmp_path: Path, tiny: Path) -> None:
     """Every file of the directory is identical except the export record, whose only differences are the two
     durations it reports (export_seconds, quantize_seconds)."""
-    from edgeforge.export_onnx import RECORD_FILE, export_onnx
+    from edgeforge.export.onnx.export import RECORD_FILE, export_onnx
 
     ra = export_onnx(tiny, tmp_path / "a", quantize="int8", isa="avx2")
     rb = export_onnx(tiny, tmp_path / "b", quantize="int8", isa="avx2")

@@ -15,8 +15,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from edgeforge.bench import result_path, save_result
-from edgeforge.export_gguf import load_record, read_lineage, sha256_file
+from edgeforge.bench.run import result_path, save_result
+from edgeforge.export.gguf import load_record, read_lineage, sha256_file
 
 from .helpers import EDGEFORGE, ENV, assert_one_error_line, edgeforge, invoke, small_tmpfs
 
@@ -155,7 +155,7 @@ _FOOLED_PRECHECK = (
     "real = shutil.disk_usage\n"
     "big = collections.namedtuple('u', 'total used free')(10**12, 0, 10**12)\n"
     "shutil.disk_usage = lambda p: big if real(p).free > 1 << 20 else real(p)\n"
-    "from edgeforge.cli import main\n"
+    "from edgeforge.cli.app import main\n"
     "sys.argv[0] = 'edgeforge'\n"
     "main()\n"
 )

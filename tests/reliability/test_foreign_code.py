@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from edgeforge.errors import EdgeforgeError
-from edgeforge.export_gguf import export_gguf
-from edgeforge.models import ModelRef
+from edgeforge.export.gguf import export_gguf
+from edgeforge.models.refs import ModelRef
 
 from .helpers import assert_one_error_line, invoke
 

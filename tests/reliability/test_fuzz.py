@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from edgeforge.errors import EdgeforgeError
-from edgeforge.models import ModelArch, arch_from_config, read_arch, resolve_model
+from edgeforge.models.refs import ModelArch, arch_from_config, read_arch, resolve_model
 
 EXAMPLES = int(os.environ.get("EDGEFORGE_FUZZ_EXAMPLES", "60"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=EXAMPLES <= 100,
@@ -101,7 +101,7 @@ def fuzz_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @example(text=PROFILE_TEXT.replace("name: raspberry-pi-5-8gb", "name: 2001-02-30"))
 @example(text=DEEP)
 def test_fuzz_profile_yaml(fuzz_dir: Path, text: str) -> None:
-    from edgeforge.profiles import DeviceProfile, load_profile_file
+    from edgeforge.plan.profiles import DeviceProfile, load_profile_file
 
     result = outcome(load_profile_file, _write(_fresh(fuzz_dir, ".yaml"), text))
     assert result is None or isinstance(result, DeviceProfile)
@@ -112,7 +112,7 @@ def test_fuzz_profile_yaml(fuzz_dir: Path, text: str) -> None:
                                              "runtimes", "latency_goals", "sources", "decode_efficiency"])
                             | st.text(max_size=8), YAML_VALUES, max_size=8))
 def test_fuzz_profile_generated_mappings(fuzz_dir: Path, data: dict) -> None:
-    from edgeforge.profiles import load_profile_file
+    from edgeforge.plan.profiles import load_profile_file
 
     outcome(load_profile_file, _write(_fresh(fuzz_dir, ".yaml"), yaml.safe_dump(data)))
 
@@ -128,7 +128,7 @@ TARGET_TEXT = ("# edgeforge bench --target pi.yaml\nname: pi\ntype: ssh\nprofile
 @example(text="name: x\ntype: local\nsince: 2001-02-30\n")
 @example(text=DEEP)
 def test_fuzz_target_yaml(fuzz_dir: Path, text: str) -> None:
-    from edgeforge.targets import load_target_file
+    from edgeforge.bench.targets import load_target_file
 
     outcome(load_target_file, _write(_fresh(fuzz_dir, ".yaml"), text))
 
@@ -146,7 +146,7 @@ SETTING_KEYS = ["enabled", "steps", "lr", "batch_size", "seq_len", "method", "ra
                             YAML_VALUES | st.dictionaries(st.sampled_from(SETTING_KEYS) | st.text(max_size=6),
                                                           YAML_VALUES, max_size=4), max_size=6))
 def test_fuzz_pipeline_generated_mappings(data: dict) -> None:
-    from edgeforge.pipeline_config import PipelineConfig, validate_pipeline
+    from edgeforge.build.config import PipelineConfig, validate_pipeline
 
     result = outcome(validate_pipeline, data, "fuzz")
     assert result is None or isinstance(result, PipelineConfig)
@@ -156,7 +156,7 @@ def test_fuzz_pipeline_generated_mappings(data: dict) -> None:
 @given(text=mutated_text(PIPELINE_TEXT))
 @example(text="seed: 2001-02-30\n")
 def test_fuzz_pipeline_yaml(fuzz_dir: Path, text: str) -> None:
-    from edgeforge.pipeline_config import load_pipeline
+    from edgeforge.build.config import load_pipeline
 
     outcome(load_pipeline, _write(_fresh(fuzz_dir, ".yaml"), text))
 
@@ -215,7 +215,7 @@ def mutated_bytes(draw: st.DrawFn, data: bytes, hot: int) -> bytes:
 @given(data=st.data())
 def test_fuzz_gguf_metadata_reader(small_vocab_gguf: Path, fuzz_dir: Path, data: st.DataObject) -> None:
     """resolve_model + read_arch (plan, models show, export gguf, bench estimates) and the exportability gate."""
-    from edgeforge.exportability import check_exportable
+    from edgeforge.plan.exportability import check_exportable
 
     raw = data.draw(mutated_bytes(small_vocab_gguf.read_bytes(), GGUF_HOT_BYTES) | st.binary(max_size=64))
     path = _write(_fresh(fuzz_dir, ".gguf"), raw)
@@ -235,7 +235,7 @@ def test_fuzz_gguf_metadata_reader(small_vocab_gguf: Path, fuzz_dir: Path, data:
 def test_fuzz_bench_artifact_reader(small_vocab_gguf: Path, fuzz_dir: Path, data: st.DataObject) -> None:
     """bench.local_artifact on a mutated GGUF, on an ONNX directory with mutated files, and on the same bytes with
     the wrong extension."""
-    from edgeforge.bench import LocalArtifact, local_artifact
+    from edgeforge.bench.run import LocalArtifact, local_artifact
 
     raw = data.draw(mutated_bytes(small_vocab_gguf.read_bytes()[:GGUF_HOT_BYTES], GGUF_HOT_BYTES)
                     | st.binary(max_size=64))
@@ -261,7 +261,7 @@ RESULT = {"schema": "edgeforge.bench/1", "decode_tokens_per_s": 12.5, "prefill_t
 @example(text='{"schema": ' + "[" * 5000 + "]" * 5000 + "}")  # found by this test: RecursionError in json
 def test_fuzz_bench_result_reader(fuzz_dir: Path, text: str) -> None:
     """'bench compare' reads saved results (bench.load_results)."""
-    from edgeforge.bench import load_results
+    from edgeforge.bench.run import load_results
 
     result = outcome(load_results, [_write(_fresh(fuzz_dir, ".json"), text)])
     assert result is None or len(result) >= 1
@@ -278,7 +278,7 @@ TASK_TEXT = "".join(json.dumps(r) + "\n" for r in [
 @example(text='{"prompt": ' + "[" * 5000 + "]" * 5000 + "}\n")  # RecursionError in json, found by fuzzing results
 def test_fuzz_task_data_reader(fuzz_dir: Path, text: str) -> None:
     """finetune --data (and distill --data JSONL): finetune.load_task_examples over data.read_jsonl."""
-    from edgeforge.finetune import load_task_examples
+    from edgeforge.tasks.examples import load_task_examples
 
     outcome(load_task_examples, None, _write(_fresh(fuzz_dir, ".jsonl"), text))
 
@@ -302,7 +302,7 @@ def test_fuzz_safetensors_header_check(small_safetensors: bytes, fuzz_dir: Path,
     the safetensors library loads: it never lets through a file that would fail later inside transformers."""
     from safetensors.torch import load_file
 
-    from edgeforge.model_files import check_safetensors
+    from edgeforge.models.files import check_safetensors
 
     n = int.from_bytes(small_safetensors[:8], "little")
     raw = data.draw(mutated_bytes(small_safetensors, 8 + n) | st.binary(max_size=32))

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from edgeforge.models import read_arch, resolve_model
-from edgeforge.preflight import AVAILABLE_MEMORY_ENV, check_training_memory
+from edgeforge.models.refs import read_arch, resolve_model
+from edgeforge.train.preflight import AVAILABLE_MEMORY_ENV, check_training_memory
 
 from .helpers import assert_one_error_line, invoke, small_tmpfs
 
@@ -53,10 +53,10 @@ def test_memory_prediction_grows_with_the_batch_and_passes_here(tiny: Path) -> N
 
 def test_distill_memory_check_refuses_a_student_that_cannot_train_here(tiny: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    """The check distill needs (edgeforge.preflight.check_distill_memory), from config files only."""
+    """The check distill needs (edgeforge.train.preflight.check_distill_memory), from config files only."""
+    from edgeforge.distill.prune import StudentShape
     from edgeforge.errors import ResourceError
-    from edgeforge.preflight import check_distill_memory
-    from edgeforge.prune import StudentShape
+    from edgeforge.train.preflight import check_distill_memory
 
     need = check_distill_memory(tiny, None, StudentShape(1), 2, 32)
     assert need < check_distill_memory(tiny, tiny, None, 2, 32)  # a 1-layer student needs less than a 2-layer one

@@ -1,0 +1,495 @@
+"""The ``edgeforge`` command line. Each command's docstring is its help; ``--json`` gives what a script reads.
+
+Library code raises :class:`edgeforge.errors.EdgeforgeError`; this module alone turns errors into one line on
+stderr and an exit code (2: bad input, 1: a quality gate failed, 3: an internal error, 130: interrupted).
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from edgeforge import __version__
+from edgeforge.cli.common import JSON_OPTION, PROFILES_DIR_OPTION, print_json
+from edgeforge.errors import BadInputError, EdgeforgeError
+
+_print_json = print_json
+
+
+class EdgeforgeGroup(click.Group):
+    """Runs a command and converts every failure into one clear line and an exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        debug = "--debug" in sys.argv[1:] or os.environ.get("EDGEFORGE_DEBUG") == "1"
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except EdgeforgeError as e:
+            if debug:
+                raise
+            # One line, whatever the message carries (a file name or a quoted value may hold a newline).
+            click.echo(f"edgeforge: error: {' '.join(str(e).split())}", err=True)
+            ctx.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("edgeforge: interrupted; finished stages are kept and a rerun resumes", err=True)
+            ctx.exit(130)
+        except Exception as e:  # noqa: BLE001 - the last line of defence against a traceback
+            if debug:
+                raise
+            first = str(e).splitlines()[0] if str(e) else ""
+            click.echo(f"edgeforge: internal error: {type(e).__name__}: {first} (rerun with --debug for the "
+                       "traceback, and please report it)", err=True)
+            ctx.exit(3)
+
+
+@click.group(cls=EdgeforgeGroup)
+@click.version_option(__version__, prog_name="edgeforge")
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+def cli(debug: bool) -> None:
+    """edgeforge: take a language model to an edge device.
+
+    Plan (does it fit, how fast, distill or fine-tune), then build, export, benchmark and ship.
+    """
+
+
+# ---------------------------------------------------------------- profiles
+@cli.group()
+def profiles() -> None:
+    """Device profiles: what a device can hold and how fast it moves bytes."""
+
+
+def _profile_row(p: Any) -> dict[str, Any]:
+    return {
+        "name": p.name,
+        "description": p.description,
+        "memory_budget_bytes": p.memory_budget_bytes,
+        "memory_bandwidth_bytes_per_s": p.memory_bandwidth_bytes_per_s,
+        "backend": p.primary_runtime.backend,
+        "decode_goal_tokens_per_s": p.latency_goals.decode_tokens_per_s,
+    }
+
+
+@profiles.command("list")
+@PROFILES_DIR_OPTION
+@JSON_OPTION
+def profiles_list(profiles_dirs: tuple[Path, ...], as_json: bool) -> None:
+    """List the known device profiles."""
+    from edgeforge.plan.profiles import load_registry
+
+    reg = load_registry(profiles_dirs)
+    if as_json:
+        _print_json([p.model_dump(mode="json") for p in reg])
+        return
+    from rich.table import Table
+
+    t = Table(title=f"{len(reg)} device profiles")
+    for col in ("name", "budget", "bandwidth", "backend", "decode goal", "description"):
+        t.add_column(col)
+    for p in reg:
+        t.add_row(p.name, f"{p.memory_budget_bytes / 2**30:.1f} GiB",
+                  f"{p.memory_bandwidth_bytes_per_s / 1e9:.1f} GB/s",
+                  p.primary_runtime.backend, f"{p.latency_goals.decode_tokens_per_s:g} tok/s", p.description)
+    from edgeforge.cli.render import make_console
+
+    make_console().print(t)
+
+
+@profiles.command("show")
+@click.argument("name")
+@PROFILES_DIR_OPTION
+@JSON_OPTION
+def profiles_show(name: str, profiles_dirs: tuple[Path, ...], as_json: bool) -> None:
+    """Show one profile (by name, or a YAML file path)."""
+    from edgeforge.plan.profiles import resolve_profile
+
+    p = resolve_profile(name, profiles_dirs)
+    if as_json:
+        _print_json(p.model_dump(mode="json"))
+    else:
+        import yaml
+
+        click.echo(yaml.safe_dump(p.model_dump(mode="json"), sort_keys=False).rstrip())
+
+
+@profiles.command("validate")
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+@JSON_OPTION
+def profiles_validate(paths: tuple[Path, ...], as_json: bool) -> None:
+    """Validate profile files (default: every built-in profile). Exits 2 on the first broken file."""
+    from edgeforge.paths import yaml_files
+    from edgeforge.plan.profiles import BUILTIN_PROFILES_DIR, load_profile_file
+
+    files = [f for p in (paths or (BUILTIN_PROFILES_DIR,)) for f in yaml_files(Path(p))]
+    if not files:
+        raise BadInputError("no profile files found to validate")
+    errors, names = [], {}
+    for f in files:
+        try:
+            prof = load_profile_file(f)
+            if prof.name in names:
+                errors.append(f"{f}: profile name '{prof.name}' is already used by {names[prof.name]}")
+            names[prof.name] = f
+        except EdgeforgeError as e:
+            errors.append(str(e))
+    if as_json:
+        _print_json({"valid": not errors, "files": [str(f) for f in files], "errors": errors})
+    else:
+        for f in files:
+            click.echo(f"ok  {f}" if not any(str(f) in e for e in errors) else f"BAD {f}")
+    if errors:
+        raise BadInputError(errors[0] + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""))
+
+
+@profiles.command("detect")
+@click.option("--name", default="this-machine", show_default=True, help="Name of the detected profile.")
+@click.option("--out", type=click.Path(path_type=Path), help="Write the profile YAML here.")
+@JSON_OPTION
+def profiles_detect(name: str, out: Path | None, as_json: bool) -> None:
+    """Build a profile of this machine: cores, RAM, ISA flags, measured memory bandwidth."""
+    from edgeforge.plan.detect import detect_profile, profile_to_yaml
+
+    p = detect_profile(name)
+    if out:
+        out.write_text(profile_to_yaml(p), encoding="utf-8")
+    if as_json:
+        _print_json(p.model_dump(mode="json"))
+    else:
+        click.echo(profile_to_yaml(p).rstrip())
+        if out:
+            click.echo(f"# written to {out}", err=True)
+
+
+# ---------------------------------------------------------------- models
+@cli.group()
+def models() -> None:
+    """Models: aliases, and the architecture read from config.json or GGUF metadata."""
+
+
+@models.command("show")
+@click.argument("model", required=False)
+@JSON_OPTION
+def models_show(model: str | None, as_json: bool) -> None:
+    """Show a model's architecture without loading its weights (default: the bundled teacher)."""
+    from edgeforge.models.refs import read_arch, resolve_model
+
+    ref = resolve_model(model)
+    arch = read_arch(ref)
+    data = {"name": ref.name, "path": str(ref.path), "format": ref.format, **arch.to_dict()}
+    if as_json:
+        _print_json(data)
+    else:
+        for k, v in data.items():
+            click.echo(f"{k:18} {v}")
+
+
+@models.command("list")
+@JSON_OPTION
+def models_list(as_json: bool) -> None:
+    """List built-in model aliases."""
+    from edgeforge.models.refs import alias_names, resolve_model
+
+    rows = [{"alias": a, "path": str(resolve_model(a).path)} for a in alias_names()]
+    if as_json:
+        _print_json(rows)
+    else:
+        for r in rows:
+            click.echo(f"{r['alias']}  {r['path']}")
+
+
+# ---------------------------------------------------------------- plan
+@cli.command()
+@click.option("--profile", "profile_name", required=True, help="Device profile name or YAML path.")
+@click.option("--teacher", default=None, help="HF model dir, .gguf file or alias [default: smollm2-135m-instruct].")
+@click.option("--context", default=2048, show_default=True, type=click.IntRange(min=16), help="Context tokens.")
+@click.option("--prompt-tokens", default=128, show_default=True, type=click.IntRange(min=1),
+              help="Prompt length for the TTFT estimate.")
+@click.option("--quant", default=None, help="Quant type to plan for (default: the profile's preferred types).")
+@click.option("--format", "fmt", type=click.Choice(["gguf", "onnx"]), default=None,
+              help="Artifact format (default: the profile's primary runtime).")
+@click.option("--task", default=None, help="Task data (name or path): plan distill+fine-tune when compressing.")
+@click.option("--train-profile", default="rtx-4090-24gb", show_default=True,
+              help="Profile of the machine that trains (for time, cost and training memory).")
+@click.option("--price-per-hour", type=click.FloatRange(min=0), default=None,
+              help="Price of the training machine per hour, for the cost estimate.")
+@click.option("--distill-tokens", type=click.IntRange(min=1), default=100_000_000, show_default=True)
+@click.option("--finetune-tokens", type=click.IntRange(min=1), default=2_000_000, show_default=True)
+@PROFILES_DIR_OPTION
+@JSON_OPTION
+def plan(profile_name: str, teacher: str | None, context: int, prompt_tokens: int, quant: str | None,
+         fmt: str | None, task: str | None, train_profile: str, price_per_hour: float | None, distill_tokens: int,
+         finetune_tokens: int, profiles_dirs: tuple[Path, ...], as_json: bool) -> None:
+    """Does the model fit the device, how fast will it run, and should it be fine-tuned, distilled, or both?"""
+    from edgeforge.models.refs import read_arch, resolve_model
+    from edgeforge.plan import planner
+    from edgeforge.plan.profiles import load_registry, resolve_profile
+    from edgeforge.plan.sizing import GGUF_QUANT_TYPES, ONNX_BITS_PER_WEIGHT
+
+    profile = resolve_profile(profile_name, profiles_dirs)
+    if quant is not None:
+        known = {**GGUF_QUANT_TYPES, **ONNX_BITS_PER_WEIGHT}
+        if quant not in known:
+            raise BadInputError(f"unknown quant type '{quant}'; expected one of {', '.join(known)}")
+        fmt = fmt or ("onnx" if quant in ONNX_BITS_PER_WEIGHT else "gguf")
+    train = load_registry(profiles_dirs).get(train_profile) if train_profile else None
+    ref = resolve_model(teacher)
+    arch = read_arch(ref)
+    try:
+        result = planner.plan(arch, profile, ref.name, context=context, quant=quant, fmt=fmt,
+                              prompt_tokens=prompt_tokens, has_task=task is not None, train_profile=train,
+                              price_per_hour=price_per_hour, distill_tokens=distill_tokens,
+                              finetune_tokens=finetune_tokens)
+    except ValueError as e:
+        raise BadInputError(str(e)) from None
+    from edgeforge.plan.exportability import check_exportable
+
+    gate = check_exportable(ref)
+    needed = {r.format for r in profile.runtimes}
+    result.exportability = {fmt: v for fmt, v in gate.items() if fmt in needed or fmt == "training"}
+    if as_json:
+        _print_json(result.to_dict())
+    else:
+        from edgeforge.cli.render import print_plan
+
+        print_plan(result)
+
+
+# ---------------------------------------------------------------- export / eval
+@cli.group()
+def export() -> None:
+    """Export a model to a shipped format (GGUF for llama.cpp, ONNX for onnxruntime), verified against its source."""
+
+
+def _quant_auto(ref, out: Path, profile_name: str | None, max_kl: float, imatrix_data: Path | None,
+                profiles_dirs: tuple[Path, ...]) -> tuple[str, list[dict[str, Any]]]:
+    """Measure candidate types smallest first; the first that fits and keeps mean KL <= max_kl wins.
+
+    Each candidate is exported and verified for real (measured, not guessed) and then removed; the caller exports
+    the chosen type to ``out``.
+    """
+    from edgeforge.export.gguf import export_gguf
+    from edgeforge.models.refs import read_arch
+    from edgeforge.plan.planner import evaluate
+    from edgeforge.plan.profiles import resolve_profile
+    from edgeforge.plan.sizing import gguf_file_bytes
+    from edgeforge.verify.artifact import Reference, verify_artifact
+
+    arch = read_arch(ref)
+    profile = resolve_profile(profile_name, profiles_dirs) if profile_name else None
+    types = (profile.preferred_quants.gguf if profile else None) or ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0"]
+    if imatrix_data is None:
+        types = [t for t in types if t != "IQ4_XS"]
+    if profile:
+        types = [t for t in types if evaluate(arch, profile, "gguf", t, 2048, 128).fits]
+    if not types:
+        raise BadInputError(f"no GGUF type fits profile '{profile_name}'; distill a smaller student first "
+                            "('edgeforge plan' says how small)")
+    reference = Reference(ref)
+    tried: list[dict[str, Any]] = []
+    for t in sorted(types, key=lambda q: gguf_file_bytes(arch, q)):
+        cand = out.with_name(f".{out.stem}.auto-{t}.gguf")
+        rec = export_gguf(ref, t, cand, imatrix_data, profile_name)
+        v = verify_artifact(cand, reference, t, enforce=False)
+        tried.append({"quant": t, "file_bytes": rec["file_bytes"], "mean_kl": v["mean_kl"],
+                      "top1_agreement": v["top1_agreement"]})
+        cand.unlink(missing_ok=True)
+        cand.with_name(cand.name + ".edgeforge.json").unlink(missing_ok=True)
+        if v["mean_kl"] <= max_kl:
+            return t, tried
+    raise EdgeforgeError(f"no candidate type keeps mean KL <= {max_kl}: " + ", ".join(
+        f"{x['quant']} {x['mean_kl']:.4f}" for x in tried) + "; raise --max-kl or use a device with more memory")
+
+
+@export.command("gguf")
+@click.argument("model")
+@click.option("--quant", default="Q4_K_M", show_default=True,
+              help="F32, F16, BF16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, IQ4_XS (needs --imatrix-data), or auto.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="The .gguf file to write.")
+@click.option("--imatrix-data", type=click.Path(path_type=Path), default=None,
+              help="Calibration text for an importance matrix ('builtin' for edgeforge's built-in text).")
+@click.option("--profile", "profile_name", default=None, help="Device profile: recorded, and used by --quant auto.")
+@click.option("--max-kl", type=click.FloatRange(min=0), default=0.1, show_default=True,
+              help="With --quant auto: the largest mean KL vs the source model to accept.")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Check the artifact against the source torch model (KL, top-1, perplexity, greedy).")
+@PROFILES_DIR_OPTION
+@JSON_OPTION
+def export_gguf_cmd(model: str, quant: str, out: Path, imatrix_data: Path | None, profile_name: str | None,
+                    max_kl: float, verify: bool, profiles_dirs: tuple[Path, ...], as_json: bool) -> None:
+    """Export MODEL (HF dir, .gguf, or alias) to a GGUF file that llama.cpp runs."""
+    from edgeforge.export.gguf import export_gguf, save_record
+    from edgeforge.models.refs import resolve_model
+
+    ref = resolve_model(model)
+    if out.suffix.lower() != ".gguf":
+        raise BadInputError(f"--out {out}: expected a path ending in .gguf")
+    if imatrix_data is not None and str(imatrix_data) == "builtin":
+        from edgeforge.data.builtin import write_calibration_text
+        from edgeforge.paths import edgeforge_home
+
+        edgeforge_home().mkdir(parents=True, exist_ok=True)
+        imatrix_data = write_calibration_text(edgeforge_home() / "calibration.txt")
+    tried = None
+    if quant == "auto":
+        quant, tried = _quant_auto(ref, out, profile_name, max_kl, imatrix_data, profiles_dirs)
+    record = export_gguf(ref, quant, out, imatrix_data, profile_name)
+    if verify:
+        from edgeforge.verify.artifact import Reference, Threshold, verify_artifact
+
+        # --quant auto chose the type by the user's KL budget; that budget is then the gate.
+        gate = Threshold(max_kl, 0.0) if tried is not None else None
+        try:
+            record["verification"] = verify_artifact(out, Reference(ref), quant, enforce=True, threshold=gate)
+        except EdgeforgeError as e:
+            record["verification"] = {"passed": False, "error": str(e)}
+            save_record(out, record)
+            raise
+    if tried is not None:
+        record["auto"] = {"max_kl": max_kl, "tried": tried, "chosen": quant}
+    save_record(out, record)
+    _report_artifact(record, as_json)
+
+
+def _report_artifact(record: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        _print_json(record)
+        return
+    size = record.get("file_bytes") or record.get("total_bytes", 0)
+    click.echo(f"wrote {record['path']} ({size / 1e6:.1f} MB, {record.get('quant') or record.get('quantize')})")
+    v = record.get("verification")
+    if v and "mean_kl" in v:
+        click.echo(f"verified vs {v['reference']} on {v['n_tokens']} tokens: mean KL {v['mean_kl']:.4f}, top-1 "
+                   f"{v['top1_agreement']:.1%}, perplexity {v['perplexity_reference']:.2f} -> "
+                   f"{v['perplexity_artifact']:.2f} ({v['perplexity_delta_pct']:+.1f}%), greedy match "
+                   f"{v['greedy_match_rate']:.0%}: {'PASS' if v['passed'] else 'FAIL'}")
+
+
+@export.command("onnx")
+@click.argument("model")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="The directory to write.")
+@click.option("--quantize", type=click.Choice(["none", "int8", "int4"]), default="int8", show_default=True,
+              help="Weight-only quantization with onnxruntime (every variant is verified).")
+@click.option("--isa", type=click.Choice(["auto", "arm64", "avx2", "avx512_vnni"]), default="auto",
+              show_default=True, help="Target instruction set for the quantized kernels.")
+@click.option("--verify/--no-verify", default=True, show_default=True)
+@JSON_OPTION
+def export_onnx_cmd(model: str, out: Path, quantize: str, isa: str, verify: bool, as_json: bool) -> None:
+    """Export MODEL to an ONNX decoder with KV cache that optimum's ORTModelForCausalLM loads as is."""
+    from edgeforge.export.gguf import save_record
+    from edgeforge.export.onnx.export import export_onnx
+    from edgeforge.models.refs import resolve_model
+
+    ref = resolve_model(model)
+    if ref.format == "gguf":
+        from edgeforge.models.gguf_hf import hf_dir_for, materialize_hf
+        from edgeforge.paths import edgeforge_home
+
+        hf_dir = materialize_hf(ref.path, hf_dir_for(ref.path, edgeforge_home()))
+    else:
+        hf_dir = ref.path
+    record = export_onnx(hf_dir, out, quantize=quantize, isa=isa)  # type: ignore[arg-type]
+    record.setdefault("path", str(out))
+    record.setdefault("quant", quantize)
+    if verify:
+        from edgeforge.verify.artifact import Reference, verify_artifact
+
+        try:
+            record["verification"] = verify_artifact(out, Reference(ref), quantize, enforce=True)
+        except EdgeforgeError as e:
+            record["verification"] = {"passed": False, "error": str(e)}
+            save_record(out, record)
+            raise
+    save_record(out, record)
+    _report_artifact(record, as_json)
+
+
+@cli.command("eval")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--reference", "reference_model", required=True, help="The source model (HF dir, .gguf, alias).")
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="Held-out UTF-8 text [default: built-in held-out prose].")
+@click.option("--tokens", type=click.IntRange(min=16), default=1000, show_default=True)
+@click.option("--quant", default=None, help="Threshold set to judge by [default: from the artifact's record].")
+@JSON_OPTION
+def eval_cmd(artifact: Path, reference_model: str, data: Path | None, tokens: int, quant: str | None,
+             as_json: bool) -> None:
+    """Measure ARTIFACT (.gguf or ONNX dir) against a reference model: KL, top-1, perplexity, greedy match.
+
+    For a distilled student (an HF dir with distill.json): teacher, initial and distilled student side by side.
+    """
+    from edgeforge.data.builtin import read_text_data
+    from edgeforge.export.gguf import load_record
+    from edgeforge.models.refs import resolve_model
+    from edgeforge.verify.artifact import Reference, verify_artifact
+
+    if not artifact.exists():
+        raise BadInputError(f"{artifact}: artifact not found")
+    if artifact.is_dir() and (artifact / "distill.json").is_file():  # a distilled student: side-by-side table
+        from edgeforge.cli.distill import eval_student
+
+        return eval_student(artifact, reference_model, data, tokens, as_json)
+    text = read_text_data(data) if data else None
+    quant = quant or load_record(artifact).get("quant") or "Q4_K_M"
+    result = verify_artifact(artifact, Reference(resolve_model(reference_model)), quant, text, tokens, enforce=False)
+    result["artifact"] = str(artifact)
+    if as_json:
+        _print_json(result)
+    else:
+        click.echo(f"{artifact} vs {result['reference']} ({result['n_tokens']} tokens, thresholds of {quant})")
+        for k in ("mean_kl", "top1_agreement", "perplexity_reference", "perplexity_artifact", "perplexity_delta_pct",
+                  "greedy_match_rate"):
+            click.echo(f"  {k:22} {result[k]:.4f}")
+        click.echo(f"  {'verdict':22} {'PASS' if result['passed'] else 'FAIL: ' + '; '.join(result['failures'])}")
+    if not result["passed"]:
+        raise click.exceptions.Exit(1)
+
+
+# ---------------------------------------------------------------- demo
+@cli.command()
+@click.option("--teacher", default=None, help="Model to plan [default: the bundled teacher].")
+@JSON_OPTION
+def demo(teacher: str | None, as_json: bool) -> None:
+    """The main job on the embedded default: the plan for the bundled teacher on every profile."""
+    from edgeforge.models.refs import read_arch, resolve_model
+    from edgeforge.plan import planner
+    from edgeforge.plan.profiles import load_registry
+
+    ref = resolve_model(teacher)
+    arch = read_arch(ref)
+    reg = load_registry()
+    plans = [planner.plan(arch, p, ref.name, has_task=True) for p in reg]
+    if as_json:
+        _print_json([p.to_dict() for p in plans])
+        return
+    from edgeforge.cli.render import print_plan_table
+
+    print_plan_table(ref.name, arch, plans)
+
+
+# Commands that live in their own modules (one concept per module); each module has register(cli).
+COMMAND_MODULES = ("edgeforge.cli.bench", "edgeforge.cli.build", "edgeforge.cli.distill", "edgeforge.cli.finetune")
+
+
+def _register_optional_groups() -> None:
+    import importlib
+    import importlib.util
+
+    for name in COMMAND_MODULES:
+        if importlib.util.find_spec(name) is not None:
+            importlib.import_module(name).register(cli)
+
+
+_register_optional_groups()
+
+
+def main() -> None:
+    cli(prog_name="edgeforge")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,313 @@
+"""GGUF export with llama.cpp's own tools: convert (HF -> F16/BF16/F32), importance matrix, quantize, lineage.
+
+- An HF directory is converted by ``convert_hf_to_gguf.py`` from the llama.cpp tree of the installed binding.
+- A GGUF teacher is re-quantized directly (llama.cpp dequantizes each tensor and quantizes it again), so its
+  original tokenizer metadata, which llama.cpp already tokenizes correctly, is kept as is.
+- Quantization goes through ``llama_model_quantize`` of llama-cpp-python; with an importance matrix through the
+  ``llama-quantize`` tool of the same tree (the binding cannot pass an imatrix).
+- Lineage (edgeforge version, source model, profile, stages) is written into the GGUF metadata with gguf-py.
+Every file is written under a temporary name and renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from edgeforge import __version__
+from edgeforge.errors import BadInputError, EdgeforgeError, ModelError, ResourceError
+from edgeforge.fileio import sha256_file  # noqa: F401  (re-exported: bench and tests import it from here)
+from edgeforge.models.refs import ModelRef, read_arch
+from edgeforge.quiet import captured_stderr
+
+GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "IQ4_XS")
+NEEDS_IMATRIX = {"IQ4_XS"}
+CONVERTER_OUTTYPE = {"F32": "f32", "BF16": "bf16"}  # every other type starts from an F16 conversion
+SUPPORTED_HF_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+
+class ExportError(EdgeforgeError):
+    """An export step failed; the message names the step and the tool's last words."""
+
+
+def _ftype(quant: str) -> int:
+    import llama_cpp
+
+    name = {"F32": "LLAMA_FTYPE_ALL_F32", "F16": "LLAMA_FTYPE_MOSTLY_F16"}.get(quant, f"LLAMA_FTYPE_MOSTLY_{quant}")
+    return int(getattr(llama_cpp, name))
+
+
+def check_hf_exportable(model_dir: Path) -> None:
+    """Fail early, naming the architecture, when llama.cpp's converter (as edgeforge uses it) cannot take it.
+
+    Also refuses code shipped with the model: the converter itself calls ``trust_remote_code=True`` for some
+    tokenizers (see edgeforge.models.files), so this check stays here even though model resolution makes it too.
+    """
+    from edgeforge.models.files import check_no_remote_code
+
+    check_no_remote_code(model_dir)
+    try:
+        cfg = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelError(f"{model_dir}/config.json: cannot read ({e})") from None
+    archs = cfg.get("architectures") or []
+    if not any(a in SUPPORTED_HF_ARCHITECTURES for a in archs):
+        raise BadInputError(f"{model_dir}: architecture {archs or cfg.get('model_type')} cannot be exported to GGUF "
+                            f"here; supported: {', '.join(SUPPORTED_HF_ARCHITECTURES)}")
+    if not (model_dir / "tokenizer.json").is_file():
+        raise BadInputError(f"{model_dir}: no tokenizer.json; the GGUF must carry the tokenizer (save it with "
+                            "tokenizer.save_pretrained)")
+    if not any(model_dir.glob("*.safetensors")):
+        raise BadInputError(f"{model_dir}: no *.safetensors weights (edgeforge never loads pickled checkpoints)")
+
+
+def convert_hf(model_dir: Path, out: Path, outtype: str = "f16") -> Path:
+    """HF directory -> GGUF at ``outtype`` (f32, f16, bf16) with llama.cpp's ``convert_hf_to_gguf.py``."""
+    from edgeforge.export.llama_tools import converter_env, ensure_tree
+
+    check_hf_exportable(model_dir)
+    script = ensure_tree() / "convert_hf_to_gguf.py"
+    tmp = out.with_name(f".{out.name}.partial")
+    cmd = [sys.executable, str(script), str(model_dir), "--outfile", str(tmp), "--outtype", outtype]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=converter_env())
+    if r.returncode != 0 or not tmp.is_file():
+        lines = [ln.strip() for ln in (r.stderr or r.stdout).splitlines() if ln.strip()]
+        # the exception line, not the progress bar the converter may have drawn after it
+        errors = [ln for ln in lines if "Error" in ln.split(":", 1)[0] or ln.startswith("error")]
+        last = (errors or lines or ["no output"])[-1]
+        if _disk_is_full(ExportError(last), out.parent):  # before the partial file is removed
+            last = f"No space left on device ({last[:200]})"
+        tmp.unlink(missing_ok=True)
+        raise ExportError(f"llama.cpp's convert_hf_to_gguf.py failed on {model_dir}: {last[:300]}")
+    os.replace(tmp, out)
+    return out
+
+
+def compute_imatrix(gguf: Path, data: Path, out: Path, threads: int, chunks: int = 32, ctx: int = 512) -> Path:
+    """Importance matrix of ``gguf`` on calibration text ``data`` with llama.cpp's ``llama-imatrix``."""
+    from edgeforge.export.llama_tools import ensure_tools
+
+    tool = ensure_tools(("llama-imatrix",))["llama-imatrix"]
+    if not data.is_file() or data.stat().st_size == 0:
+        raise BadInputError(f"{data}: imatrix calibration data is missing or empty; expected a UTF-8 text file")
+    tmp = out.with_name(f".{out.name}.partial.gguf")
+    cmd = [str(tool), "-m", str(gguf), "-f", str(data), "-o", str(tmp), "-c", str(ctx), "--chunks", str(chunks),
+           "-t", str(threads), "--no-ppl"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0 or not tmp.is_file():
+        last = [ln for ln in (r.stderr or r.stdout).strip().splitlines() if ln.strip()][-2:]
+        tmp.unlink(missing_ok=True)
+        raise ExportError(f"llama-imatrix failed: {' | '.join(last)} (the data needs at least {ctx} tokens)")
+    os.replace(tmp, out)
+    return out
+
+
+def quantize(src: Path, dst: Path, quant: str, threads: int, imatrix: Path | None = None) -> Path:
+    """Quantize ``src`` to llama.cpp file type ``quant``; re-quantizing an already quantized file is allowed."""
+    tmp = dst.with_name(f".{dst.name}.partial")
+    if imatrix is not None:
+        from edgeforge.export.llama_tools import ensure_tools
+
+        tool = ensure_tools(("llama-quantize",))["llama-quantize"]
+        cmd = [str(tool), "--allow-requantize", "--imatrix", str(imatrix), str(src), str(tmp), quant, str(threads)]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        ok = r.returncode == 0
+        detail = " | ".join((r.stderr or r.stdout).strip().splitlines()[-2:])
+    else:
+        import llama_cpp
+
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = _ftype(quant)
+        params.nthread = threads
+        params.allow_requantize = True
+        with captured_stderr() as log:
+            ok = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params) == 0
+        detail = log.tail() or "llama_model_quantize returned an error"
+    if not ok or not tmp.is_file():
+        if _disk_is_full(ExportError(detail), dst.parent):  # llama.cpp says "iostream error"; look before cleaning up
+            detail = f"No space left on device ({detail})"
+        tmp.unlink(missing_ok=True)
+        raise ExportError(f"quantizing {src.name} to {quant} failed: {detail}")
+    os.replace(tmp, dst)
+    return dst
+
+
+def write_lineage(src: Path, dst: Path, lineage: dict[str, Any]) -> Path:
+    """Copy ``src`` to ``dst`` adding ``edgeforge.*`` metadata keys (strings; ``stages`` as JSON)."""
+    import gguf
+    from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
+
+    reader = gguf.GGUFReader(str(src), "r")
+    arch = reader.fields["general.architecture"].contents()
+    tmp = dst.with_name(f".{dst.name}.partial")
+    writer = gguf.GGUFWriter(str(tmp), arch=arch, endianess=reader.endianess)
+    meta = {f"edgeforge.{k}": MetadataDetails(gguf.GGUFValueType.STRING,
+                                              v if isinstance(v, str) else json.dumps(v, sort_keys=True))
+            for k, v in lineage.items()}
+    try:
+        # gguf-py draws a tqdm progress bar on stderr; keep the CLI's output clean.
+        with captured_stderr():
+            try:
+                copy_with_new_metadata(reader, writer, meta, [])
+            except BaseException as e:  # close the bar (a local of the failed frame) while stderr is still captured
+                traceback.clear_frames(e.__traceback__)
+                raise
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed or interrupted copy leaves nothing behind
+        raise
+    os.replace(tmp, dst)
+    return dst
+
+
+def read_lineage(path: Path) -> dict[str, str]:
+    import gguf
+
+    reader = gguf.GGUFReader(str(path), "r")
+    return {k[len("edgeforge."):]: f.contents() for k, f in reader.fields.items() if k.startswith("edgeforge.")}
+
+
+def export_gguf(
+    model: ModelRef,
+    quant: str,
+    out: Path,
+    imatrix_data: Path | None = None,
+    profile: str | None = None,
+    stages: list[str] | None = None,
+    threads: int | None = None,
+    imatrix_file: Path | None = None,
+) -> dict[str, Any]:
+    """Export ``model`` to a GGUF file at ``quant``. Returns the artifact record (also saved beside the file).
+
+    ``imatrix_data`` is calibration text to compute an importance matrix from; ``imatrix_file`` an importance
+    matrix computed earlier (by ``compute_imatrix``) to reuse.
+    """
+    if quant not in GGUF_TYPES:
+        raise BadInputError(f"unknown GGUF quant type '{quant}'; expected one of {', '.join(GGUF_TYPES)} or 'auto'")
+    if quant in NEEDS_IMATRIX and imatrix_data is None and imatrix_file is None:
+        raise BadInputError(f"{quant} needs an importance matrix: pass --imatrix-data PATH (calibration text)")
+    threads = threads or max(1, os.cpu_count() or 1)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _check_disk(model, quant, out)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".edgeforge-export-") as tmpdir:
+        try:
+            lineage, seconds = _export_in(Path(tmpdir), model, quant, out, imatrix_data, profile, stages, threads,
+                                          imatrix_file, t0)
+        except (OSError, ExportError) as e:
+            if not _disk_is_full(e, out.parent):
+                raise
+            raise ResourceError(f"the disk at {out.parent} filled up during the export (no space left on device); no "
+                                f"partial file is left at {out} and the temporary files are removed: free some space "
+                                "or pass another --out") from None
+    record = {
+        "kind": "gguf",
+        "path": str(out),
+        "quant": quant,
+        "file_bytes": out.stat().st_size,
+        "sha256": sha256_file(out),
+        "source_model": model.name,
+        "source_path": str(model.path),
+        "lineage": lineage,
+        "seconds": {**seconds, "total": time.perf_counter() - t0},
+    }
+    save_record(out, record)
+    return record
+
+
+def _disk_is_full(err: BaseException, where: Path) -> bool:
+    """Whether a failed write was the disk filling up. Checked while the temporary files still exist: a full disk
+    does not always say so (numpy's tofile raises OSError without an errno, llama.cpp's quantizer reports an
+    iostream error)."""
+    if (isinstance(err, OSError) and err.errno == errno.ENOSPC) or "No space left on device" in str(err):
+        return True
+    import shutil
+
+    try:
+        return shutil.disk_usage(where).free < 1 << 20
+    except OSError:
+        return False
+
+
+def _export_in(tmp: Path, model: ModelRef, quant: str, out: Path, imatrix_data: Path | None, profile: str | None,
+               stages: list[str] | None, threads: int, imatrix_file: Path | None,
+               t0: float) -> tuple[dict[str, Any], dict[str, float]]:
+    """The export steps inside the temporary directory ``tmp``; the result is renamed to ``out`` when complete."""
+    if model.format == "hf":
+        base = convert_hf(model.path, tmp / "base.gguf", CONVERTER_OUTTYPE.get(quant, "f16"))
+    else:
+        base = model.path
+    convert_s = time.perf_counter() - t0
+    imatrix = imatrix_file
+    if imatrix is None and imatrix_data is not None:
+        imatrix = compute_imatrix(base, imatrix_data, tmp / "imatrix.gguf", threads)
+    imatrix_s = time.perf_counter() - t0 - convert_s
+    same_type = model.format == "hf" and quant in ("F16", "F32", "BF16")
+    quantized = base if same_type else quantize(base, tmp / "quantized.gguf", quant, threads, imatrix)
+    quantize_s = time.perf_counter() - t0 - convert_s - imatrix_s
+    lineage = {
+        "version": __version__,
+        "source_model": model.name,
+        "source_format": model.format,
+        "profile": profile or "",
+        "quant": quant,
+        "imatrix_data": str(imatrix_data) if imatrix_data else "",
+        "imatrix_file": str(imatrix_file) if imatrix_file else "",
+        "stages": [*(stages or []), "export-gguf"],
+    }
+    write_lineage(quantized, out, lineage)
+    return lineage, {"convert": convert_s, "imatrix": imatrix_s, "quantize": quantize_s}
+
+
+def record_path(artifact: Path) -> Path:
+    """Where an artifact's record lives: ``<file>.edgeforge.json``, or ``<dir>/edgeforge-export.json``."""
+    return artifact / "edgeforge-export.json" if artifact.is_dir() else artifact.with_name(
+        artifact.name + ".edgeforge.json")
+
+
+def save_record(artifact: Path, record: dict[str, Any]) -> Path:
+    p = record_path(artifact)
+    tmp = p.with_name(f".{p.name}.partial")
+    try:
+        tmp.write_text(json.dumps(record, indent=2, default=str), encoding="utf-8")
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, p)
+    return p
+
+
+def load_record(artifact: Path) -> dict[str, Any]:
+    """The artifact's record, or {} when it has none; a damaged record is one BadInputError naming it."""
+    p = record_path(artifact)
+    if not p.is_file():
+        return {}
+    try:
+        record = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise BadInputError(f"{p}: the artifact's record is not readable JSON ({' '.join(str(e).split())[:120]}); "
+                            "remove it (or export again) and pass --quant to say which thresholds apply") from None
+    if not isinstance(record, dict):
+        raise BadInputError(f"{p}: the artifact's record is not a JSON object; remove it or export again")
+    return record
+
+
+def _check_disk(model: ModelRef, quant: str, out: Path) -> None:
+    """Refuse before writing when the disk cannot hold the intermediate F16 file and the result."""
+    import shutil
+
+    from edgeforge.plan.sizing import gguf_file_bytes
+
+    arch = read_arch(model)
+    need = gguf_file_bytes(arch, quant) + (gguf_file_bytes(arch, "F16") if model.format == "hf" else 0)
+    free = shutil.disk_usage(out.parent).free
+    if free < need * 1.1:
+        raise ResourceError(f"not enough disk at {out.parent}: the export needs about {need / 1e6:.1f} MB, "
+                            f"{free / 1e6:.1f} MB are free; free some space or pass another --out")

@@ -1,0 +1,283 @@
+"""The planner: does the model fit the device, how fast will it run, and should it be fine-tuned, distilled, or both.
+
+The decision follows the comparison edgeforge is built on: *compression* (distillation into a smaller student)
+when a model is too big or too slow for the device, *specialisation* (fine-tuning) when it fits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from edgeforge.models.refs import ModelArch, count_params
+from edgeforge.plan.estimator import SpeedEstimate, estimate_speed
+from edgeforge.plan.profiles import DeviceProfile
+from edgeforge.plan.sizing import GGUF_QUANT_TYPES, ONNX_BITS_PER_WEIGHT, memory_estimate
+from edgeforge.plan.training_cost import (
+    serving_energy_wh_per_million_tokens,
+    training_cost,
+    training_fit,
+    training_flops,
+)
+
+DEFAULT_CONTEXT = 2048
+DEFAULT_PROMPT_TOKENS = 128
+# Token budgets the cost estimate assumes (override with --distill-tokens / --finetune-tokens). Minitron-style
+# distillation of a pruned student reuses a small fraction of pretraining data; task fine-tunes are small.
+DEFAULT_DISTILL_TOKENS = 100_000_000
+DEFAULT_FINETUNE_TOKENS = 2_000_000
+# At a fixed size, a larger model at ~4-5 bits beats a smaller one at 8 bits (Dettmers & Zettlemoyer 2023,
+# "The case for 4-bit precision"), so students are sized at the profile's most compact type of at least 4 bits.
+MIN_STUDENT_BITS = 4.0
+_APPROX_BITS = {"F32": 32, "F16": 16, "BF16": 16, "Q8_0": 8.5, "Q6_K": 6.56, "Q5_K_M": 5.7, "Q4_K_M": 4.9,
+                "Q4_0": 4.5, "IQ4_XS": 4.25, **ONNX_BITS_PER_WEIGHT}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One (model shape, quant) evaluated on the profile."""
+
+    quant: str
+    weights_bytes: int
+    kv_cache_bytes: int
+    runtime_overhead_bytes: int
+    total_bytes: int
+    fits: bool
+    estimated_decode_tokens_per_s: float
+    estimated_prefill_tokens_per_s: float
+    estimated_ttft_ms: float
+    meets_latency_goal: bool
+
+    @property
+    def ok(self) -> bool:
+        return self.fits and self.meets_latency_goal
+
+
+@dataclass
+class Plan:
+    profile: str
+    teacher: str
+    teacher_arch: dict[str, Any]
+    format: str
+    backend: str
+    context_tokens: int
+    prompt_tokens: int
+    budget_bytes: int
+    quant: str
+    fits: bool
+    weights_bytes: int
+    kv_cache_bytes: int
+    runtime_overhead_bytes: int
+    total_bytes: int
+    estimated_decode_tokens_per_s: float
+    estimated_prefill_tokens_per_s: float
+    estimated_ttft_ms: float
+    latency_goals: dict[str, float]
+    meets_latency_goal: bool
+    decision: str
+    reason: str
+    student: dict[str, Any] | None
+    candidates: list[dict[str, Any]] = field(default_factory=list)
+    serving_energy_wh_per_million_tokens: float = 0.0
+    training: dict[str, Any] = field(default_factory=dict)
+    exportability: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def evaluate(
+    arch: ModelArch, profile: DeviceProfile, fmt: str, quant: str, context: int, prompt_tokens: int
+) -> Candidate:
+    mem = memory_estimate(arch, fmt, quant, context)
+    runtime = profile.runtime_for(fmt)  # type: ignore[arg-type]
+    speed: SpeedEstimate = estimate_speed(
+        profile, arch, mem.weights_bytes, prompt_tokens, runtime.backend if runtime else None
+    )
+    goals = profile.latency_goals
+    return Candidate(
+        quant=quant,
+        weights_bytes=mem.weights_bytes,
+        kv_cache_bytes=mem.kv_cache_bytes,
+        runtime_overhead_bytes=mem.runtime_overhead_bytes,
+        total_bytes=mem.total_bytes,
+        fits=mem.total_bytes <= profile.memory_budget_bytes,
+        estimated_decode_tokens_per_s=speed.decode_tokens_per_s,
+        estimated_prefill_tokens_per_s=speed.prefill_tokens_per_s,
+        estimated_ttft_ms=speed.ttft_ms,
+        meets_latency_goal=speed.decode_tokens_per_s >= goals.decode_tokens_per_s and speed.ttft_ms <= goals.ttft_ms,
+    )
+
+
+def _quants_for(profile: DeviceProfile, fmt: str) -> list[str]:
+    prefs = profile.preferred_quants.gguf if fmt == "gguf" else list(profile.preferred_quants.onnx)
+    known = GGUF_QUANT_TYPES if fmt == "gguf" else ONNX_BITS_PER_WEIGHT
+    return [q for q in prefs if q in known] or (["Q4_K_M"] if fmt == "gguf" else ["int8"])
+
+
+def student_quant(profile: DeviceProfile, fmt: str) -> str:
+    """The most compact preferred type with at least MIN_STUDENT_BITS bits per weight."""
+    quants = _quants_for(profile, fmt)
+    ok = [q for q in quants if _APPROX_BITS.get(q, 16) >= MIN_STUDENT_BITS]
+    return min(ok or quants, key=lambda q: _APPROX_BITS.get(q, 16))
+
+
+def shrink(arch: ModelArch, n_layers: int, width_fraction: float = 1.0) -> ModelArch:
+    """The student shape: ``n_layers`` decoder layers, MLP width scaled by ``width_fraction`` (multiple of 64).
+
+    Hidden size, heads and vocabulary are kept, so the student shares the teacher's tokenizer and embeddings.
+    """
+    inter = max(64, int(arch.intermediate_size * width_fraction) // 64 * 64)
+    params = count_params(n_layers, arch.hidden_size, arch.n_heads, arch.n_kv_heads, arch.head_dim, inter,
+                          arch.vocab_size, arch.tied_embeddings, arch.qkv_bias)
+    return replace(arch, n_layers=n_layers, intermediate_size=inter, n_params=params)
+
+
+def find_student(
+    arch: ModelArch, profile: DeviceProfile, fmt: str, quant: str, context: int, prompt_tokens: int
+) -> tuple[ModelArch, Candidate] | None:
+    """The largest student (depth first, then MLP width) that fits and meets the latency goal, or None."""
+    best: tuple[ModelArch, Candidate] | None = None
+    for width in (1.0, 0.75, 0.5):
+        for layers in range(arch.n_layers - 1, 0, -1):
+            s = shrink(arch, layers, width)
+            c = evaluate(s, profile, fmt, quant, context, prompt_tokens)
+            if c.ok:
+                if best is None or s.n_params > best[0].n_params:
+                    best = (s, c)
+                break
+    return best
+
+
+def plan(
+    arch: ModelArch,
+    profile: DeviceProfile,
+    teacher_name: str,
+    context: int = DEFAULT_CONTEXT,
+    quant: str | None = None,
+    fmt: str | None = None,
+    prompt_tokens: int = DEFAULT_PROMPT_TOKENS,
+    has_task: bool = False,
+    train_profile: DeviceProfile | None = None,
+    price_per_hour: float | None = None,
+    distill_tokens: int = DEFAULT_DISTILL_TOKENS,
+    finetune_tokens: int = DEFAULT_FINETUNE_TOKENS,
+) -> Plan:
+    """Plan ``arch`` on ``profile``: memory, speed, the decision with its reason, the student, the cost."""
+    fmt = fmt or profile.primary_runtime.format
+    runtime = profile.runtime_for(fmt)  # type: ignore[arg-type]
+    if runtime is None:
+        raise ValueError(f"profile '{profile.name}' runs no {fmt} artifacts; it runs "
+                         f"{', '.join(sorted({r.format for r in profile.runtimes}))}")
+    quants = [quant] if quant else _quants_for(profile, fmt)
+    candidates = [evaluate(arch, profile, fmt, q, context, prompt_tokens) for q in quants]
+    chosen = next((c for c in candidates if c.ok), None)
+    goals = profile.latency_goals
+    student: dict[str, Any] | None = None
+    student_arch: ModelArch | None = None
+    if chosen is not None:
+        decision = "fine-tune"
+        reason = (
+            f"fits: {chosen.total_bytes / 1e6:.0f} MB of {profile.memory_budget_bytes / 1e6:.0f} MB at {chosen.quant}, "
+            f"and meets the goal ({chosen.estimated_decode_tokens_per_s:.1f} >= {goals.decode_tokens_per_s:g} "
+            f"tokens/s decode, TTFT {chosen.estimated_ttft_ms:.0f} <= {goals.ttft_ms:g} ms); no compression needed, "
+            "so specialise it: fine-tune on the task data"
+        )
+        headline = chosen
+    else:
+        best = max(candidates, key=lambda c: (c.fits, c.estimated_decode_tokens_per_s))
+        why = []
+        if not best.fits:
+            why.append(f"needs {best.total_bytes / 1e6:.0f} MB at {best.quant} but the budget is "
+                       f"{profile.memory_budget_bytes / 1e6:.0f} MB")
+        if not best.meets_latency_goal:
+            why.append(f"runs at {best.estimated_decode_tokens_per_s:.1f} tokens/s decode and TTFT "
+                       f"{best.estimated_ttft_ms:.0f} ms against a goal of {goals.decode_tokens_per_s:g} tokens/s "
+                       f"and {goals.ttft_ms:g} ms")
+        sq = quant or student_quant(profile, fmt)
+        found = find_student(arch, profile, fmt, sq, context, prompt_tokens)
+        decision = "distill+fine-tune" if has_task else "distill"
+        if found is None:
+            headline = evaluate(shrink(arch, 1, 0.5), profile, fmt, sq, context, prompt_tokens)
+            reason = ("too big or too slow even at " + best.quant + " (" + "; ".join(why) + "), and no depth/width "
+                      "pruned student of it meets the goal either: choose a smaller teacher or another device")
+        else:
+            student_arch, headline = found
+            student = {
+                "layers": student_arch.n_layers,
+                "hidden_size": student_arch.hidden_size,
+                "intermediate_size": student_arch.intermediate_size,
+                "params": student_arch.n_params,
+                "quant": sq,
+                "weights_bytes": headline.weights_bytes,
+                "estimated_decode_tokens_per_s": headline.estimated_decode_tokens_per_s,
+            }
+            reason = (
+                f"the teacher is too big or too slow for {profile.name} (" + "; ".join(why) + "): compress it. "
+                f"Distill into a {student_arch.n_layers}-layer student ({student_arch.n_params / 1e6:.0f}M params, "
+                f"pruned from {arch.n_layers} layers) that runs at {headline.estimated_decode_tokens_per_s:.1f} "
+                f"tokens/s at {sq}" + ("; then fine-tune it on the task data" if has_task else "")
+            )
+    # The teacher's own figures: at the chosen quant, or at the most compact one when nothing is good enough.
+    teacher_c = chosen or min(candidates, key=lambda c: c.total_bytes)
+    energy = serving_energy_wh_per_million_tokens(profile.power_watts, headline.estimated_decode_tokens_per_s)
+    training = _training_section(arch, student_arch, decision, train_profile, price_per_hour, distill_tokens,
+                                 finetune_tokens)
+    return Plan(
+        profile=profile.name,
+        teacher=teacher_name,
+        teacher_arch=arch.to_dict(),
+        format=fmt,
+        backend=runtime.backend,
+        context_tokens=context,
+        prompt_tokens=prompt_tokens,
+        budget_bytes=profile.memory_budget_bytes,
+        quant=headline.quant,  # what ships: the teacher's quant, or the student's
+        fits=teacher_c.fits,
+        weights_bytes=teacher_c.weights_bytes,
+        kv_cache_bytes=teacher_c.kv_cache_bytes,
+        runtime_overhead_bytes=teacher_c.runtime_overhead_bytes,
+        total_bytes=teacher_c.total_bytes,
+        estimated_decode_tokens_per_s=teacher_c.estimated_decode_tokens_per_s,
+        estimated_prefill_tokens_per_s=teacher_c.estimated_prefill_tokens_per_s,
+        estimated_ttft_ms=teacher_c.estimated_ttft_ms,
+        latency_goals=goals.model_dump(),
+        meets_latency_goal=chosen is not None,
+        decision=decision,
+        reason=reason,
+        student=student,
+        candidates=[asdict(c) for c in candidates],
+        serving_energy_wh_per_million_tokens=energy,
+        training=training,
+    )
+
+
+def _training_section(
+    teacher: ModelArch,
+    student: ModelArch | None,
+    decision: str,
+    train_profile: DeviceProfile | None,
+    price_per_hour: float | None,
+    distill_tokens: int,
+    finetune_tokens: int,
+) -> dict[str, Any]:
+    if train_profile is None:
+        return {}
+    tuned = student or teacher
+    stages = []
+    if student is not None:
+        flops = training_flops("distill", distill_tokens, student.n_params, teacher.n_params)
+        stages.append(training_cost("distill", flops, distill_tokens, train_profile, price_per_hour).to_dict())
+    flops = training_flops("lora", finetune_tokens, tuned.n_params)
+    stages.append(training_cost("fine-tune (LoRA)", flops, finetune_tokens, train_profile, price_per_hour).to_dict())
+    memory = {m: training_fit(m, tuned, train_profile).to_dict() for m in ("full", "lora", "qlora")}
+    if student is not None:
+        memory["distill"] = training_fit("distill", student, train_profile, teacher=teacher).to_dict()
+    return {
+        "training_profile": train_profile.name,
+        "price_per_hour": price_per_hour,
+        "stages": stages,
+        "total_hours": sum(s["hours"] for s in stages),
+        "total_cost": None if price_per_hour is None else sum(s["cost"] for s in stages),
+        "memory": memory,
+    }

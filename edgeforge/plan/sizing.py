@@ -1,0 +1,150 @@
+"""Bytes of a model's weights and KV cache in the shipped formats.
+
+GGUF sizes follow llama.cpp's own per-tensor choices (``llama_tensor_get_type`` in llama-quant.cpp): a quant *mix*
+such as Q4_K_M keeps the output matrix at Q6_K, gives half the ``attn_v`` and ``ffn_down`` layers Q6_K, and falls back
+to a 32-block type when a row is not a multiple of 256 (SmolLM2's 576-wide rows, for instance). Block sizes come from
+the ``gguf`` package, so they stay in step with the format.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as Q
+
+from edgeforge.models.refs import ModelArch
+
+QK_K = 256
+
+# The type each llama.cpp file type ("ftype") uses by default, and which tensors it promotes.
+GGUF_QUANT_TYPES: dict[str, Q] = {
+    "F32": Q.F32,
+    "F16": Q.F16,
+    "BF16": Q.BF16,
+    "Q8_0": Q.Q8_0,
+    "Q6_K": Q.Q6_K,
+    "Q5_K_M": Q.Q5_K,
+    "Q4_K_M": Q.Q4_K,
+    "Q4_0": Q.Q4_0,
+    "IQ4_XS": Q.IQ4_XS,
+}
+_MIXES_PROMOTING_V_AND_DOWN = {"Q4_K_M", "Q5_K_M"}
+# llama.cpp's fallback when a row length is not a multiple of QK_K (convert_incompatible_tensor).
+_ROW_FALLBACK = {Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0, Q.IQ4_XS: Q.IQ4_NL}
+
+ONNX_BITS_PER_WEIGHT: dict[str, float] = {
+    "fp32": 32.0,
+    "fp16": 16.0,
+    # MatMulNBits, block 32, one fp32 scale per block, symmetric (no zero points): 8 + 32/32 bits.
+    "int8": 9.0,
+    # 4-bit blocks of 32 with an fp32 scale and a packed 4-bit zero point: 4 + 1 + 0.125 bits.
+    "int4": 5.125,
+}
+
+
+def _bytes(qtype: Q, n_elements: int) -> int:
+    block, type_size = GGML_QUANT_SIZES[qtype]
+    return (n_elements + block - 1) // block * type_size
+
+
+def _use_more_bits(i_layer: int, n_layers: int) -> bool:
+    """llama.cpp's rule for which layers of a *_M mix get the bigger type: the first and last eighth, every third."""
+    return i_layer < n_layers // 8 or i_layer >= 7 * n_layers // 8 or (i_layer - n_layers // 8) % 3 == 2
+
+
+def _fit_row(qtype: Q, row_len: int) -> Q:
+    if GGML_QUANT_SIZES[qtype][0] == QK_K and row_len % QK_K != 0:
+        return _ROW_FALLBACK.get(qtype, Q.Q8_0)
+    return qtype
+
+
+def gguf_weights_bytes(arch: ModelArch, quant: str) -> int:
+    """Bytes of tensor data in a GGUF file of ``arch`` at llama.cpp file type ``quant`` (metadata excluded)."""
+    try:
+        base = GGUF_QUANT_TYPES[quant]
+    except KeyError:
+        raise ValueError(f"unknown GGUF quant type '{quant}'; expected one of {', '.join(GGUF_QUANT_TYPES)}") from None
+    h, hd = arch.hidden_size, arch.head_dim
+    q_out, kv_out = arch.n_heads * hd, arch.n_kv_heads * hd
+    unquantized = base in (Q.F32, Q.F16, Q.BF16)
+
+    def tensor(qtype: Q, row_len: int, n_rows: int) -> int:
+        return _bytes(qtype if unquantized else _fit_row(qtype, row_len), row_len * n_rows)
+
+    # Output matrix (or the tied embedding that serves as output): Q6_K unless the mix is Q8_0 or wider.
+    out_type = base if unquantized or base == Q.Q8_0 else Q.Q6_K
+    if not unquantized and h % QK_K != 0:
+        out_type = Q.Q8_0
+    total = tensor(out_type, h, arch.vocab_size)
+    if not arch.tied_embeddings:
+        total += tensor(base, h, arch.vocab_size)
+    for i in range(arch.n_layers):
+        promote = quant in _MIXES_PROMOTING_V_AND_DOWN and _use_more_bits(i, arch.n_layers)
+        wide = Q.Q6_K if promote else base
+        total += tensor(base, h, q_out) + tensor(base, h, kv_out) + tensor(wide, h, kv_out)
+        total += tensor(base, q_out, h)
+        total += 2 * tensor(base, h, arch.intermediate_size) + tensor(wide, arch.intermediate_size, h)
+        total += 2 * h * 4  # the two RMSNorm weights stay F32
+        if arch.qkv_bias:
+            total += (q_out + 2 * kv_out) * 4
+    return total + h * 4
+
+
+def gguf_file_bytes(arch: ModelArch, quant: str) -> int:
+    """Estimated GGUF file size: tensor data plus tokenizer metadata (about 16 bytes a vocabulary entry)."""
+    return gguf_weights_bytes(arch, quant) + arch.vocab_size * 16
+
+
+def onnx_weights_bytes(arch: ModelArch, quant: str) -> int:
+    """Bytes of an ONNX decoder's weights at ``quant`` (fp32, fp16, int8, int4 weight-only, embedding included)."""
+    try:
+        bits = ONNX_BITS_PER_WEIGHT[quant]
+    except KeyError:
+        raise ValueError(f"unknown ONNX quant '{quant}'; expected one of {', '.join(ONNX_BITS_PER_WEIGHT)}") from None
+    return int(arch.n_params * bits / 8)
+
+
+def weights_bytes(arch: ModelArch, fmt: str, quant: str) -> int:
+    return gguf_file_bytes(arch, quant) if fmt == "gguf" else onnx_weights_bytes(arch, quant)
+
+
+def kv_cache_bytes(arch: ModelArch, context_tokens: int, bytes_per_element: int = 2) -> int:
+    """KV cache at ``context_tokens``: keys and values of shape [n_layers, n_kv_heads, context, head_dim].
+
+    GQA-aware: only the KV heads are cached. Default element size is 2 bytes (f16, llama.cpp's default).
+    """
+    return 2 * arch.n_layers * arch.n_kv_heads * arch.head_dim * context_tokens * bytes_per_element
+
+
+RUNTIME_BASE_BYTES = 32 * 1024**2  # runtime library, tokenizer and context structs (measured order of magnitude)
+UBATCH_TOKENS = 512  # llama.cpp's default physical batch
+
+
+def runtime_overhead_bytes(arch: ModelArch, context_tokens: int) -> int:
+    """Runtime memory beside weights and KV: base plus the compute buffer of one prompt batch.
+
+    The buffer holds, per batch token, the attention scores over the context (n_heads x context) and the
+    widest activations (hidden and MLP), in fp32; plus one row of logits.
+    """
+    per_token = arch.n_heads * min(context_tokens, UBATCH_TOKENS * 4) + 4 * arch.hidden_size + arch.intermediate_size
+    return RUNTIME_BASE_BYTES + UBATCH_TOKENS * per_token * 4 + arch.vocab_size * 4
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    weights_bytes: int
+    kv_cache_bytes: int
+    runtime_overhead_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.kv_cache_bytes + self.runtime_overhead_bytes
+
+
+def memory_estimate(arch: ModelArch, fmt: str, quant: str, context_tokens: int) -> MemoryEstimate:
+    return MemoryEstimate(
+        weights_bytes=weights_bytes(arch, fmt, quant),
+        kv_cache_bytes=kv_cache_bytes(arch, context_tokens),
+        runtime_overhead_bytes=runtime_overhead_bytes(arch, context_tokens),
+    )

@@ -1,0 +1,71 @@
+"""TODO docstring."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from edgeforge.data.text import read_jsonl, validate_messages
+from edgeforge.errors import BadInputError
+
+IGNORE_INDEX = -100
+
+
+def load_task_examples(task: str | None, data: Path | None, seed: int = 0) -> tuple[list[dict], list[dict], str]:
+    """(train, held-out, source description). A JSONL file is split 90/10 deterministically."""
+    if task is not None and data is None and not Path(task).exists():
+        from edgeforge.tasks import build_task
+
+        train_ex, held = build_task(task, seed)
+        return train_ex, held, f"built-in task '{task}'"
+    path = Path(data or task)  # type: ignore[arg-type]
+    rows = read_jsonl(path)
+    examples = []
+    for i, row in enumerate(rows, start=1):
+        where = f"{path}:{i}"
+        if "messages" in row:
+            msgs = validate_messages(row["messages"], where)
+            if msgs[-1]["role"] != "assistant":
+                raise BadInputError(f"{where}: the last message must be the assistant's answer, found role "
+                                    f"'{msgs[-1]['role']}'")
+            examples.append({"messages": msgs})
+        elif isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str):
+            examples.append({"messages": [{"role": "user", "content": row["prompt"]},
+                                          {"role": "assistant", "content": row["completion"]}]})
+        else:
+            raise BadInputError(f"{where}: expected 'messages' or string fields 'prompt' and 'completion'; found "
+                                f"keys {sorted(row)}")
+    if len(examples) < 2:
+        raise BadInputError(f"{path}: need at least 2 examples (one is held out), found {len(examples)}")
+    n_hold = max(1, len(examples) // 10)
+    return examples[:-n_hold], examples[-n_hold:], str(path)
+
+
+def encode_example(tokenizer: Any, messages: list[dict[str, str]], max_len: int) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) with labels = -100 on every prompt token: the loss is on the answer (and its end token).
+
+    The prompt is the chat template of all messages but the last, with the generation prompt; the answer is the
+    last (assistant) message's content followed by the template's end-of-turn token.
+    """
+    prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=True)
+    prompt = list(prompt["input_ids"] if isinstance(prompt, dict) else prompt)
+    answer = tokenizer(messages[-1]["content"], add_special_tokens=False)["input_ids"]
+    end = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    ids = (prompt + answer + end)[:max_len]
+    labels = ([IGNORE_INDEX] * len(prompt) + answer + end)[:max_len]
+    return ids, labels
+
+
+def collate(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a micro-batch: input_ids / labels / attention_mask, each [batch, max_len]."""
+    n = max(len(r[0]) for r in rows)
+    ids = torch.full((len(rows), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), n), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(rows), n), dtype=torch.long)
+    for i, (x, y) in enumerate(rows):
+        ids[i, : len(x)] = torch.tensor(x)
+        labels[i, : len(y)] = torch.tensor(y)
+        mask[i, : len(x)] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
