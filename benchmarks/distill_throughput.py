@@ -74,7 +74,7 @@ def _steady(step_times: list[float], step_tokens: list[int], warmup: int) -> flo
 
 
 def _config(args: argparse.Namespace, out: Path, **kw: Any) -> Any:
-    from edgeforge.distill.run import DistillConfig
+    from edgeforge.distill.config import DistillConfig
 
     return DistillConfig(out=out, teacher=args.teacher, student_layers=args.student_layers, steps=args.steps,
                          batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, seed=0, checkpoint_every=0,

@@ -113,7 +113,8 @@ def parse_args() -> argparse.Namespace:
 
 def run_distill_row(args: argparse.Namespace, name: str, overrides: dict[str, Any],
                     extra_teacher: Path | None) -> dict[str, Any]:
-    from edgeforge.distill.run import DistillConfig, run_distill
+    from edgeforge.distill.config import DistillConfig
+    from edgeforge.distill.run import run_distill
 
     out = args.out / name
     shutil.rmtree(out, ignore_errors=True)

@@ -30,9 +30,13 @@ def builtin_dir(kind: BuiltinKind) -> Path:
 def device_bench_package() -> Path:
     """The folder of the ``device_bench`` package, copied to a device as it is (stdlib + the runtime only)."""
     spec = importlib.util.find_spec("device_bench")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError("device_bench is not installed beside edgeforge; reinstall edgeforge")
-    return Path(next(iter(spec.submodule_search_locations)))
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        # Run from a clone's root, the agent's own distribution folder (device_bench/, no __init__.py) is found
+        # first, as a namespace package; the package itself is the folder of the same name inside it.
+        for candidate in (Path(location), Path(location) / "device_bench"):
+            if (candidate / "__init__.py").is_file():
+                return candidate
+    raise ModuleNotFoundError("device_bench is not installed beside edgeforge; reinstall edgeforge")
 
 
 def yaml_files(location: Path) -> list[Path]:

@@ -17,7 +17,8 @@ from click.testing import CliRunner
 from tiny_models import make_tiny_model
 
 from edgeforge.cli.app import cli
-from edgeforge.distill.run import DistillConfig, run_distill
+from edgeforge.distill.config import DistillConfig
+from edgeforge.distill.run import run_distill
 from edgeforge.errors import BadInputError
 
 

@@ -152,7 +152,8 @@ def register(cli: click.Group) -> None:
         --self-distill, --task-loss rationale (distilling step-by-step), --extra-teacher (multi-teacher),
         --on-policy-ratio (on-policy, GKD-style).
         """
-        from edgeforge.distill.run import DistillConfig, record_summary, run_distill
+        from edgeforge.distill.config import DistillConfig
+        from edgeforge.distill.run import record_summary, run_distill
         from edgeforge.distill.techniques.progressive import parse_layers
         from edgeforge.errors import BadInputError
         from edgeforge.train.loop import is_main_process

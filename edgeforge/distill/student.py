@@ -1,4 +1,4 @@
-"""TODO docstring."""
+"""The student as the training loop sees it: the model plus the layer outputs that hidden-state alignment needs."""
 
 from __future__ import annotations
 

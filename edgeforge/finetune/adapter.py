@@ -1,4 +1,4 @@
-"""TODO docstring."""
+"""The base model and its adapter: load (4-bit for QLoRA), attach LoRA/DoRA with peft, merge and check the merge."""
 
 from __future__ import annotations
 

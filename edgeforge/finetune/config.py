@@ -1,4 +1,4 @@
-"""TODO docstring."""
+"""Every setting of a fine-tuning run (``FinetuneConfig``), validated in one place; errors name the flag."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""TODO docstring."""
+"""The fine-tuning losses and the forgetting metric: answer-only cross-entropy, general-text perplexity."""
 
 from __future__ import annotations
 

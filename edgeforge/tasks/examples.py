@@ -1,4 +1,4 @@
-"""TODO docstring."""
+"""Task examples: read a task (built-in or JSONL), encode it for answer-only training, collate micro-batches."""
 
 from __future__ import annotations
 

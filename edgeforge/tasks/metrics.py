@@ -1,4 +1,4 @@
-"""TODO docstring."""
+"""Task scoring: greedy answers from a torch model or an exported artifact, exact match and valid-JSON rate."""
 
 from __future__ import annotations
 

@@ -1,0 +1,1 @@
+"""Built-in profiles (YAML): mapped into the package as edgeforge.builtin.profiles, see edgeforge.paths."""

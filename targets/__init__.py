@@ -1,0 +1,1 @@
+"""Built-in targets (YAML): mapped into the package as edgeforge.builtin.targets, see edgeforge.paths."""
