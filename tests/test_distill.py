@@ -20,7 +20,7 @@ from tiny_models import make_tiny_model
 from edgeforge.cli.app import cli
 from edgeforge.distill.config import DistillConfig
 from edgeforge.distill.prune import StudentShape, collect_stats, init_student
-from edgeforge.distill.run import losses as kd
+from edgeforge.distill import losses as kd
 from edgeforge.distill.run import run_distill
 from edgeforge.errors import BadInputError
 
