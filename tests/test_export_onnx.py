@@ -223,8 +223,16 @@ def test_other_architectures_export(tmp_path: Path, model_type: str, tie: bool) 
     assert rec["tied_embedding_shared"] is tie and rec["lm_head"].startswith("int8")
     assert rec["embedding"].startswith("int8")
     ids = token_ids(64, seed=1)
-    result = agreement(torch_logits(src, ids), onnx_logits(tmp_path / "out", ids), np.asarray(ids))
-    assert result.mean_kl < 1e-3 and result.top1_agreement >= 0.95, result
+    reference, exported = torch_logits(src, ids), onnx_logits(tmp_path / "out", ids)
+    result = agreement(reference, exported, np.asarray(ids))
+    assert result.mean_kl < 1e-3, result
+    # A random tiny model's top two logits are often within int8 noise of each other, so a near-tie may flip on one
+    # CPU and not on another (4 of 64 flipped on an AMD EPYC at KL 3e-6). Top-1 must agree where the reference
+    # decides: its top-1 leads its top-2 by more than 0.05.
+    top2 = np.sort(reference, axis=-1)[:, -2:]
+    decided = top2[:, 1] - top2[:, 0] > 0.05
+    same = reference.argmax(-1) == exported.argmax(-1)
+    assert decided.sum() >= 16 and same[decided].mean() >= 0.95, (int(decided.sum()), float(same[decided].mean()))
     assert json.loads((tmp_path / "out" / RUNTIME_FILE).read_text())["n_threads"] == 2
     _, n_new = generate_text(tmp_path / "out", "the city", max_new_tokens=4, min_new_tokens=4)
     assert n_new == 4
