@@ -93,6 +93,7 @@ class ProgressStep:
         self.initial = float(completed)  # a resumed step's rate counts only this run's work
         self.note = ""
         self.started_s = time.monotonic()
+        self.ended_s: float | None = None  # seconds the step took, once it has ended
 
     # ---- what callers use
     def advance(self, n: float = 1, note: str | None = None) -> None:
@@ -111,21 +112,31 @@ class ProgressStep:
 
     # ---- what the display uses
     def elapsed_s(self) -> float:
-        return time.monotonic() - self.started_s
+        return self.ended_s if self.ended_s is not None else time.monotonic() - self.started_s
 
     def rate_per_s(self) -> float:
         return (self.completed - self.initial) / max(1e-9, self.elapsed_s())
 
     def amount_text(self) -> str:
+        if not self.unit:  # nothing is counted, only the time
+            return ""
+        if self.unit == "%":  # a share of an external tool's work, as it reports it
+            return f"{self.completed:.0f}%"
         unit = "MB" if self.unit == "B" else self.unit
         if self.total is None:
             return f"{format_amount(self.completed, self.unit)} {unit}"
         return f"{format_amount(self.completed, self.unit)}/{format_amount(self.total, self.unit)} {unit}"
 
+    def rate_text(self) -> str:
+        """The rate as shown (none for a percentage: it is not a count of anything)."""
+        if self.unit in ("", "%"):
+            return ""
+        return ", " + format_rate(self.rate_per_s(), self.unit)
+
     def final_line(self) -> str:
         note = f", {self.note}" if self.note else ""
-        return (f"{self.label}: {self.amount_text()} in {format_seconds(self.elapsed_s())}, "
-                f"{format_rate(self.rate_per_s(), self.unit)}{note}")
+        amount = self.amount_text() or "done"
+        return f"{self.label}: {amount} in {format_seconds(self.elapsed_s())}{self.rate_text()}{note}"
 
     def _changed(self) -> None:
         """Hook for the display."""
@@ -159,12 +170,12 @@ class _PlainLines(ProgressStep):
             self.next_fraction = self._fraction_step_after(fraction)
             rate = self.rate_per_s()
             eta = (self.total - self.completed) / rate if rate > 0 else math.inf
-            line = (f"{self.label}: {self.amount_text()} ({fraction:.0%}), {format_rate(rate, self.unit)}, "
-                    f"ETA {format_seconds(eta)}")
+            share = "" if self.unit == "%" else f" ({fraction:.0%})"
+            line = f"{self.label}: {self.amount_text()}{share}{self.rate_text()}, ETA {format_seconds(eta)}"
         else:
             if now - self.last_line_s < self.interval_s:
                 return
-            line = f"{self.label}: {self.amount_text()} after {format_seconds(self.elapsed_s())}"
+            line = f"{self.label}: {self.amount_text() or 'running'} after {format_seconds(self.elapsed_s())}"
         self.last_line_s = now
         _write_line(line + (f", {self.note}" if self.note else ""))
 
@@ -223,7 +234,6 @@ class _SharedDisplay:
         with self.lock:
             if self.live is None:
                 return
-            step.ended_s = step.elapsed_s()  # type: ignore[attr-defined]
             total = step.total if step.total is not None else step.completed
             self.live.update(step.task_id, completed=step.completed, total=total)
             self.live.stop_task(step.task_id)
@@ -265,10 +275,9 @@ def _amount_and_rate_column() -> type:
 
         def render(self, task: Any) -> Text:
             step: ProgressStep = task.fields["step"]
-            elapsed = getattr(step, "ended_s", None) or step.elapsed_s()
-            rate = (step.completed - step.initial) / max(1e-9, elapsed)
+            elapsed = step.elapsed_s()
             note = f"  {step.note}" if step.note else ""
-            return Text(f"{step.amount_text()}, {format_rate(rate, step.unit)}, {format_seconds(elapsed)}{note}")
+            return Text(f"{step.amount_text()}{step.rate_text()}, {format_seconds(elapsed)}{note}")
 
     return AmountAndRate
 
@@ -282,7 +291,8 @@ def progress(label: str, total: float | None = None, unit: str = "step", complet
     """Show the progress of the step ``label`` while the block runs.
 
     ``total``: units the step takes (None: unknown; plain lines then come every ``interval_s``); ``unit``: what is
-    counted (``"B"`` is shown in MB); ``completed``: units already done (a resumed run); ``enabled=False`` shows
+    counted (``"B"`` is shown in MB, ``"%"`` is a tool's own percentage, ``""`` counts nothing: only the time
+    is shown); ``completed``: units already done (a resumed run); ``enabled=False`` shows
     nothing (the other processes of a distributed run).
     """
     style = current_style() if enabled else "off"
@@ -297,4 +307,5 @@ def progress(label: str, total: float | None = None, unit: str = "step", complet
         yield step
         ok = True
     finally:
+        step.ended_s = step.elapsed_s()
         step._finish(ok)
