@@ -3,7 +3,9 @@ a rich bar where it is."""
 
 from __future__ import annotations
 
+import shutil
 import time
+from pathlib import Path
 
 import pytest
 
@@ -86,3 +88,42 @@ def test_the_bar_draws_frames_and_keeps_the_final_rate(capsys: pytest.CaptureFix
 def test_an_unknown_style_is_refused() -> None:
     with pytest.raises(ValueError, match="expected one of auto, bar, lines, off"):
         set_style("fancy")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- the first-use llama.cpp tool build
+FAKE_TREE_CMAKE = """cmake_minimum_required(VERSION 3.14)
+project(fake_llama C)
+set(CMAKE_RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR}/bin)
+add_executable(llama-quantize ok.c)
+add_executable(llama-bench ok.c)
+add_executable(llama-imatrix broken.c)
+"""
+
+
+@pytest.mark.skipif(not (shutil.which("cmake") and shutil.which("cc")), reason="needs cmake and a C compiler")
+def test_tool_build_shows_each_phase_and_a_failure_names_its_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """A real cmake build of a small tree laid out as llama.cpp's (the real one takes minutes)."""
+    from edgeforge.export import llama_tools
+
+    monkeypatch.setenv("EDGEFORGE_HOME", str(tmp_path))
+    tree = llama_tools.tree_dir()
+    tree.mkdir(parents=True)
+    (tree / "convert_hf_to_gguf.py").write_text("", encoding="utf-8")  # a fetched tree: no download
+    (tree / "CMakeLists.txt").write_text(FAKE_TREE_CMAKE, encoding="utf-8")
+    (tree / "ok.c").write_text("int main(void) { return 0; }\n", encoding="utf-8")
+    (tree / "broken.c").write_text("int main(void) { return missing_symbol_here; }\n", encoding="utf-8")
+
+    paths = llama_tools.ensure_tools(("llama-quantize", "llama-bench"), jobs=1)
+    assert all(p.is_file() for p in paths.values())
+    _, lines = _lines(capsys)
+    labels = [ln.split(":", 1)[0] for ln in lines]
+    assert {"configure", "build llama-quantize", "build llama-bench"} <= set(labels)
+    assert lines[-1].startswith(f"llama.cpp {llama_tools.binding_version()} tools (first use): 3/3 phase in ")
+    assert llama_tools.ensure_tools(("llama-quantize",)) and capsys.readouterr().err == ""  # built: no second build
+
+    with pytest.raises(llama_tools.ToolsError) as failed:
+        llama_tools.ensure_tools(("llama-imatrix",), jobs=1)
+    message = str(failed.value)
+    assert "at 'build llama-imatrix'" in message and "missing_symbol_here" in message
+    assert f"full log: {llama_tools.build_log()}" in message and llama_tools.build_log().is_file()

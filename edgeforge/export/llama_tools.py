@@ -85,6 +85,17 @@ def log_tail(log: Path, n: int = 3) -> list[str]:
     return [ln.strip() for ln in text.splitlines() if ln.strip()][-n:]
 
 
+def failure_excerpt(log: Path) -> list[str]:
+    """What a failed command's log says: its first error line (a compiler's, not make's echo of it) and its last
+    line, from the output after the log's last ``$ command`` header."""
+    lines = log_tail(log, 400)
+    starts = [i for i, ln in enumerate(lines) if ln.startswith("$ ")]
+    lines = lines[starts[-1] + 1:] if starts else lines
+    errors = [ln for ln in lines if "error" in ln.lower() and not ln.startswith(("gmake", "make", "ninja"))]
+    excerpt = errors[:1] + [ln for ln in lines[-1:] if ln not in errors[:1]]
+    return [ln[:300] for ln in excerpt] or ["no output"]
+
+
 def build_percent(log: Path) -> float | None:
     """How far a cmake build is, from the last ``[ 45%]`` (Makefiles) or ``[12/150]`` (Ninja) line of its log."""
     for line in reversed(log_tail(log, 40)):
@@ -132,7 +143,7 @@ def _fetch_tree(dest: Path, log: Path) -> None:
         sdists = list(Path(tmp).glob("*.tar.gz"))
         if code != 0 or not sdists:
             raise ToolsError(f"could not download the llama-cpp-python {ver} source distribution (needed for "
-                             f"llama.cpp's converter and tools): {' | '.join(log_tail(log, 2))}; full log: {log}")
+                             f"llama.cpp's converter and tools): {' | '.join(failure_excerpt(log))}; full log: {log}")
         staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".staging-"))
         try:
             with tarfile.open(sdists[0]) as tar:
@@ -181,11 +192,11 @@ def ensure_tools(targets: tuple[str, ...] = TOOL_TARGETS, jobs: int | None = Non
             overall.update(done, note=phase)
             with progress(phase, total=100, unit="%") as p:
                 code = run_logged(cmd, log, on_poll=lambda p=p: p.update(build_percent(log)))
-                if code == 0:
-                    p.update(100)
-            if code != 0:
-                raise ToolsError(f"building llama.cpp's tools failed at '{phase}' (exit {code}): "
-                                 f"{' | '.join(log_tail(log))}; full log: {log}; a C++ compiler and cmake are needed")
+                if code != 0:
+                    raise ToolsError(f"building llama.cpp's tools failed at '{phase}' (exit {code}): "
+                                     f"{' | '.join(failure_excerpt(log))}; full log: {log}; a C++ compiler and cmake "
+                                     "are needed")
+                p.update(100)
         overall.update(len(phases), note="done")
     return {t: tool_path(t) for t in targets}
 
