@@ -108,6 +108,8 @@ class ProgressStep:
             self.note = note
         if total is not None:
             self.total = float(total)
+        if self.total is not None and self.completed > self.total:  # an estimated total (a file's size) fell short
+            self.total = self.completed
         self._changed()
 
     # ---- what the display uses

@@ -44,6 +44,13 @@ def test_a_resumed_step_counts_only_this_runs_work(capsys: pytest.CaptureFixture
     assert len(lines) == 1 and lines[0].startswith("train: 100/100 step in ")
 
 
+def test_an_estimated_total_that_falls_short_grows(capsys: pytest.CaptureFixture[str]) -> None:
+    with progress("convert", total=7e6, unit="B") as p:
+        p.update(completed=8.2e6)  # the file came out larger than its estimate
+    _, lines = _lines(capsys)
+    assert lines[-1].startswith("convert: 8.2/8.2 MB in ")
+
+
 def test_without_a_total_a_line_comes_every_interval(capsys: pytest.CaptureFixture[str]) -> None:
     with progress("convert", unit="B", interval_s=0.05) as p:
         for i in range(6):
