@@ -8,7 +8,7 @@ ifeq ($(shell uname -m),x86_64)
 LLAMA_CMAKE_ARGS := -DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' -DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'
 endif
 
-.PHONY: demo test test-all lint clean
+.PHONY: demo test lint clean system-deps
 
 $(BIN)/edgeforge: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -23,13 +23,33 @@ $(BIN)/edgeforge: pyproject.toml
 	$(BIN)/python -m edgeforge.export.llama_tools
 	touch $@
 
+# System packages the tests use: openssh-server (the SSH-target tests start a real sshd on 127.0.0.1), adb (the adb
+# target tests) and chromium (the report test renders report.html headless). As root, the missing ones are installed
+# with apt-get; otherwise make stops, before anything is set up or tested, with the one command to run.
+SYSTEM_PACKAGES_CHECK = \
+	need=""; \
+	[ -x /usr/sbin/sshd ] || need="$$need openssh-server"; \
+	command -v adb >/dev/null 2>&1 || need="$$need adb"; \
+	command -v chromium >/dev/null 2>&1 || need="$$need chromium"
+
+system-deps:
+	@$(SYSTEM_PACKAGES_CHECK); \
+	if [ -z "$$need" ]; then exit 0; fi; \
+	if [ "$$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing the system packages the tests need:$$need"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$need >/dev/null; \
+	else \
+		echo "missing system packages for the tests:$$need; install them with: sudo apt-get install -y$$need" >&2; \
+		exit 1; \
+	fi
+
 # The main job on the embedded default: the bundled teacher, built-in data and task, for a device it is too slow
 # for (so it distills, fine-tunes, exports, verifies, benchmarks and ships to edgeforge-build/ship).
-demo: $(BIN)/edgeforge
+demo: system-deps $(BIN)/edgeforge
 	$(BIN)/edgeforge build --profile raspberry-pi-zero-2w --out edgeforge-build
 
 # Fast tests, then the integration tests (bundled teacher, real llama.cpp / onnxruntime / sshd), then ruff.
-test: $(BIN)/edgeforge
+test: system-deps $(BIN)/edgeforge
 	$(BIN)/ruff check .
 	$(BIN)/pytest
 	# exit 5 means no test was selected: allowed, so a branch without integration tests still passes

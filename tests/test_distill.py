@@ -18,9 +18,9 @@ from safetensors.torch import load_file
 from tiny_models import make_tiny_model
 
 from edgeforge.cli.app import cli
+from edgeforge.distill import losses as kd
 from edgeforge.distill.config import DistillConfig
 from edgeforge.distill.prune import StudentShape, collect_stats, init_student
-from edgeforge.distill import losses as kd
 from edgeforge.distill.run import run_distill
 from edgeforge.errors import BadInputError
 

@@ -1,4 +1,4 @@
-"""The speed estimator against every published measurement in shared/device-specs.md (within +-30%).
+"""The speed estimator against every published measurement in edgeforge.plan.calibration (within +-30%).
 
 The efficiencies are general per-backend constants (edgeforge.plan.estimator); nothing here is per row.
 """

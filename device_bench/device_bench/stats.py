@@ -1,32 +1,33 @@
-"""Small statistics helpers (no numpy: the GGUF path must run with the standard library only)."""
+"""Summary statistics of repeated measurements, from the standard library's ``statistics``.
+
+No numpy: the GGUF path must run with the standard library only, on Python 3.8 and newer.
+"""
 
 from __future__ import annotations
 
-import math
+import statistics
 from collections.abc import Sequence
 
 
 def mean(values: Sequence[float]) -> float:
     """Arithmetic mean; 0.0 for an empty sequence."""
-    return math.fsum(values) / len(values) if values else 0.0
+    return statistics.fmean(values) if values else 0.0
 
 
 def std(values: Sequence[float]) -> float:
     """Sample standard deviation (n - 1), as llama-bench reports it; 0.0 for fewer than two values."""
-    if len(values) < 2:
-        return 0.0
-    mu = mean(values)
-    return math.sqrt(math.fsum((v - mu) ** 2 for v in values) / (len(values) - 1))
+    return statistics.stdev(values) if len(values) >= 2 else 0.0
 
 
 def percentile(values: Sequence[float], q: float) -> float:
-    """The ``q``-th percentile (0..100) with linear interpolation between ranks (numpy's default method)."""
+    """The ``q``-th percentile (``q`` a whole number within 0..100); 0.0 for an empty sequence.
+
+    Linear interpolation between ranks: numpy's default method, the standard library's ``inclusive`` quantiles.
+    """
+    if not 0.0 <= q <= 100.0 or q != int(q):
+        raise ValueError(f"percentile must be a whole number within 0..100, got {q}")
     if not values:
         return 0.0
-    if not 0.0 <= q <= 100.0:
-        raise ValueError(f"percentile must be within 0..100, got {q}")
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100.0
-    low = math.floor(rank)
-    high = math.ceil(rank)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+    if len(values) == 1 or q in (0, 100):  # statistics.quantiles needs two values, and gives the cut points only
+        return min(values) if q == 0 else max(values) if q == 100 else float(values[0])
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]

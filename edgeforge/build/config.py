@@ -146,12 +146,29 @@ def validate_pipeline(data: dict[str, Any], source: str) -> PipelineConfig:
         raise BadInputError(f"{source}: {where}: {err['msg'].lower()}; found {found_text}") from None
 
 
+def pipeline_file(ref: Path) -> Path:
+    """The file ``--config`` names: a path as given, or else the built-in pipeline of that name
+    (``finetune-then-distill``), which an installed edgeforge carries without a ``pipelines/`` folder."""
+    if ref.exists() or len(ref.parts) != 1:
+        return ref
+    from edgeforge.paths import builtin_dir, yaml_files
+
+    builtins = {p.stem: p for p in yaml_files(builtin_dir("pipelines"))}
+    name = ref.stem if ref.suffix in (".yaml", ".yml") else ref.name
+    if name not in builtins:
+        raise BadInputError(f"--config {ref}: no such pipeline file, and no built-in pipeline of that name; "
+                            f"expected a YAML path or one of: {', '.join(sorted(builtins))}")
+    return builtins[name]
+
+
 def load_pipeline(path: Path | None) -> PipelineConfig:
-    """Read a pipeline YAML file (``yaml.safe_load``), or the defaults when ``path`` is None."""
+    """Read a pipeline YAML file (``yaml.safe_load``) or a built-in pipeline by name; the defaults when ``path`` is
+    None."""
     if path is None:
         return PipelineConfig()
     from edgeforge.validation import read_yaml_file
 
+    path = pipeline_file(Path(path))
     try:
         data = read_yaml_file(Path(path), "pipeline", BadInputError)
     except BadInputError as e:

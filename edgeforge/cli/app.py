@@ -26,6 +26,10 @@ class EdgeforgeGroup(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         debug = "--debug" in sys.argv[1:] or os.environ.get("EDGEFORGE_DEBUG") == "1"
+        if "--json" in sys.argv[1:]:  # a script reads the output: plain progress lines, no bar frames
+            from edgeforge.progress import set_style
+
+            set_style("lines")
         try:
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):

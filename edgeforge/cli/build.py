@@ -26,7 +26,8 @@ def register(cli: click.Group) -> None:
 @click.option("--task", default=None, help="Fine-tuning task: built-in name or JSONL path [default: home-commands].")
 @click.option("--no-task", is_flag=True, help="No fine-tuning task (the plan then distills or ships as is).")
 @click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
-              help="Pipeline YAML (pipelines/*.yaml); flags override it.")
+              help="Pipeline YAML path, or a built-in pipeline's name (finetune-then-distill); flags override "
+                   "it.")
 @click.option("--target", default=None, help="Also benchmark on this target (name in targets/ or a YAML path).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("edgeforge-build"), show_default=True,
               help="Build folder: stage cache in OUT/.stages, the ship folder in OUT/ship.")

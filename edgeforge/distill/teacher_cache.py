@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from edgeforge.errors import EdgeforgeError
+from edgeforge.progress import progress
 
 CACHE_FORMAT = 1
 SHARD_ROWS = 256
@@ -189,22 +190,24 @@ class TopKCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         _atomic_write_text(self.dir / "meta.json", json.dumps(self.meta, indent=1))
         passes = 0
-        for start in range(0, len(rows), self.shard_rows):
-            part = torch.tensor(rows[start:start + self.shard_rows], dtype=torch.int64)
-            vals, ids = [], []
-            with torch.no_grad():
-                for b in range(0, len(part), batch_size):
-                    v, i = teacher_topk(teacher_logits(self.sequences[part[b:b + batch_size]]), self.k)
-                    passes += 1
-                    vals.append(v.to(torch.float16).cpu())
-                    ids.append(i.to(torch.int32).cpu())
-            path = self.dir / f"shard-{sha256_of(part)[:16]}.safetensors"
-            tmp = path.with_suffix(".partial")
-            save_file({"rows": part, "values": torch.cat(vals).contiguous(), "indices": torch.cat(ids).contiguous()},
-                      str(tmp), metadata={"key": self.key})
-            os.replace(tmp, path)
-            for i, r in enumerate(part.tolist()):
-                self._where[int(r)] = (path, i)
+        with progress(f"teacher top-{self.k} cache", total=len(rows), unit="seq") as shown:
+            for start in range(0, len(rows), self.shard_rows):
+                part = torch.tensor(rows[start:start + self.shard_rows], dtype=torch.int64)
+                vals, ids = [], []
+                with torch.no_grad():
+                    for b in range(0, len(part), batch_size):
+                        v, i = teacher_topk(teacher_logits(self.sequences[part[b:b + batch_size]]), self.k)
+                        passes += 1
+                        vals.append(v.to(torch.float16).cpu())
+                        ids.append(i.to(torch.int32).cpu())
+                        shown.advance(len(part[b:b + batch_size]))
+                path = self.dir / f"shard-{sha256_of(part)[:16]}.safetensors"
+                tmp = path.with_suffix(".partial")
+                save_file({"rows": part, "values": torch.cat(vals).contiguous(),
+                           "indices": torch.cat(ids).contiguous()}, str(tmp), metadata={"key": self.key})
+                os.replace(tmp, path)
+                for i, r in enumerate(part.tolist()):
+                    self._where[int(r)] = (path, i)
         return passes
 
     def lookup(self, rows: Tensor) -> tuple[Tensor, Tensor]:

@@ -26,6 +26,7 @@ from edgeforge import __version__
 from edgeforge.errors import BadInputError, EdgeforgeError, ModelError, ResourceError
 from edgeforge.fileio import sha256_file  # noqa: F401  (re-exported: bench and tests import it from here)
 from edgeforge.models.refs import ModelRef, read_arch
+from edgeforge.progress import ProgressStep, progress
 from edgeforge.quiet import captured_stderr
 
 GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "IQ4_XS")
@@ -70,30 +71,59 @@ def check_hf_exportable(model_dir: Path) -> None:
 
 
 def convert_hf(model_dir: Path, out: Path, outtype: str = "f16") -> Path:
-    """HF directory -> GGUF at ``outtype`` (f32, f16, bf16) with llama.cpp's ``convert_hf_to_gguf.py``."""
-    from edgeforge.export.llama_tools import converter_env, ensure_tree
+    """HF directory -> GGUF at ``outtype`` (f32, f16, bf16) with llama.cpp's ``convert_hf_to_gguf.py``.
+
+    Progress: the bytes written so far against the expected size of the result.
+    """
+    from edgeforge.export.llama_tools import converter_env, ensure_tree, run_logged
 
     check_hf_exportable(model_dir)
     script = ensure_tree() / "convert_hf_to_gguf.py"
     tmp = out.with_name(f".{out.name}.partial")
     cmd = [sys.executable, str(script), str(model_dir), "--outfile", str(tmp), "--outtype", outtype]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=converter_env())
-    if r.returncode != 0 or not tmp.is_file():
-        lines = [ln.strip() for ln in (r.stderr or r.stdout).splitlines() if ln.strip()]
-        # the exception line, not the progress bar the converter may have drawn after it
-        errors = [ln for ln in lines if "Error" in ln.split(":", 1)[0] or ln.startswith("error")]
-        last = (errors or lines or ["no output"])[-1]
-        if _disk_is_full(ExportError(last), out.parent):  # before the partial file is removed
-            last = f"No space left on device ({last[:200]})"
-        tmp.unlink(missing_ok=True)
-        raise ExportError(f"llama.cpp's convert_hf_to_gguf.py failed on {model_dir}: {last[:300]}")
+    # the log goes to the system's temporary folder: the output's disk may be the one that fills up
+    with tempfile.TemporaryDirectory(prefix="edgeforge-convert-") as logdir:
+        log = Path(logdir) / "convert.log"
+        with progress(f"convert {model_dir.name} to {outtype.upper()}", total=_expected_bytes(model_dir, outtype),
+                      unit="B") as p:
+            code = run_logged(cmd, log, env=converter_env(),
+                              on_poll=lambda: p.update(tmp.stat().st_size if tmp.is_file() else 0))
+            if code != 0 or not tmp.is_file():
+                raise ExportError(_converter_failure(model_dir, out, log, tmp))
+            p.update(tmp.stat().st_size)
     os.replace(tmp, out)
     return out
 
 
+def _expected_bytes(model_dir: Path, outtype: str) -> int | None:
+    """The converter's output size as estimated from config.json, for its progress; None where it cannot tell."""
+    from edgeforge.plan.sizing import gguf_file_bytes
+
+    try:
+        return gguf_file_bytes(read_arch(ModelRef(model_dir.name, model_dir, "hf")), outtype.upper())
+    except (EdgeforgeError, KeyError, ValueError):
+        return None
+
+
+def _converter_failure(model_dir: Path, out: Path, log: Path, tmp: Path) -> str:
+    """The one-line message for a failed conversion: the converter's exception line, not its progress bar."""
+    from edgeforge.export.llama_tools import log_tail
+
+    lines = [ln for ln in log_tail(log, 200) if not ln.startswith("$ ")]
+    errors = [ln for ln in lines if "Error" in ln.split(":", 1)[0] or ln.startswith("error")]
+    last = (errors or lines or ["no output"])[-1]
+    if _disk_is_full(ExportError(last), out.parent):  # before the partial file is removed
+        last = f"No space left on device ({last[:200]})"
+    tmp.unlink(missing_ok=True)
+    return f"llama.cpp's convert_hf_to_gguf.py failed on {model_dir}: {last[:300]}"
+
+
 def compute_imatrix(gguf: Path, data: Path, out: Path, threads: int, chunks: int = 32, ctx: int = 512) -> Path:
-    """Importance matrix of ``gguf`` on calibration text ``data`` with llama.cpp's ``llama-imatrix``."""
-    from edgeforge.export.llama_tools import ensure_tools
+    """Importance matrix of ``gguf`` on calibration text ``data`` with llama.cpp's ``llama-imatrix``.
+
+    Progress: the time spent, and the tool's own estimate of the time left once it has made one pass.
+    """
+    from edgeforge.export.llama_tools import ensure_tools, log_tail, run_logged
 
     tool = ensure_tools(("llama-imatrix",))["llama-imatrix"]
     if not data.is_file() or data.stat().st_size == 0:
@@ -101,11 +131,20 @@ def compute_imatrix(gguf: Path, data: Path, out: Path, threads: int, chunks: int
     tmp = out.with_name(f".{out.name}.partial.gguf")
     cmd = [str(tool), "-m", str(gguf), "-f", str(data), "-o", str(tmp), "-c", str(ctx), "--chunks", str(chunks),
            "-t", str(threads), "--no-ppl"]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0 or not tmp.is_file():
-        last = [ln for ln in (r.stderr or r.stdout).strip().splitlines() if ln.strip()][-2:]
-        tmp.unlink(missing_ok=True)
-        raise ExportError(f"llama-imatrix failed: {' | '.join(last)} (the data needs at least {ctx} tokens)")
+
+    def show_eta(p: ProgressStep) -> None:
+        eta = [ln for ln in log_tail(log, 20) if "seconds per pass - ETA" in ln]
+        if eta:
+            p.update(note="llama-imatrix's ETA: " + eta[-1].split("ETA", 1)[1].strip())
+
+    with tempfile.TemporaryDirectory(prefix="edgeforge-imatrix-") as logdir:
+        log = Path(logdir) / "imatrix.log"
+        with progress(f"imatrix over {chunks} chunks of {data.name}", unit="") as p:
+            code = run_logged(cmd, log, on_poll=lambda: show_eta(p))
+            if code != 0 or not tmp.is_file():
+                last = [ln for ln in log_tail(log, 3) if not ln.startswith("$ ")][-2:]
+                tmp.unlink(missing_ok=True)
+                raise ExportError(f"llama-imatrix failed: {' | '.join(last)} (the data needs at least {ctx} tokens)")
     os.replace(tmp, out)
     return out
 

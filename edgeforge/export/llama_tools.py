@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
+from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
 
 from edgeforge.errors import EdgeforgeError
 from edgeforge.paths import edgeforge_home
+from edgeforge.progress import ProgressStep, progress
 
 TOOL_TARGETS = ("llama-quantize", "llama-imatrix", "llama-bench", "llama-perplexity")
 # Intel AMX tile instructions fault (general protection) in some VMs even where the CPU reports them and the kernel
@@ -49,16 +52,98 @@ def tree_dir() -> Path:
     return edgeforge_home() / f"llama.cpp-{binding_version()}"
 
 
-def _fetch_tree(dest: Path) -> None:
+def run_logged(cmd: list[str], log: Path, on_poll: Callable[[], None] | None = None,
+               env: dict[str, str] | None = None, poll_s: float = 0.5) -> int:
+    """Run ``cmd`` with its stdout and stderr appended to ``log``; ``on_poll()`` every ``poll_s`` while it runs
+    (to move a progress display). Returns the exit code; an interrupt stops the child too."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as sink:
+        sink.write(f"$ {' '.join(cmd)}\n".encode())
+        sink.flush()
+        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env)
+        try:
+            while True:
+                try:
+                    return proc.wait(timeout=poll_s)
+                except subprocess.TimeoutExpired:
+                    if on_poll is not None:
+                        on_poll()
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+
+
+def log_tail(log: Path, n: int = 3) -> list[str]:
+    """The last ``n`` non-empty lines of a log (read from its last 64 KiB)."""
+    try:
+        with log.open("rb") as f:
+            f.seek(max(0, log.stat().st_size - 65536))
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return []
+    return [ln.strip() for ln in text.splitlines() if ln.strip()][-n:]
+
+
+def failure_excerpt(log: Path) -> list[str]:
+    """What a failed command's log says: its first error line (a compiler's, not make's echo of it) and its last
+    line, from the output after the log's last ``$ command`` header."""
+    lines = log_tail(log, 400)
+    starts = [i for i, ln in enumerate(lines) if ln.startswith("$ ")]
+    lines = lines[starts[-1] + 1:] if starts else lines
+    errors = [ln for ln in lines if "error" in ln.lower() and not ln.startswith(("gmake", "make", "ninja"))]
+    excerpt = errors[:1] + [ln for ln in lines[-1:] if ln not in errors[:1]]
+    return [ln[:300] for ln in excerpt] or ["no output"]
+
+
+def build_percent(log: Path) -> float | None:
+    """How far a cmake build is, from the last ``[ 45%]`` (Makefiles) or ``[12/150]`` (Ninja) line of its log."""
+    for line in reversed(log_tail(log, 40)):
+        made = _MAKE_PERCENT.match(line)
+        if made:
+            return float(made.group(1))
+        ninja = _NINJA_COUNT.match(line)
+        if ninja and int(ninja.group(2)):
+            return 100.0 * int(ninja.group(1)) / int(ninja.group(2))
+    return None
+
+
+def downloaded_bytes(log: Path) -> tuple[int, int] | None:
+    """(bytes so far, total bytes) of a ``pip download --progress-bar raw``, from its last ``Progress X of Y``."""
+    for line in reversed(log_tail(log, 40)):
+        found = _PIP_PROGRESS.match(line)
+        if found:
+            return int(found.group(1)), int(found.group(2))
+    return None
+
+
+_MAKE_PERCENT = re.compile(r"^\[\s*(\d+)%\]")
+_NINJA_COUNT = re.compile(r"^\[(\d+)/(\d+)\]")
+_PIP_PROGRESS = re.compile(r"^Progress (\d+) of (\d+)")
+
+
+def build_log() -> Path:
+    """Where the first-use fetch and build write their output (kept after a failure, to read)."""
+    return edgeforge_home() / f"llama.cpp-{binding_version()}-build.log"
+
+
+def _fetch_tree(dest: Path, log: Path) -> None:
     ver = binding_version()
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+        cmd = [sys.executable, "-m", "pip", "download", "--progress-bar", "raw", "--no-deps", "--no-binary", ":all:",
                f"llama-cpp-python=={ver}", "-d", tmp]
-        r = subprocess.run(cmd, capture_output=True, text=True)
+
+        def show_download(p: ProgressStep) -> None:
+            done = downloaded_bytes(log)
+            if done is not None:
+                p.update(done[0], total=done[1] or None)
+
+        with progress(f"download llama-cpp-python {ver} source", unit="B") as p:
+            code = run_logged(cmd, log, on_poll=lambda: show_download(p))
         sdists = list(Path(tmp).glob("*.tar.gz"))
-        if r.returncode != 0 or not sdists:
+        if code != 0 or not sdists:
             raise ToolsError(f"could not download the llama-cpp-python {ver} source distribution (needed for "
-                             f"llama.cpp's converter and tools): {r.stderr.strip().splitlines()[-1:]}")
+                             f"llama.cpp's converter and tools): {' | '.join(failure_excerpt(log))}; full log: {log}")
         staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".staging-"))
         try:
             with tarfile.open(sdists[0]) as tar:
@@ -77,7 +162,7 @@ def ensure_tree() -> Path:
     dest = tree_dir()
     if not (dest / "convert_hf_to_gguf.py").is_file():
         dest.parent.mkdir(parents=True, exist_ok=True)
-        _fetch_tree(dest)
+        _fetch_tree(dest, build_log())
     return dest
 
 
@@ -86,22 +171,33 @@ def tool_path(name: str) -> Path:
 
 
 def ensure_tools(targets: tuple[str, ...] = TOOL_TARGETS, jobs: int | None = None) -> dict[str, Path]:
-    """Build llama.cpp's C++ tools (CPU backend) once; returns their paths."""
+    """Build llama.cpp's C++ tools (CPU backend) once; returns their paths.
+
+    The first build takes minutes: each phase (configure, then each tool) is shown as it runs, its output goes to
+    ``build_log()``, and a failure names that log and quotes its last lines.
+    """
     tree = ensure_tree()
     missing = [t for t in targets if not tool_path(t).is_file()]
-    if missing:
-        build = tree / "build"
-        cfg = ["cmake", "-S", str(tree), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
-               "-DGGML_NATIVE=ON", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
-               *native_flags()]
-        make = ["cmake", "--build", str(build), "--config", "Release", "-j", str(jobs or os.cpu_count() or 2),
-                "--target", *missing]
-        for cmd in (cfg, make):
-            r = subprocess.run(cmd, capture_output=True, text=True)
-            if r.returncode != 0:
-                tail = (r.stderr or r.stdout).strip().splitlines()[-3:]
-                raise ToolsError(f"building llama.cpp tools failed ({' '.join(cmd[:2])}): {' | '.join(tail)}; "
-                                 "a C++ compiler and cmake are needed")
+    if not missing:
+        return {t: tool_path(t) for t in targets}
+    build, log = tree / "build", build_log()
+    configure = ["cmake", "-S", str(tree), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
+                 "-DGGML_NATIVE=ON", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
+                 "-DLLAMA_BUILD_SERVER=OFF", *native_flags()]
+    phases = [("configure", configure)] + [
+        (f"build {t}", ["cmake", "--build", str(build), "--config", "Release", "-j", str(jobs or os.cpu_count() or 2),
+                        "--target", t]) for t in missing]
+    with progress(f"llama.cpp {binding_version()} tools (first use)", total=len(phases), unit="phase") as overall:
+        for done, (phase, cmd) in enumerate(phases):
+            overall.update(done, note=phase)
+            with progress(phase, total=100, unit="%") as p:
+                code = run_logged(cmd, log, on_poll=lambda p=p: p.update(build_percent(log)))
+                if code != 0:
+                    raise ToolsError(f"building llama.cpp's tools failed at '{phase}' (exit {code}): "
+                                     f"{' | '.join(failure_excerpt(log))}; full log: {log}; a C++ compiler and cmake "
+                                     "are needed")
+                p.update(100)
+        overall.update(len(phases), note="done")
     return {t: tool_path(t) for t in targets}
 
 

@@ -2,7 +2,7 @@
 
 transformers rebuilds a GGUF's tokenizer as a ``LlamaTokenizerFast`` with a mixed SentencePiece/byte-level decoder,
 a BOS post-processor and the whole GGUF copied as ``tokenizer.model``; llama.cpp's converter then mistakes it for
-SentencePiece or does not recognise its pre-tokenizer (shared/DESIGN.md). So the tokenizer is built here directly
+SentencePiece or does not recognise its pre-tokenizer. So the tokenizer is built here directly
 from the GGUF's own fields: GPT-2 byte-level BPE (vocabulary and merges as stored), digits split one by one, a
 byte-level decoder, no BOS post-processor, no ``tokenizer.model``. In that form llama.cpp recognises it (the
 ``smollm`` pre-tokenizer for the bundled teacher) and tokenizes exactly as the HF tokenizer does.
@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeforge.errors import ModelError
+from edgeforge.progress import progress
 
 # llama.cpp token types (gguf.TokenType): 3 = CONTROL, 4 = USER_DEFINED; both are special (added) tokens.
 _SPECIAL_TOKEN_TYPES = {3, 4}
@@ -107,24 +108,36 @@ def write_canonical_tokenizer(gguf_path: Path, out_dir: Path) -> None:
 def materialize_hf(gguf_path: Path, out_dir: Path) -> Path:
     """Dequantize a GGUF model into an HF directory (fp32 safetensors + canonical tokenizer), atomically.
 
-    A finished directory is reused: it is written under a temporary name and renamed only when complete.
+    A finished directory is reused: it is written under a temporary name and renamed only when complete. Progress:
+    one phase each for dequantizing, saving and the tokenizer (transformers' own per-tensor bar is kept off, so
+    a log gets edgeforge's lines only).
     """
     if (out_dir / "config.json").is_file() and (out_dir / "tokenizer.json").is_file():
         return out_dir
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.partial-"))
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
-                                                     dtype=torch.float32)
-        model.save_pretrained(staging, safe_serialization=True)
-        write_canonical_tokenizer(gguf_path, staging)
+        with progress(f"dequantize {gguf_path.name} to fp32 (first use)", total=3, unit="phase") as p:
+            p.update(note="dequantize")
+            model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
+                                                         dtype=torch.float32)
+            p.advance(note="save safetensors")
+            model.save_pretrained(staging, safe_serialization=True)
+            p.advance(note="tokenizer")
+            write_canonical_tokenizer(gguf_path, staging)
+            p.advance(note=str(out_dir))
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(staging, out_dir)
     finally:
+        if bar_was_on:
+            hf_logging.enable_progress_bar()
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir
 

@@ -1,4 +1,4 @@
-"""Published llama.cpp decode measurements (shared/device-specs.md) that the speed estimator is checked against.
+"""Published llama.cpp decode measurements, each with its source, that the speed estimator is checked against.
 
 Each row names the device profile, the backend the measurement used, the model's published architecture, the quant
 type, the measured tokens/s and its source. ``tests/test_estimator.py`` asserts every row within +-30% and

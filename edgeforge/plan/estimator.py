@@ -11,7 +11,7 @@ Prefill processes the prompt in one batch and is bound by compute:
 
 ``compute`` is the CPU's int8 throughput for the ``cpu`` backend (llama.cpp's quantized matmuls run in int8) and
 the accelerator's dense FP16 throughput otherwise. The efficiencies are general constants per backend, fitted once
-to the whole calibration table of shared/device-specs.md (tests/test_estimator.py checks every row), never per
+to the whole calibration table (edgeforge.plan.calibration; tests/test_estimator.py checks every row), never per
 device. A profile may override the bandwidth efficiency, e.g. with the figure ``profiles detect`` measures.
 """
 

@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from edgeforge.progress import progress
+
 
 def _parse(text: str) -> Any:
     try:
@@ -24,19 +26,21 @@ def greedy_answers(model: Any, tokenizer: Any, examples: list[dict], max_new_tok
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     out: list[str] = []
-    try:
-        for i in range(0, len(examples), batch_size):
-            chunk = examples[i:i + batch_size]
-            prompts = [tokenizer.apply_chat_template(e["messages"][:-1], add_generation_prompt=True, tokenize=False)
-                       for e in chunk]
-            enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
-                                 eos_token_id=tokenizer.eos_token_id)
-            for row in gen[:, enc["input_ids"].shape[1]:]:
-                out.append(tokenizer.decode(row, skip_special_tokens=True))
-    finally:
-        tokenizer.padding_side = old_side
+    with progress("task evaluation", total=len(examples), unit="example") as shown:
+        try:
+            for i in range(0, len(examples), batch_size):
+                chunk = examples[i:i + batch_size]
+                prompts = [tokenizer.apply_chat_template(e["messages"][:-1], add_generation_prompt=True,
+                                                         tokenize=False) for e in chunk]
+                enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+                gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                     pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+                                     eos_token_id=tokenizer.eos_token_id)
+                for row in gen[:, enc["input_ids"].shape[1]:]:
+                    out.append(tokenizer.decode(row, skip_special_tokens=True))
+                shown.advance(len(chunk))
+        finally:
+            tokenizer.padding_side = old_side
     return out
 
 
@@ -68,13 +72,15 @@ def artifact_task_metrics(artifact: Path, tokenizer: Any, examples: list[dict],
 
     engine = open_engine(artifact, n_ctx=512)
     exact = valid = 0
-    for ex in examples:
-        prompt = tokenizer.apply_chat_template(ex["messages"][:-1], add_generation_prompt=True, tokenize=True)
-        ids = engine.greedy(list(prompt), max_new_tokens, tokenizer.eos_token_id)
-        got = tokenizer.decode(ids, skip_special_tokens=True)
-        want = _parse(ex["messages"][-1]["content"])
-        parsed = _parse(got)
-        valid += parsed is not None
-        exact += parsed == want if want is not None else got.strip() == ex["messages"][-1]["content"].strip()
+    with progress(f"task evaluation of {artifact.name}", total=len(examples), unit="example") as shown:
+        for ex in examples:
+            prompt = tokenizer.apply_chat_template(ex["messages"][:-1], add_generation_prompt=True, tokenize=True)
+            ids = engine.greedy(list(prompt), max_new_tokens, tokenizer.eos_token_id)
+            got = tokenizer.decode(ids, skip_special_tokens=True)
+            want = _parse(ex["messages"][-1]["content"])
+            parsed = _parse(got)
+            valid += parsed is not None
+            exact += parsed == want if want is not None else got.strip() == ex["messages"][-1]["content"].strip()
+            shown.advance()
     n = max(1, len(examples))
     return {"task_accuracy": exact / n, "valid_json_rate": valid / n, "n_examples": len(examples)}

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from edgeforge.progress import progress
+
 if TYPE_CHECKING:
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
@@ -234,8 +236,6 @@ def train(
     each group's learning rate is the schedule's times its ``lr_scale`` (layer-wise learning rates). Returns the
     final state; the loss curve holds one entry per logged step.
     """
-    from tqdm import tqdm
-
     device = next(model.parameters()).device
     sharded = is_sharded(model)  # FSDP2: checkpoints are collectives, every process takes part
     use_bf16 = cfg.bf16 if cfg.bf16 is not None else (device.type == "cuda" and torch.cuda.is_bf16_supported())
@@ -257,9 +257,7 @@ def train(
     model.train()
     it = batches(state.step)
     t_start = time.perf_counter() - state.seconds
-    bar = tqdm(total=cfg.steps, initial=state.step, desc=desc, disable=not is_main_process(), dynamic_ncols=True,
-               leave=False)
-    try:
+    with progress(desc, total=cfg.steps, unit="step", completed=state.step, enabled=is_main_process()) as bar:
         while state.step < cfg.steps:
             if cfg.max_tokens is not None and state.tokens >= cfg.max_tokens:
                 break
@@ -291,13 +289,10 @@ def train(
                 state.loss_curve.append({"step": state.step, "tokens": state.tokens, **sums})
                 if on_log:
                     on_log(state.loss_curve[-1])
-            bar.set_postfix({k: f"{v:.3g}" for k, v in sums.items() if k in ("loss", "kl", "tokens_per_s")})
-            bar.update(1)
+            bar.advance(note=", ".join(f"{k} {v:.3g}" for k, v in sums.items() if k in ("loss", "kl", "tokens_per_s")))
             if ckpt_dir is not None and cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 \
                     and (sharded or is_main_process()):
                 save_checkpoint(ckpt_dir, model, optimizer, state)
-    finally:
-        bar.close()
     if ckpt_dir is not None and (sharded or is_main_process()) and cfg.checkpoint_every:
         save_checkpoint(ckpt_dir, model, optimizer, state)
     model.eval()

@@ -2,7 +2,7 @@
 
 On held-out text it measures mean KL(source || artifact), top-1 agreement and the perplexity delta, and it compares
 greedy generations on a few chat prompts. Thresholds are per quant type, grounded in llama.cpp's published KLD table
-(shared/device-specs.md) and in what the bundled 135M teacher measures here: small models lose more per bit than
+(for LLaMA-3-8B) and in what the bundled 135M teacher measures here: small models lose more per bit than
 LLaMA-3-8B, so the thresholds sit above both.
 """
 

@@ -36,8 +36,9 @@ def assert_one_error_line(done: Result | subprocess.CompletedProcess[str], fragm
     """The failure contract: exit ``exit_code``, no traceback anywhere, exactly one ``edgeforge: error:`` line on
     stderr, and it is the last line and names the problem (every ``fragment``).
 
-    ``progress_ok``: commands that report progress on stderr (bench, distill, finetune) may print progress lines
-    before the error; otherwise stderr is that one line and nothing else.
+    ``progress_ok``: commands that report progress on stderr (bench, distill, finetune, and export once a step
+    such as llama.cpp's converter has run) may print progress lines before the error; otherwise stderr is that one
+    line and nothing else.
     """
     code = done.exit_code if isinstance(done, Result) else done.returncode
     stdout, stderr = done.stdout, done.stderr

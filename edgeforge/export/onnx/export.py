@@ -5,7 +5,8 @@
 - Quantization is weight-only, block-wise, through onnxruntime's ``MatMulNBitsQuantizer``: every linear layer becomes
   a ``MatMulNBits`` node (int8 or int4 weights, a float scale per block of 32). Activations are only quantized
   inside MatMulNBits, per block of 32, on the fly. optimum's dynamic int8 presets quantize them per tensor and
-  destroy small models (mean KLD ~1.8 on SmolLM2-135M against 0.003-0.005 here, shared/DESIGN.md): not used.
+  destroy small models (mean KLD ~1.8 on SmolLM2-135M against 0.003-0.005 here, measured when this scheme was
+  chosen): not used.
 - The embedding table is quantized to 8 bits here, outside the quantizer: onnxruntime's quantizer only knows 4-bit
   ``Gather`` and cannot see the tied output head at all (optimum exports it as ``MatMul(x, Transpose(embedding))``,
   which has no constant weight). The table becomes one uint8 initializer read by both a ``GatherBlockQuantized``
@@ -46,7 +47,7 @@ QUANTIZE_MODES: tuple[str, ...] = ("none", "int8", "int4")
 ISAS: tuple[str, ...] = ("auto", "arm64", "avx2", "avx512_vnni")
 #: Architectures exported and checked by this project's tests; optimum may export more, unchecked.
 TESTED_MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2")
-#: Weights per quantization block. 32 is what kept SmolLM2-135M at KLD 0.003 in int8 (shared/DESIGN.md) and is the
+#: Weights per quantization block. 32 is what kept SmolLM2-135M at KLD 0.003 in int8 (measured here) and is the
 #: block the arm64 int8-dot kernels of onnxruntime (KleidiAI) are built for.
 BLOCK_SIZE = 32
 #: Bits of the embedding table / output head in both int8 and int4 exports. The head's error lands directly on every

@@ -1,0 +1,1 @@
+"""edgeforge.build."""
