@@ -40,7 +40,7 @@ def main() -> None:
         rec = json.loads((out / "finetune.json").read_text(encoding="utf-8"))
         if "merge" not in rec:
             raise SystemExit(f"{out}: not a merged run (finetune --merge); cannot export it")
-        cfg = FinetuneConfig(**{k: v for k, v in rec["config"].items() if k in FinetuneConfig.__dataclass_fields__})
+        cfg = FinetuneConfig(**{k: v for k, v in rec["config"].items() if k in FinetuneConfig.model_fields})
         args.method = cfg.method
     else:
         rec = run_finetune("smollm2-135m-instruct", out, cfg, task="home-commands", merge=True)

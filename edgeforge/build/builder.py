@@ -202,29 +202,15 @@ class Builder:
         resume = (out / ".checkpoint").is_dir()
         if resume:
             self.log("distill: resuming the interrupted run from its last checkpoint")
-        cfg = DistillConfig(out=out, teacher=teacher, student_layers=shape["layers"], student_hidden=shape["hidden"],
-                            init=d.init, data=data, generate_answers=d.generate_answers, loss=d.loss,
-                            temperature=d.temperature, alpha=d.alpha, top_k=d.top_k,
-                            offline_teacher=d.offline_teacher, steps=d.steps, lr=d.lr, batch_size=d.batch_size,
-                            seq_len=d.seq_len, seed=self.cfg.seed, checkpoint_every=d.checkpoint_every,
-                            resume=resume, profiles_dirs=self.profiles_dirs,
-                            **self._distill_techniques())
+        # Every distill: setting as it is, the plan's shape where the section leaves it unset (student_shape).
+        settings = {**d.model_dump(exclude={"enabled"}), "student_layers": shape["layers"],
+                    "student_hidden": shape["hidden"]}
+        task = (str(self.task_path) if self.task_path else self.cfg.task) if d.task_loss != "none" else None
+        cfg = DistillConfig(**settings, out=out, teacher=teacher, data=data, task=task, seed=self.cfg.seed,
+                            resume=resume, profiles_dirs=self.profiles_dirs)
         record = run_distill(cfg, log=self.log)
         return {"model_dir": str(out), "record": record_summary(record),
                 "loss_curve": record.get("loss_curve", []), "record_file": str(out / "distill.json")}
-
-    def _distill_techniques(self) -> dict[str, Any]:
-        """The pipeline's technique settings as DistillConfig fields (docs/techniques.md)."""
-        d = self.cfg.distill
-        out: dict[str, Any] = {k: getattr(d, k) for k in (
-            "progressive_from", "curriculum", "curriculum_pacing", "curriculum_start", "self_distill", "task_loss",
-            "rationale_weight", "task_examples", "task_eval_examples", "rationale_tokens", "teacher_routing",
-            "on_policy_ratio", "on_policy_tokens")}
-        out.update(progressive=tuple(d.progressive), extra_teachers=tuple(d.extra_teachers),
-                   teacher_weights=tuple(d.teacher_weights))
-        if d.task_loss != "none":
-            out["task"] = str(self.task_path) if self.task_path else self.cfg.task
-        return out
 
     def _task_chat_jsonl(self, path: Path) -> Path:
         """The task's training examples as chat JSONL: distillation data for fine-tune-then-distill."""
@@ -245,11 +231,7 @@ class Builder:
         resume = (out / "checkpoint").is_dir()
         if resume:
             self.log("finetune: resuming the interrupted run from its last checkpoint")
-        cfg = FinetuneConfig(method=f.method, rank=f.rank, alpha=f.alpha, steps=f.steps, lr=f.lr,
-                             batch_size=f.batch_size, seed=self.cfg.seed, eval_examples=f.eval_examples,
-                             checkpoint_every=f.checkpoint_every, rank_sweep=tuple(f.rank_sweep),
-                             rank_sweep_steps=f.rank_sweep_steps, layerwise_lr_decay=f.layerwise_lr_decay,
-                             ewc=f.ewc, ewc_batches=f.ewc_batches)
+        cfg = FinetuneConfig(**f.model_dump(exclude={"enabled"}), seed=self.cfg.seed)
         task = None if self.task_path else self.cfg.task
         record = run_finetune(model, out, cfg, task=task, data=self.task_path, merge=True, resume=resume,
                               log=self.log)

@@ -12,7 +12,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from edgeforge.distill.config import DistillSettings
 from edgeforge.errors import BadInputError
+from edgeforge.finetune.config import FinetuneSettings
 
 Order = Literal["auto", "distill-then-finetune", "finetune-then-distill"]
 
@@ -21,101 +23,86 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class DistillSettings(_Strict):
-    """``edgeforge distill`` settings used by the build (see docs/distill.md)."""
+class DistillSection(DistillSettings):
+    """Distillation (the settings of `edgeforge distill`, docs/distill.md); an unset student shape is the plan's."""
 
-    enabled: bool | None = None  # None: the plan decides
-    student_layers: int | None = Field(default=None, ge=1)  # None: the plan's student
-    student_hidden: int | None = Field(default=None, ge=8)  # None: the plan's student
-    init: Literal["auto", "depth", "width", "random"] = "auto"
-    loss: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
-    temperature: float = Field(default=1.0, gt=0)
-    alpha: float = Field(default=0.0, ge=0, le=1)
-    top_k: int | None = Field(default=None, ge=1)
-    offline_teacher: bool = False
-    steps: int = Field(default=150, ge=1)
-    lr: float = Field(default=1e-3, gt=0)
-    batch_size: int = Field(default=4, ge=1)
-    seq_len: int = Field(default=128, ge=8)
-    checkpoint_every: int = Field(default=20, ge=1)
-    generate_answers: bool = True  # built-in data: add the teacher's answers to built-in prompts
-    # The techniques of docs/techniques.md (each off by default: plain KD)
-    progressive: list[int] = Field(default_factory=list)  # e.g. [20, 8]: the last must be the student's layers
-    progressive_from: Literal["previous", "teacher"] = "previous"
-    curriculum: Literal["none", "teacher-loss", "student-loss"] = "none"
-    curriculum_pacing: Literal["linear", "root", "step"] = "root"
-    curriculum_start: float = Field(default=0.25, gt=0, le=1)
-    self_distill: Literal["none", "pruned", "born-again"] = "none"
-    task_loss: Literal["none", "answer", "rationale"] = "none"  # with the build's task: KD + task (+ rationale) terms
-    rationale_weight: float = Field(default=1.0, ge=0)
-    task_examples: int = Field(default=128, ge=1)
-    task_eval_examples: int = Field(default=50, ge=1)
-    rationale_tokens: int = Field(default=48, ge=1)
-    extra_teachers: list[str] = Field(default_factory=list)  # more teachers sharing the vocabulary
-    teacher_weights: list[float] = Field(default_factory=list)
-    teacher_routing: Literal["weights", "lowest-loss"] = "weights"
-    on_policy_ratio: float = Field(default=0.0, ge=0, le=1)
-    on_policy_tokens: int = Field(default=32, ge=1)
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool | None = Field(None, description="null: when the plan says the teacher is too big or too slow "
+                                 "for the device.")
 
 
-class FinetuneSettings(_Strict):
-    """``edgeforge finetune`` settings used by the build (see README, Fine-tuning)."""
+class FinetuneSection(FinetuneSettings):
+    """Fine-tuning on the build's task (the settings of `edgeforge finetune`, README: Fine-tuning)."""
 
-    enabled: bool | None = None  # None: whenever a task is given
-    method: Literal["lora", "dora", "qlora"] = "lora"
-    rank: int = Field(default=16, ge=1)
-    alpha: int | None = Field(default=None, ge=1)
-    steps: int = Field(default=200, ge=1)
-    lr: float = Field(default=1e-3, gt=0)
-    batch_size: int = Field(default=8, ge=1)
-    eval_examples: int = Field(default=100, ge=1)
-    checkpoint_every: int = Field(default=50, ge=1)
-    # The techniques of docs/techniques.md (each off by default: plain LoRA)
-    rank_sweep: list[int] = Field(default_factory=list)  # e.g. [4, 8, 16]: pick by held-out score per parameter
-    rank_sweep_steps: int | None = Field(default=None, ge=1)
-    layerwise_lr_decay: float = Field(default=1.0, gt=0, le=1)
-    ewc: float = Field(default=0.0, ge=0)
-    ewc_batches: int = Field(default=8, ge=1)
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool | None = Field(None, description="null: whenever a task is given.")
+
+
+#: Where the build takes each DistillConfig / FinetuneConfig field that is not a setting of the section above
+#: (tests/test_settings.py checks every field is one or the other).
+DISTILL_RUN_INPUTS = {
+    "out": "the stage folder (OUT/.stages/distill-<key>/student)",
+    "teacher": "teacher (with order finetune-then-distill: the fine-tuned teacher)",
+    "data": "data (with order finetune-then-distill: plus the task's training examples)",
+    "task": "task, when distill.task_loss is not none",
+    "seed": "seed",
+    "resume": "true when the stage folder holds a checkpoint",
+    "profiles_dirs": "edgeforge build --profiles-dir",
+    "profile": "not passed: the plan's student shape arrives as student_layers / student_hidden",
+    "student_dir": "not passed: the build prunes its student from the teacher",
+}
+FINETUNE_RUN_INPUTS = {"seed": "seed", "train": "not passed (library callers only)"}
 
 
 class ExportSettings(_Strict):
-    """Which artifacts to make. None: the formats the profile runs, the plan's GGUF type, the profile's ONNX mode."""
+    """Which artifacts to make."""
 
-    formats: list[Literal["gguf", "onnx"]] | None = None
-    gguf_quant: str | None = None
-    onnx_quantize: Literal["none", "int8", "int4"] | None = None
-    # When the chosen GGUF type fails verification, try the profile's next larger preferred type that still fits
-    # (a small distilled student can lose more per bit than the teacher); the record says what was tried.
-    fallback: bool = True
+    formats: list[Literal["gguf", "onnx"]] | None = Field(None, description="null: every format the profile runs.")
+    gguf_quant: str | None = Field(None, description="null: the plan's type (the student's, when distilling).")
+    onnx_quantize: Literal["none", "int8", "int4"] | None = Field(None, description="null: the profile's first "
+                                                                 "preferred ONNX mode.")
+    # A small distilled student can lose more per bit than the teacher; the record says what was tried.
+    fallback: bool = Field(True, description="When the chosen GGUF type fails verification, try the profile's next "
+                           "larger preferred type that still fits.")
 
 
 class VerifySettings(_Strict):
-    tokens: int = Field(default=1000, ge=16)  # held-out prose tokens for KL / top-1 against the source model
-    task_examples: int = Field(default=50, ge=1)  # held-out task examples run through each artifact's own engine
+    """How every artifact is checked against its source model."""
+
+    tokens: int = Field(1000, ge=16, description="Held-out prose tokens for KL / top-1 against the source model.")
+    task_examples: int = Field(50, ge=1, description="Held-out task examples run through each artifact's own "
+                               "engine.")
 
 
 class BenchSettings(_Strict):
-    enabled: bool = True
-    local: bool = True  # also measure on this machine (the target, if given, is measured too)
-    prompt_tokens: int = Field(default=128, ge=1)
-    gen_tokens: int = Field(default=64, ge=1)
-    repeats: int = Field(default=3, ge=1)
-    threads: int | None = Field(default=None, ge=1)
+    """Speed measurements of the shipped artifacts."""
+
+    enabled: bool = Field(True, description="Benchmark at all (--no-bench: false).")
+    local: bool = Field(True, description="Also measure on this machine (the target, if given, is measured too).")
+    prompt_tokens: int = Field(128, ge=1, description="Prompt length of the prefill measurement.")
+    gen_tokens: int = Field(64, ge=1, description="Tokens generated for the decode measurement.")
+    repeats: int = Field(3, ge=1, description="Runs per measurement (the median is reported).")
+    threads: int | None = Field(None, ge=1, description="CPU threads; null: the runtime's choice.")
 
 
 class PipelineConfig(_Strict):
     """One build: the device, the models, the data and each stage's settings."""
 
-    profile: str | None = None
-    teacher: str | None = None  # HF dir, .gguf or alias [default: the bundled teacher]
-    data: list[str] = Field(default_factory=list)  # distillation data [default: built-in]
-    task: str | None = "home-commands"  # built-in task name or a task JSONL path; null: no fine-tuning
-    target: str | None = None  # a target name (targets/) or a target YAML path
-    order: Order = "auto"  # auto: what the plan says (distill, then fine-tune the student)
-    seed: int = 0
-    context_tokens: int | None = Field(default=None, ge=64)
-    distill: DistillSettings = DistillSettings()
-    finetune: FinetuneSettings = FinetuneSettings()
+    profile: str | None = Field(None, description="Device profile name or YAML path (edgeforge profiles list).")
+    teacher: str | None = Field(None, description="HF dir, .gguf or alias; null: the bundled SmolLM2-135M-Instruct.")
+    data: list[str] = Field(default_factory=list, description="Distillation data files (.txt / JSONL / chat JSONL); "
+                            "empty: built-in prose + teacher answers.")
+    task: str | None = Field("home-commands", description="Fine-tuning task: built-in name or JSONL path; null: no "
+                             "fine-tuning.")
+    target: str | None = Field(None, description="Also benchmark on this target (targets/*.yaml name or a YAML "
+                               "path).")
+    order: Order = Field("auto", description="auto: what the plan says (distill, then fine-tune the student).")
+    seed: int = Field(0, description="Seed of every stage.")
+    context_tokens: int | None = Field(None, ge=64, description="Planning context; null: the planner's default.")
+    distill: DistillSection = DistillSection()
+    finetune: FinetuneSection = FinetuneSection()
     export: ExportSettings = ExportSettings()
     verify: VerifySettings = VerifySettings()
     bench: BenchSettings = BenchSettings()
@@ -179,3 +166,56 @@ def load_pipeline(path: Path | None) -> PipelineConfig:
         raise BadInputError(f"--config {path}: expected a mapping of settings at the top level, "
                             f"found {type(data).__name__}")
     return validate_pipeline(data, f"--config {path}")
+
+
+# ---------------------------------------------------------------- pipelines/default.yaml, generated
+DEFAULT_PIPELINE_HEADER = """\
+# edgeforge build --config pipelines/default.yaml --profile raspberry-pi-zero-2w
+# The defaults of `edgeforge build`, written out: every key is optional, unknown keys are errors, and command-line
+# flags (--profile, --teacher, --data, --task, --target, --distill-steps, --finetune-steps, --seed) override this file.
+# Generated from the settings models: python -m edgeforge.build.config > pipelines/default.yaml
+"""
+
+
+def _yaml_value(value: Any) -> str:
+    import yaml
+
+    text = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
+    return text.removesuffix("...").strip()  # a lone scalar ends its document with "..."
+
+
+def _comment(text: str, indent: str) -> list[str]:
+    import textwrap
+
+    return [f"{indent}# {line}" for line in textwrap.wrap(text, width=118 - len(indent), break_on_hyphens=False)]
+
+
+def _yaml_lines(model: type[BaseModel], values: dict[str, Any], indent: str = "") -> list[str]:
+    """Each field of ``model`` as ``key: value`` under its description (and choices), sections nested."""
+    from typing import get_args, get_origin
+
+    from edgeforge.settings import fields_in_order, without_none
+
+    lines: list[str] = []
+    for name, info in fields_in_order(model):
+        section = info.annotation
+        if isinstance(section, type) and issubclass(section, BaseModel):
+            lines += _comment((section.__doc__ or "").strip().splitlines()[0], indent)
+            lines += [f"{indent}{name}:", *_yaml_lines(section, values[name], indent + "  ")]
+            continue
+        about = info.description or ""
+        choices = without_none(info.annotation)
+        if get_origin(choices) is Literal:
+            about += f" [{' | '.join(map(str, get_args(choices)))}]"
+        lines += [*_comment(about.strip(), indent), f"{indent}{name}: {_yaml_value(values[name])}"]
+    return lines
+
+
+def default_pipeline_yaml() -> str:
+    """The text of ``pipelines/default.yaml``: every key of every section with its default and its help."""
+    values = PipelineConfig().model_dump(mode="json")
+    return DEFAULT_PIPELINE_HEADER + "\n".join(_yaml_lines(PipelineConfig, values)) + "\n"
+
+
+if __name__ == "__main__":
+    print(default_pipeline_yaml(), end="")

@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +66,7 @@ def run_finetune(model_ref: str, out: Path, cfg: FinetuneConfig, task: str | Non
         from edgeforge.finetune.techniques.rank_sweep import run_rank_sweep
 
         techniques["rank_sweep"] = run_rank_sweep(base_dir, cfg, tokenizer, train_ex, device, log)
-        cfg = replace(cfg, rank=techniques["rank_sweep"]["chosen_rank"])
+        cfg = cfg.model_copy(update={"rank": techniques["rank_sweep"]["chosen_rank"]})
     model = load_base(base_dir, cfg.method, device)
 
     log(f"base model {base_name}: evaluating on {len(held_ex)} held-out examples and general text")
@@ -146,7 +145,7 @@ def run_finetune(model_ref: str, out: Path, cfg: FinetuneConfig, task: str | Non
         "base_model": base_name,
         "base_model_dir": str(base_dir),
         "data": source,
-        "config": asdict(cfg),
+        "config": cfg.model_dump(mode="json"),
         "device": str(device),
         "loss_curve": state.loss_curve,
         "accuracy_by_step": curve_points,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +86,7 @@ def run_rank_sweep(base_dir: Path, cfg: Any, tokenizer: Any, train_ex: list[dict
     tokens = 0
     for rank in cfg.rank_sweep:
         t_rank = time.perf_counter()
-        rcfg = replace(cfg, rank=rank, rank_sweep=())
+        rcfg = cfg.model_copy(update={"rank": rank, "rank_sweep": ()})
         model = add_adapter(load_base(base_dir, cfg.method, device), rcfg)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
