@@ -1,0 +1,180 @@
+"""The stage cache keys of ``edgeforge build``, pinned to literal values.
+
+A finished stage lives in ``OUT/.stages/<stage>-<key16>/`` and is found again only under the same key, so a change
+of key silently throws every existing build cache away. These tests lay out the stages of a few fixed builds (a
+config-only teacher directory, fixed data and task files, built-in profile and task) and compare every key with the
+value the builder computed when the test was written. A deliberate change of key must update the literal here and
+say why in a comment next to it.
+
+The edgeforge version enters every key (a new release starts a fresh cache on purpose); it is fixed here so that a
+version bump does not read as a change of the key layout.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from edgeforge.build.builder import Builder
+from edgeforge.build.config import validate_pipeline
+from edgeforge.cli.app import cli
+
+PINNED_VERSION = "0.1.0-pinned"
+
+# A tiny llama config: enough for the planner and the GGUF size estimates, no weights needed to compute keys.
+TEACHER_CONFIG = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 49152,
+    "max_position_embeddings": 2048, "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": True,
+}
+DATA_TEXT = "The quick brown fox jumps over the lazy dog.\nPack my box with five dozen liquor jugs.\n"
+TASK_JSONL = "".join(json.dumps({"messages": [{"role": "user", "content": f"turn on light {i}"},
+                                             {"role": "assistant", "content": f'{{"light": {i}}}'}]}) + "\n"
+                     for i in range(8))
+ARTIFACT_SHA256 = ("a" * 64, "b" * 64)
+
+
+@pytest.fixture(autouse=True)
+def fixed_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("edgeforge.build.cache.__version__", PINNED_VERSION)
+
+
+@pytest.fixture
+def inputs(tmp_path: Path) -> dict[str, Path]:
+    """Fixed input files under fixed names (a path identity holds the file name and its sha256, not the folder)."""
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    (teacher / "config.json").write_text(json.dumps(TEACHER_CONFIG, indent=2, sort_keys=True), encoding="utf-8")
+    data = tmp_path / "prose.txt"
+    data.write_text(DATA_TEXT, encoding="utf-8")
+    task = tmp_path / "lights.jsonl"
+    task.write_text(TASK_JSONL, encoding="utf-8")
+    target = tmp_path / "bench-box.yaml"
+    target.write_text(yaml.safe_dump({"name": "bench-box", "type": "local", "profile": "raspberry-pi-5-8gb"}),
+                      encoding="utf-8")
+    return {"teacher": teacher, "data": data, "task": task, "target": target, "out": tmp_path / "out"}
+
+
+def pipeline(inputs: dict[str, Path], **over: object) -> dict:
+    cfg: dict = {
+        "teacher": str(inputs["teacher"]), "profile": "raspberry-pi-5-8gb", "data": [str(inputs["data"])],
+        "distill": {"enabled": True, "student_layers": 1, "steps": 4, "batch_size": 2, "seq_len": 32,
+                    "checkpoint_every": 2, "generate_answers": False},
+        "finetune": {"steps": 2, "batch_size": 2, "eval_examples": 2, "checkpoint_every": 1},
+        "export": {"formats": ["gguf", "onnx"], "gguf_quant": "Q4_K_M", "onnx_quantize": "int8"},
+        "verify": {"tokens": 64, "task_examples": 2},
+        "bench": {"prompt_tokens": 16, "gen_tokens": 8, "repeats": 1},
+    }
+    for k, v in over.items():
+        cfg[k] = {**cfg[k], **v} if isinstance(v, dict) and isinstance(cfg.get(k), dict) else v
+    return cfg
+
+
+def laid_out_keys(builder: Builder, teacher: Path) -> dict[str, str]:
+    """Every stage key the build lays out, as if each model stage had finished with ``teacher``'s config as its
+    output (the export candidates read the model's config.json) and each export had passed with a fixed sha256."""
+    keys: dict[str, str] = {}
+    builder.state.model_dir = teacher
+    builder.state.model_key = str(builder.teacher_identity)
+    for sp in builder.stages():
+        keys[sp.name] = sp.stage.key
+        builder.state.model_key = sp.stage.key
+        if sp.name == "distill":
+            builder.state.distill = {}
+    for fmt in builder.formats():
+        quants = builder.gguf_candidates() if fmt == "gguf" else [builder.cfg.export.onnx_quantize]
+        for q in quants:
+            keys[f"export-{fmt}-{q}"] = builder.export_stage(fmt, q).stage.key
+    builder.state.artifacts = [{"path": f"/nowhere/a{i}", "export": {"sha256": sha}}
+                               for i, sha in enumerate(ARTIFACT_SHA256)]
+    seen: list = []
+    builder.run_stage = lambda sp: seen.append(sp) or {"results": []}  # type: ignore[method-assign]
+    builder.run_bench()
+    if seen:
+        keys["bench"] = seen[0].stage.key
+    return keys
+
+
+def make_builder(inputs: dict[str, Path], **over: object) -> Builder:
+    return Builder(validate_pipeline(pipeline(inputs, **over), "test"), inputs["out"])
+
+
+def test_distill_then_finetune_keys(inputs: dict[str, Path]) -> None:
+    builder = make_builder(inputs, target=str(inputs["target"]))
+    assert laid_out_keys(builder, inputs["teacher"]) == {
+        "distill": "4bcf9fd127b3c82ef214d466dd872b74dabc4ee7654179022ddb8a658c6834d9",
+        "finetune": "0638e333123b51c2cd135b176bcd5908edfd44b2446e59ccbd0db6a674f9bd10",
+        "export-gguf-Q4_K_M": "b97751efbebd5fb9c051a179d14314bc6a44d389400313ae8d672c9fa2534345",
+        "export-gguf-Q5_K_M": "d6217cfa2eb6cf1e14cf4eba8c515bc6b0b3ed6d4b796f8cef4133fcb0fc4da1",
+        "export-gguf-Q8_0": "ee635b1a31635444c2d0b8c0964cc81abe69b789be68b8cdbabf98ab800abca8",
+        "export-onnx-int8": "da12fc9aaa1b625f178f0c63156dadd9dacb4b5cc3775004b102a5e2817a721a",
+        "bench": "09b31cd9d2b411e69a82f04b3a0a4dcc29e08ed1b47dee7b67e8465fd8729949",
+    }
+
+
+def test_finetune_then_distill_keys(inputs: dict[str, Path]) -> None:
+    builder = make_builder(inputs, order="finetune-then-distill", export={"formats": ["gguf"], "gguf_quant": None},
+                           bench={"enabled": False})
+    assert laid_out_keys(builder, inputs["teacher"]) == {
+        "finetune-teacher": "266aa9bcaa9cc8364ad6497698bb8e8018f3c919417c11fc3bb6ec76ee734b2b",
+        "distill": "1bb0f1a20e9dccd512c5503b415f6764d16451d7dc0f98ebdfe90d03e63f8865",
+        "export-gguf-Q8_0": "8c50ec6f612357d8472bbd9f7fbb3f0f3a1fe0ae4234ad04562efcd66ea962a7",
+    }
+
+
+def test_finetune_only_on_a_task_file_keys(inputs: dict[str, Path]) -> None:
+    builder = make_builder(inputs, task=str(inputs["task"]), distill={"enabled": False},
+                           export={"formats": ["gguf"], "gguf_quant": "Q4_K_M"})
+    assert laid_out_keys(builder, inputs["teacher"]) == {
+        "finetune": "d0d6f336ba20a4061f2e58f4fbe750b8b555a8aa40a383e974034b31de1c6b2e",
+        "export-gguf-Q4_K_M": "218abfcbc7782ab239e934e1c2a9051b62540c8c1518c6708b6a0258ebd651be",
+        "export-gguf-Q5_K_M": "9bc018e9d0496993c737dc9f4978467d957ce35c90760cf171efcffdd2f30c1c",
+        "export-gguf-Q8_0": "4bd5ccc12272e49ada24e824754d37ad7d8ad76a1cb04e5c83d8e4fab968c44f",
+        "bench": "e165cc9d25f2c9d3cc469fcabdafe699b1f54479570dc88429a59b0c339e07ec",
+    }
+
+
+def test_export_straight_from_the_teacher_keys(inputs: dict[str, Path]) -> None:
+    """No task and no distillation: the exports read the teacher itself (its identity is the upstream key)."""
+    builder = make_builder(inputs, task=None, distill={"enabled": False}, export={"formats": ["onnx"]},
+                           bench={"local": False})
+    assert laid_out_keys(builder, inputs["teacher"]) == {
+        "export-onnx-int8": "d1d25e8a802cfd23713cccb99ad9fc0c40a22e659a58c8979134e901700b221d",
+    }
+
+
+def test_dry_run_shows_the_pinned_keys_and_finds_cached_stages(inputs: dict[str, Path]) -> None:
+    """``--dry-run`` prints the first 16 hex digits of each key (the stage directory's suffix); with the model stages
+    finished it lays out the exports too."""
+    cfg = inputs["out"].parent / "pipeline.yaml"
+    cfg.write_text(yaml.safe_dump(pipeline(inputs, export={"formats": ["gguf"], "gguf_quant": "Q8_0",
+                                                           "fallback": False})), encoding="utf-8")
+    args = ["build", "--config", str(cfg), "--out", str(inputs["out"]), "--dry-run", "--json"]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, r.stderr
+    rows = json.loads(r.stdout)["stages"]
+    assert [(s["stage"], s["key"], s["state"]) for s in rows] == [
+        ("distill", "4bcf9fd127b3c82e", "run"),
+        ("finetune", "0638e333123b51c2", "run"),
+        ("export-gguf", "(after the model stages)", "run"),
+        ("bench", "(after export)", "run"),
+        ("ship", "-", "run"),
+    ]
+    for s in rows[:2]:  # finish the model stages by hand: the teacher's config stands in for each output
+        marker = {"stage": s["stage"], "result": {"model_dir": str(inputs["teacher"]), "record": {}},
+                  "seconds": 1.0}
+        Path(s["dir"]).mkdir(parents=True)
+        (Path(s["dir"]) / "stage.json").write_text(json.dumps(marker), encoding="utf-8")
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, r.stderr
+    rows = json.loads(r.stdout)["stages"]
+    assert [(s["stage"], s["key"], s["state"]) for s in rows][:3] == [
+        ("distill", "4bcf9fd127b3c82e", "cached"),
+        ("finetune", "0638e333123b51c2", "cached"),
+        ("export-gguf", "ee635b1a31635444", "run"),  # the Q8_0 export of test_distill_then_finetune_keys
+    ]
+    assert Path(rows[2]["dir"]).name == f"export-gguf-{rows[2]['key']}"
