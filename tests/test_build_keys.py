@@ -21,6 +21,9 @@ from click.testing import CliRunner
 
 from edgeforge.build.builder import Builder
 from edgeforge.build.config import validate_pipeline
+from edgeforge.build.layout import layout
+from edgeforge.build.stage import BuildState, key_of
+from edgeforge.build.stages.export import ExportStage
 from edgeforge.cli.app import cli
 
 PINNED_VERSION = "0.1.0-pinned"
@@ -74,28 +77,25 @@ def pipeline(inputs: dict[str, Path], **over: object) -> dict:
     return cfg
 
 
-def laid_out_keys(builder: Builder, teacher: Path) -> dict[str, str]:
-    """Every stage key the build lays out, as if each model stage had finished with ``teacher``'s config as its
-    output (the export candidates read the model's config.json) and each export had passed with a fixed sha256."""
+def laid_out_keys(builder: Builder) -> dict[str, str]:
+    """Every stage key the build's own layout yields, driven as the runner drives it but with a made-up record
+    absorbed for each stage: each model stage "produces" the teacher's config (the GGUF fallback types are sized
+    from the model's config.json), every GGUF type but Q8_0 fails verification (so each fallback is laid out),
+    and each passing export has a fixed sha256 (the bench stage's inputs)."""
     keys: dict[str, str] = {}
-    builder.state.model_dir = teacher
-    builder.state.model_key = str(builder.teacher_identity)
-    for sp in builder.stages():
-        keys[sp.name] = sp.stage.key
-        builder.state.model_key = sp.stage.key
-        if sp.name == "distill":
-            builder.state.distill = {}
-    for fmt in builder.formats():
-        quants = builder.gguf_candidates() if fmt == "gguf" else [builder.cfg.export.onnx_quantize]
-        for q in quants:
-            keys[f"export-{fmt}-{q}"] = builder.export_stage(fmt, q).stage.key
-    builder.state.artifacts = [{"path": f"/nowhere/a{i}", "export": {"sha256": sha}}
-                               for i, sha in enumerate(ARTIFACT_SHA256)]
-    seen: list = []
-    builder.run_stage = lambda sp: seen.append(sp) or {"results": []}  # type: ignore[method-assign]
-    builder.run_bench()
-    if seen:
-        keys["bench"] = seen[0].stage.key
+    state = BuildState()
+    shas = iter(ARTIFACT_SHA256)
+    for stage in layout(builder, state):
+        if isinstance(stage, ExportStage):
+            keys[f"{stage.name}-{stage.quant}"] = key_of(stage)
+            passed = stage.quant in ("Q8_0", "int8")
+            stage.absorb({"path": f"/nowhere/{stage.name}-{stage.quant}", "format": stage.fmt, "quant": stage.quant,
+                          "verify": {"passed": passed, "failures": [] if passed else ["mean KL too high"]},
+                          "export": {"sha256": next(shas) if passed else "f" * 64}}, state)
+        else:
+            keys[stage.name] = key_of(stage)
+            stage.absorb({"model_dir": str(builder.cfg.teacher), "record": {}, "loss_curve": [], "results": []},
+                         state)
     return keys
 
 
@@ -105,7 +105,7 @@ def make_builder(inputs: dict[str, Path], **over: object) -> Builder:
 
 def test_distill_then_finetune_keys(inputs: dict[str, Path]) -> None:
     builder = make_builder(inputs, target=str(inputs["target"]))
-    assert laid_out_keys(builder, inputs["teacher"]) == {
+    assert laid_out_keys(builder) == {
         "distill": "4bcf9fd127b3c82ef214d466dd872b74dabc4ee7654179022ddb8a658c6834d9",
         "finetune": "0638e333123b51c2cd135b176bcd5908edfd44b2446e59ccbd0db6a674f9bd10",
         "export-gguf-Q4_K_M": "b97751efbebd5fb9c051a179d14314bc6a44d389400313ae8d672c9fa2534345",
@@ -119,7 +119,7 @@ def test_distill_then_finetune_keys(inputs: dict[str, Path]) -> None:
 def test_finetune_then_distill_keys(inputs: dict[str, Path]) -> None:
     builder = make_builder(inputs, order="finetune-then-distill", export={"formats": ["gguf"], "gguf_quant": None},
                            bench={"enabled": False})
-    assert laid_out_keys(builder, inputs["teacher"]) == {
+    assert laid_out_keys(builder) == {
         "finetune-teacher": "266aa9bcaa9cc8364ad6497698bb8e8018f3c919417c11fc3bb6ec76ee734b2b",
         "distill": "1bb0f1a20e9dccd512c5503b415f6764d16451d7dc0f98ebdfe90d03e63f8865",
         "export-gguf-Q8_0": "8c50ec6f612357d8472bbd9f7fbb3f0f3a1fe0ae4234ad04562efcd66ea962a7",
@@ -129,12 +129,13 @@ def test_finetune_then_distill_keys(inputs: dict[str, Path]) -> None:
 def test_finetune_only_on_a_task_file_keys(inputs: dict[str, Path]) -> None:
     builder = make_builder(inputs, task=str(inputs["task"]), distill={"enabled": False},
                            export={"formats": ["gguf"], "gguf_quant": "Q4_K_M"})
-    assert laid_out_keys(builder, inputs["teacher"]) == {
+    assert laid_out_keys(builder) == {
         "finetune": "d0d6f336ba20a4061f2e58f4fbe750b8b555a8aa40a383e974034b31de1c6b2e",
         "export-gguf-Q4_K_M": "218abfcbc7782ab239e934e1c2a9051b62540c8c1518c6708b6a0258ebd651be",
         "export-gguf-Q5_K_M": "9bc018e9d0496993c737dc9f4978467d957ce35c90760cf171efcffdd2f30c1c",
         "export-gguf-Q8_0": "4bd5ccc12272e49ada24e824754d37ad7d8ad76a1cb04e5c83d8e4fab968c44f",
-        "bench": "e165cc9d25f2c9d3cc469fcabdafe699b1f54479570dc88429a59b0c339e07ec",
+        # over the one GGUF artifact (computed with the builder before its restructuring, like every value here)
+        "bench": "2ef8929fcb6dfcc2fb40f46e8c5b7a587beac676041d009ce15a979956659f03",
     }
 
 
@@ -142,7 +143,7 @@ def test_export_straight_from_the_teacher_keys(inputs: dict[str, Path]) -> None:
     """No task and no distillation: the exports read the teacher itself (its identity is the upstream key)."""
     builder = make_builder(inputs, task=None, distill={"enabled": False}, export={"formats": ["onnx"]},
                            bench={"local": False})
-    assert laid_out_keys(builder, inputs["teacher"]) == {
+    assert laid_out_keys(builder) == {
         "export-onnx-int8": "d1d25e8a802cfd23713cccb99ad9fc0c40a22e659a58c8979134e901700b221d",
     }
 
@@ -165,8 +166,8 @@ def test_dry_run_shows_the_pinned_keys_and_finds_cached_stages(inputs: dict[str,
         ("ship", "-", "run"),
     ]
     for s in rows[:2]:  # finish the model stages by hand: the teacher's config stands in for each output
-        marker = {"stage": s["stage"], "result": {"model_dir": str(inputs["teacher"]), "record": {}},
-                  "seconds": 1.0}
+        marker = {"stage": s["stage"], "seconds": 1.0,
+                  "result": {"model_dir": str(inputs["teacher"]), "record": {}, "loss_curve": []}}
         Path(s["dir"]).mkdir(parents=True)
         (Path(s["dir"]) / "stage.json").write_text(json.dumps(marker), encoding="utf-8")
     r = CliRunner().invoke(cli, args)
@@ -178,3 +179,14 @@ def test_dry_run_shows_the_pinned_keys_and_finds_cached_stages(inputs: dict[str,
         ("export-gguf", "ee635b1a31635444", "run"),  # the Q8_0 export of test_distill_then_finetune_keys
     ]
     assert Path(rows[2]["dir"]).name == f"export-gguf-{rows[2]['key']}"
+    # With the export finished and verified too, the bench stage is laid out over it. (Before the build became one
+    # loop of stages, --dry-run always listed bench as "(after export)"; now it shows the key the run would use.)
+    marker = {"stage": "export-gguf", "seconds": 1.0,
+              "result": {"path": "/nowhere/a.gguf", "format": "gguf", "quant": "Q8_0", "verify": {"passed": True},
+                         "export": {"sha256": ARTIFACT_SHA256[0]}}}
+    Path(rows[2]["dir"]).mkdir(parents=True)
+    (Path(rows[2]["dir"]) / "stage.json").write_text(json.dumps(marker), encoding="utf-8")
+    rows = json.loads(CliRunner().invoke(cli, args).stdout)["stages"]
+    assert [(s["stage"], s["state"]) for s in rows] == [("distill", "cached"), ("finetune", "cached"),
+                                                        ("export-gguf", "cached"), ("bench", "run"), ("ship", "run")]
+    assert Path(rows[3]["dir"]).name == f"bench-{rows[3]['key']}" and rows[3]["note"] == "local"
