@@ -44,9 +44,14 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, default=str))
 
 
+def stage_key(name: str, settings: dict[str, Any], inputs: dict[str, Any]) -> str:
+    """The full sha256 hex key of stage ``name`` for these settings and inputs (upstream keys, input identities)."""
+    return stable_hash({"stage": name, "edgeforge": __version__, "config": settings, "inputs": inputs})
+
+
 @dataclass(frozen=True)
-class Stage:
-    """One stage's place in the cache."""
+class StageDir:
+    """One stage's place in the cache: ``<root>/<name>-<key16>/``, done when its marker file exists."""
 
     name: str
     key: str  # full sha256 hex
@@ -80,7 +85,7 @@ class StageCache:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
 
-    def stage(self, name: str, config: dict[str, Any], inputs: dict[str, Any]) -> Stage:
-        """The stage ``name`` for these settings and inputs (upstream keys, input identities)."""
-        key = stable_hash({"stage": name, "edgeforge": __version__, "config": config, "inputs": inputs})
-        return Stage(name=name, key=key, dir=self.root / f"{name}-{key[:16]}", config=config)
+    def place(self, name: str, config: dict[str, Any], inputs: dict[str, Any]) -> StageDir:
+        """The place of stage ``name`` for these settings and inputs (upstream keys, input identities)."""
+        key = stage_key(name, config, inputs)
+        return StageDir(name=name, key=key, dir=self.root / f"{name}-{key[:16]}", config=config)

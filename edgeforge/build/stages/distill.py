@@ -1,0 +1,69 @@
+"""The distill stage: the plan's student trained from the teacher (or from the fine-tuned teacher, on the task's
+examples, when the pipeline orders fine-tune-then-distill)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgeforge.build.stage import BuildContext, BuildState
+
+
+@dataclass
+class DistillStage:
+    """``upstream``: the teacher's identity, or ``{"teacher": key}`` of the fine-tuned teacher it reads."""
+
+    ctx: BuildContext
+    upstream: dict[str, Any]
+    teacher_from: str | None = None  # the model stage whose output is the teacher; None: the build's teacher
+
+    name = "distill"
+
+    @property
+    def note(self) -> str:
+        d = self.ctx.cfg.distill
+        return (f"{self.ctx.student_shape()['layers']}-layer student, {d.steps} steps, {d.loss}"
+                + (", teacher = the fine-tuned teacher, task data" if self.teacher_from else ""))
+
+    def settings(self) -> dict[str, Any]:
+        ctx = self.ctx
+        return {**ctx.cfg.distill.model_dump(exclude={"enabled"}), "student": ctx.student_shape(),
+                "seed": ctx.cfg.seed, "data": ctx.data_identity,
+                "task_data": ctx.task_identity if self.teacher_from else None}
+
+    def inputs(self) -> dict[str, Any]:
+        return self.upstream
+
+    def run(self, stage_dir: Path, state: BuildState) -> dict[str, Any]:
+        from edgeforge.distill.run import record_summary, run_distill
+
+        ctx = self.ctx
+        out = stage_dir / "student"
+        teacher = str(ctx.teacher_ref.path)
+        data = tuple(ctx.data_files)
+        if self.teacher_from is not None:
+            teacher = str(state.model_dir)
+            data = (*data, task_chat_jsonl(ctx, stage_dir / "task-train.jsonl"))
+        resume = (out / ".checkpoint").is_dir()
+        if resume:
+            ctx.log("distill: resuming the interrupted run from its last checkpoint")
+        record = run_distill(ctx.distill_config(out, teacher, data, resume), log=ctx.log)
+        return {"model_dir": str(out), "record": record_summary(record),
+                "loss_curve": record.get("loss_curve", []), "record_file": str(out / "distill.json")}
+
+    def absorb(self, record: dict[str, Any], state: BuildState) -> None:
+        state.model_dir = Path(record["model_dir"])
+        state.lineage_stages.append(self.name)
+        state.distill = {**record["record"], "loss_curve": record["loss_curve"]}
+
+
+def task_chat_jsonl(ctx: BuildContext, path: Path) -> Path:
+    """The task's training examples as chat JSONL: distillation data for fine-tune-then-distill."""
+    from edgeforge.tasks.examples import load_task_examples
+
+    train, _, _ = load_task_examples(None if ctx.task_path else ctx.cfg.task, ctx.task_path, ctx.cfg.seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"messages": ex["messages"]}) + "\n" for ex in train), encoding="utf-8")
+    return path

@@ -1,0 +1,194 @@
+"""The export stages: the build's model as a GGUF file (llama.cpp) or an ONNX folder (onnxruntime), each verified
+against that model (KL, top-1 agreement) and scored on held-out task examples through the artifact's own engine.
+
+A GGUF type that fails verification falls back to the profile's next larger preferred type that still fits
+(``export_with_fallback``); every type tried is recorded with the artifact that passed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgeforge.build.stage import BuildContext, BuildState
+from edgeforge.errors import BadInputError, QualityGateError
+
+
+@dataclass
+class ExportStage:
+    """``upstream_key``: the key of the model stage the export reads (or the teacher's identity, as text)."""
+
+    ctx: BuildContext
+    fmt: str  # "gguf" or "onnx"
+    quant: str  # a GGUF type (Q4_K_M, ...) or an ONNX mode (int8, int4, none)
+    upstream_key: str
+
+    @property
+    def name(self) -> str:
+        return f"export-{self.fmt}"
+
+    @property
+    def note(self) -> str:
+        return f"{self.fmt} {self.quant}"
+
+    def settings(self) -> dict[str, Any]:
+        return {"format": self.fmt, "quant": self.quant, "verify": self.ctx.cfg.verify.model_dump(),
+                "task": self.ctx.task_identity}
+
+    def inputs(self) -> dict[str, Any]:
+        return {"model": self.upstream_key}
+
+    def run(self, stage_dir: Path, state: BuildState) -> dict[str, Any]:
+        from edgeforge.models.refs import ModelRef
+        from edgeforge.verify.artifact import Reference, verify_artifact
+
+        assert state.model_dir is not None
+        ctx = self.ctx
+        ref = ModelRef(name=f"{ctx.teacher_ref.name}-{ctx.profile.name}", path=state.model_dir, format="hf")
+        path, record = self._export(ref, stage_dir, state)
+        ctx.log(f"[{self.name}] verifying {path.name} against {state.model_dir.name} ({ctx.cfg.verify.tokens} tokens)")
+        verify = verify_artifact(path, Reference(ref), self.quant, n_tokens=ctx.cfg.verify.tokens, enforce=False)
+        return {"path": str(path), "format": self.fmt, "quant": self.quant, "verify": verify,
+                "task": self._task_metrics(path, state.model_dir), "size_bytes": size_bytes(path),
+                "export": {k: record.get(k) for k in ("seconds", "sha256", "lineage")}}
+
+    def _export(self, ref: Any, stage_dir: Path, state: BuildState) -> tuple[Path, dict[str, Any]]:
+        """Write the artifact into ``stage_dir``; returns its path and the exporter's record."""
+        if self.fmt == "gguf":
+            from edgeforge.export.gguf import NEEDS_IMATRIX, export_gguf
+
+            imatrix_data = None
+            if self.quant in NEEDS_IMATRIX:
+                from edgeforge.data.builtin import write_calibration_text
+
+                imatrix_data = write_calibration_text(stage_dir / "calibration.txt")
+            path = stage_dir / f"{build_slug(self.ctx)}-{self.quant}.gguf"
+            return path, export_gguf(ref, self.quant, path, imatrix_data, self.ctx.profile.name,
+                                     [*state.lineage_stages])
+        from edgeforge.export.onnx.export import export_onnx
+
+        path = stage_dir / "onnx"
+        return path, export_onnx(state.model_dir, path, quantize=self.quant)  # type: ignore[arg-type]
+
+    def _task_metrics(self, path: Path, model_dir: Path) -> dict[str, Any] | None:
+        """Task accuracy of the artifact on the held-out task examples (None without a task)."""
+        examples = held_out_task_examples(self.ctx)
+        if not examples:
+            return None
+        from transformers import AutoTokenizer
+
+        from edgeforge.tasks.metrics import artifact_task_metrics
+
+        tok = AutoTokenizer.from_pretrained(str(model_dir))
+        self.ctx.log(f"[{self.name}] task accuracy of {path.name} on {len(examples)} held-out examples")
+        return artifact_task_metrics(path, tok, examples)
+
+    def absorb(self, record: dict[str, Any], state: BuildState) -> None:
+        tried = state.exports.setdefault(self.fmt, [])
+        tried.append(record)
+        if record["verify"]["passed"]:
+            state.artifacts.append({**record, "tried": tried_rows(tried)})
+
+
+def tried_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What the ship folder says about each type tried for one format."""
+    return [{"quant": r["quant"], "passed": r["verify"]["passed"], "mean_kl": r["verify"].get("mean_kl"),
+             "top1": r["verify"].get("top1_agreement")} for r in records]
+
+
+def export_formats(ctx: BuildContext) -> list[str]:
+    """The formats to export: the pipeline's, or every format the profile's runtimes run."""
+    if ctx.cfg.export.formats is not None:
+        fmts = list(dict.fromkeys(ctx.cfg.export.formats))
+    else:
+        fmts = list(dict.fromkeys(r.format for r in ctx.profile.runtimes))
+    runs = {r.format for r in ctx.profile.runtimes}
+    bad = [f for f in fmts if f not in runs]
+    if bad:
+        raise BadInputError(f"export.formats: {ctx.profile.name} runs {', '.join(sorted(runs))}, not "
+                            f"{', '.join(bad)}")
+    return fmts
+
+
+def onnx_quant(ctx: BuildContext) -> str:
+    """The ONNX mode: the pipeline's, else the profile's first preferred one, else int8."""
+    return ctx.cfg.export.onnx_quantize or (ctx.profile.preferred_quants.onnx or ["int8"])[0]
+
+
+def gguf_candidates(ctx: BuildContext, state: BuildState) -> list[str]:
+    """The chosen GGUF type, then (with fallback) the profile's larger preferred types that still fit."""
+    from edgeforge.models.refs import arch_from_config
+    from edgeforge.plan.sizing import GGUF_QUANT_TYPES, memory_estimate
+
+    first = ctx.cfg.export.gguf_quant
+    if first is None:
+        first = (ctx.plan.student or {}).get("quant") if state.distill is not None else None
+        first = first or ctx.plan.quant
+    if first not in GGUF_QUANT_TYPES:
+        raise BadInputError(f"export.gguf_quant: expected one of {', '.join(GGUF_QUANT_TYPES)}, found {first}")
+    if not ctx.cfg.export.fallback:
+        return [first]
+    assert state.model_dir is not None
+    arch = arch_from_config(json.loads((state.model_dir / "config.json").read_text(encoding="utf-8")))
+    ctx_tokens = ctx.plan.context_tokens
+
+    def size(q: str) -> int:
+        return memory_estimate(arch, "gguf", q, ctx_tokens).weights_bytes
+
+    larger = sorted((q for q in ctx.profile.preferred_quants.gguf
+                     if q in GGUF_QUANT_TYPES and q != first and size(q) > size(first)
+                     and memory_estimate(arch, "gguf", q, ctx_tokens).total_bytes <= ctx.profile.memory_budget_bytes),
+                    key=size)
+    return [first, *larger[:2]]
+
+
+def export_with_fallback(ctx: BuildContext, state: BuildState, fmt: str, upstream_key: str) -> Iterator[ExportStage]:
+    """Lay out one format's exports: each type in turn until one passes verification.
+
+    Raises QualityGateError when none passes. Stops without a verdict when the last one laid out has not run
+    (``--dry-run``)."""
+    quants = gguf_candidates(ctx, state) if fmt == "gguf" else [onnx_quant(ctx)]
+    for attempt, q in enumerate(quants, start=1):
+        yield ExportStage(ctx, fmt, q, upstream_key)
+        tried = state.exports.get(fmt, [])
+        if len(tried) < attempt:  # laid out but not run: whether it passes is not known yet
+            return
+        if tried[-1]["verify"]["passed"]:
+            return
+        ctx.log(f"[export-{fmt}] {q} failed verification ({why_failed(tried[-1]['verify'])})"
+                + ("; trying the next larger type" if q != quants[-1] else ""))
+    last = state.exports[fmt][-1]
+    raise QualityGateError(f"{fmt}: no type passed verification (tried "
+                           f"{', '.join(r['quant'] for r in state.exports[fmt])}; last: {why_failed(last['verify'])}); "
+                           f"artifacts kept in {Path(last['path']).parent}")
+
+
+def why_failed(verify: dict[str, Any]) -> str:
+    return "; ".join(verify.get("failures") or []) or "passed"
+
+
+def held_out_task_examples(ctx: BuildContext) -> list[dict[str, Any]]:
+    """The held-out task examples each artifact is scored on (none without a task)."""
+    if ctx.cfg.task is None:
+        return []
+    from edgeforge.tasks.examples import load_task_examples
+
+    _, held, _ = load_task_examples(None if ctx.task_path else ctx.cfg.task, ctx.task_path, ctx.cfg.seed)
+    return held[: ctx.cfg.verify.task_examples]
+
+
+def build_slug(ctx: BuildContext) -> str:
+    """The build's name: the teacher's name (without .gguf) and the profile's (file names, the model card)."""
+    base = Path(str(ctx.teacher_ref.name)).name.replace(".gguf", "")
+    return f"{base}-{ctx.profile.name}"
+
+
+def size_bytes(path: Path) -> int:
+    """The size of a file, or of every file under a folder."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())

@@ -1,0 +1,198 @@
+"""The stage cache keys of ``edgeforge build``, pinned to literal values.
+
+A finished stage lives in ``OUT/.stages/<stage>-<key16>/`` and is found again only under the same key, so a change
+of key silently throws every existing build cache away. These tests lay out the stages of a few fixed builds (a
+config-only teacher directory, fixed data and task files, built-in profile and task) and compare every key with the
+value the builder computed when the test was written. A deliberate change of key must update the literal here and
+say why in a comment next to it.
+
+Changes so far: the keys were first pinned on the builder before its restructuring into stages, which kept them.
+They then changed once, deliberately, when every distill/finetune setting got a single declaration
+(edgeforge.distill.config / edgeforge.finetune.config): the pipeline sections now carry every setting (jsd_beta,
+hidden_loss, grad_accum, warmup_steps, max_tokens, ...), and a stage's key covers all of them, so a build cache made
+before that change is rebuilt once.
+
+The edgeforge version enters every key (a new release starts a fresh cache on purpose); it is fixed here so that a
+version bump does not read as a change of the key layout.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from edgeforge.build.builder import Builder
+from edgeforge.build.config import validate_pipeline
+from edgeforge.build.layout import layout
+from edgeforge.build.stage import BuildState, key_of
+from edgeforge.build.stages.export import ExportStage
+from edgeforge.cli.app import cli
+
+PINNED_VERSION = "0.1.0-pinned"
+
+# A tiny llama config: enough for the planner and the GGUF size estimates, no weights needed to compute keys.
+TEACHER_CONFIG = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 49152,
+    "max_position_embeddings": 2048, "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": True,
+}
+DATA_TEXT = "The quick brown fox jumps over the lazy dog.\nPack my box with five dozen liquor jugs.\n"
+TASK_JSONL = "".join(json.dumps({"messages": [{"role": "user", "content": f"turn on light {i}"},
+                                             {"role": "assistant", "content": f'{{"light": {i}}}'}]}) + "\n"
+                     for i in range(8))
+ARTIFACT_SHA256 = ("a" * 64, "b" * 64)
+
+
+@pytest.fixture(autouse=True)
+def fixed_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("edgeforge.build.cache.__version__", PINNED_VERSION)
+
+
+@pytest.fixture
+def inputs(tmp_path: Path) -> dict[str, Path]:
+    """Fixed input files under fixed names (a path identity holds the file name and its sha256, not the folder)."""
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    (teacher / "config.json").write_text(json.dumps(TEACHER_CONFIG, indent=2, sort_keys=True), encoding="utf-8")
+    data = tmp_path / "prose.txt"
+    data.write_text(DATA_TEXT, encoding="utf-8")
+    task = tmp_path / "lights.jsonl"
+    task.write_text(TASK_JSONL, encoding="utf-8")
+    target = tmp_path / "bench-box.yaml"
+    target.write_text(yaml.safe_dump({"name": "bench-box", "type": "local", "profile": "raspberry-pi-5-8gb"}),
+                      encoding="utf-8")
+    return {"teacher": teacher, "data": data, "task": task, "target": target, "out": tmp_path / "out"}
+
+
+def pipeline(inputs: dict[str, Path], **over: object) -> dict:
+    cfg: dict = {
+        "teacher": str(inputs["teacher"]), "profile": "raspberry-pi-5-8gb", "data": [str(inputs["data"])],
+        "distill": {"enabled": True, "student_layers": 1, "steps": 4, "batch_size": 2, "seq_len": 32,
+                    "checkpoint_every": 2, "generate_answers": False},
+        "finetune": {"steps": 2, "batch_size": 2, "eval_examples": 2, "checkpoint_every": 1},
+        "export": {"formats": ["gguf", "onnx"], "gguf_quant": "Q4_K_M", "onnx_quantize": "int8"},
+        "verify": {"tokens": 64, "task_examples": 2},
+        "bench": {"prompt_tokens": 16, "gen_tokens": 8, "repeats": 1},
+    }
+    for k, v in over.items():
+        cfg[k] = {**cfg[k], **v} if isinstance(v, dict) and isinstance(cfg.get(k), dict) else v
+    return cfg
+
+
+def laid_out_keys(builder: Builder) -> dict[str, str]:
+    """Every stage key the build's own layout yields, driven as the runner drives it but with a made-up record
+    absorbed for each stage: each model stage "produces" the teacher's config (the GGUF fallback types are sized
+    from the model's config.json), every GGUF type but Q8_0 fails verification (so each fallback is laid out),
+    and each passing export has a fixed sha256 (the bench stage's inputs)."""
+    keys: dict[str, str] = {}
+    state = BuildState()
+    shas = iter(ARTIFACT_SHA256)
+    for stage in layout(builder, state):
+        if isinstance(stage, ExportStage):
+            keys[f"{stage.name}-{stage.quant}"] = key_of(stage)
+            passed = stage.quant in ("Q8_0", "int8")
+            stage.absorb({"path": f"/nowhere/{stage.name}-{stage.quant}", "format": stage.fmt, "quant": stage.quant,
+                          "verify": {"passed": passed, "failures": [] if passed else ["mean KL too high"]},
+                          "export": {"sha256": next(shas) if passed else "f" * 64}}, state)
+        else:
+            keys[stage.name] = key_of(stage)
+            stage.absorb({"model_dir": str(builder.cfg.teacher), "record": {}, "loss_curve": [], "results": []},
+                         state)
+    return keys
+
+
+def make_builder(inputs: dict[str, Path], **over: object) -> Builder:
+    return Builder(validate_pipeline(pipeline(inputs, **over), "test"), inputs["out"])
+
+
+def test_distill_then_finetune_keys(inputs: dict[str, Path]) -> None:
+    builder = make_builder(inputs, target=str(inputs["target"]))
+    assert laid_out_keys(builder) == {
+        "distill": "07ff26f8ff63cbe890e4945d204f9a18d50cbff616efe4081cd728c3bdf7093d",
+        "finetune": "a7365bdec44c96e4c76d94ec91683ec4f32d28cf9295294545a0974992e2662b",
+        "export-gguf-Q4_K_M": "91cc4b61e74980eec971d6ec0b55bdc97edce68cf12b22f519ce03cfa6ad7476",
+        "export-gguf-Q5_K_M": "b717438313aacc11414444d59f704f3a6fcafe4ad487aa5f710e42b1e5020590",
+        "export-gguf-Q8_0": "9f3e4d30e6057086fc79e7e6c2fc287491223b86479e72da41c09c0c33e7b946",
+        "export-onnx-int8": "a863ad4a29a0a67a01720acf252543b272b398a525599f1f10f97ad8cd91d9e3",
+        "bench": "09b31cd9d2b411e69a82f04b3a0a4dcc29e08ed1b47dee7b67e8465fd8729949",
+    }
+
+
+def test_finetune_then_distill_keys(inputs: dict[str, Path]) -> None:
+    builder = make_builder(inputs, order="finetune-then-distill", export={"formats": ["gguf"], "gguf_quant": None},
+                           bench={"enabled": False})
+    assert laid_out_keys(builder) == {
+        "finetune-teacher": "a3e431d737b472d9ef5af83e332a78954f4e9689ae9b7ed828a640dcfbe8dc2b",
+        "distill": "d7af2881fb4d8c8329dbecfeb8761e44a2751aa9355092d4cffaa0fa5df44c11",
+        "export-gguf-Q8_0": "1790f77d279e80c285b44b194d06b6b4ce9c468c6bf1f576ae788b3df4b618a0",
+    }
+
+
+def test_finetune_only_on_a_task_file_keys(inputs: dict[str, Path]) -> None:
+    builder = make_builder(inputs, task=str(inputs["task"]), distill={"enabled": False},
+                           export={"formats": ["gguf"], "gguf_quant": "Q4_K_M"})
+    assert laid_out_keys(builder) == {
+        "finetune": "41cc8bf101d300dc839554f04169c618349a74dc1c7fe3324f054b4f45c76f71",
+        "export-gguf-Q4_K_M": "421adb8b2c0627a9e65cc4f58154a8f21b827e6e7cf488ccb9d33fe61eb480d7",
+        "export-gguf-Q5_K_M": "4db11f4e461914d5c2fd92312b7edc486afb6f83ee426eda33bcf89f6ab3de3f",
+        "export-gguf-Q8_0": "fa8b9eeefd615eeb79d4b10354b2b8b00470a13f67b650ec42f814890553f846",
+        # over the one GGUF artifact (computed with the builder before its restructuring, like every value here)
+        "bench": "2ef8929fcb6dfcc2fb40f46e8c5b7a587beac676041d009ce15a979956659f03",
+    }
+
+
+def test_export_straight_from_the_teacher_keys(inputs: dict[str, Path]) -> None:
+    """No task and no distillation: the exports read the teacher itself (its identity is the upstream key)."""
+    builder = make_builder(inputs, task=None, distill={"enabled": False}, export={"formats": ["onnx"]},
+                           bench={"local": False})
+    assert laid_out_keys(builder) == {
+        "export-onnx-int8": "d1d25e8a802cfd23713cccb99ad9fc0c40a22e659a58c8979134e901700b221d",
+    }
+
+
+def test_dry_run_shows_the_pinned_keys_and_finds_cached_stages(inputs: dict[str, Path]) -> None:
+    """``--dry-run`` prints the first 16 hex digits of each key (the stage directory's suffix); with the model stages
+    finished it lays out the exports too."""
+    cfg = inputs["out"].parent / "pipeline.yaml"
+    cfg.write_text(yaml.safe_dump(pipeline(inputs, export={"formats": ["gguf"], "gguf_quant": "Q8_0",
+                                                           "fallback": False})), encoding="utf-8")
+    args = ["build", "--config", str(cfg), "--out", str(inputs["out"]), "--dry-run", "--json"]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, r.stderr
+    rows = json.loads(r.stdout)["stages"]
+    assert [(s["stage"], s["key"], s["state"]) for s in rows] == [
+        ("distill", "4bcf9fd127b3c82e", "run"),
+        ("finetune", "0638e333123b51c2", "run"),
+        ("export-gguf", "(after the model stages)", "run"),
+        ("bench", "(after export)", "run"),
+        ("ship", "-", "run"),
+    ]
+    for s in rows[:2]:  # finish the model stages by hand: the teacher's config stands in for each output
+        marker = {"stage": s["stage"], "seconds": 1.0,
+                  "result": {"model_dir": str(inputs["teacher"]), "record": {}, "loss_curve": []}}
+        Path(s["dir"]).mkdir(parents=True)
+        (Path(s["dir"]) / "stage.json").write_text(json.dumps(marker), encoding="utf-8")
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, r.stderr
+    rows = json.loads(r.stdout)["stages"]
+    assert [(s["stage"], s["key"], s["state"]) for s in rows][:3] == [
+        ("distill", "4bcf9fd127b3c82e", "cached"),
+        ("finetune", "0638e333123b51c2", "cached"),
+        ("export-gguf", "ee635b1a31635444", "run"),  # the Q8_0 export of test_distill_then_finetune_keys
+    ]
+    assert Path(rows[2]["dir"]).name == f"export-gguf-{rows[2]['key']}"
+    # With the export finished and verified too, the bench stage is laid out over it. (Before the build became one
+    # loop of stages, --dry-run always listed bench as "(after export)"; now it shows the key the run would use.)
+    marker = {"stage": "export-gguf", "seconds": 1.0,
+              "result": {"path": "/nowhere/a.gguf", "format": "gguf", "quant": "Q8_0", "verify": {"passed": True},
+                         "export": {"sha256": ARTIFACT_SHA256[0]}}}
+    Path(rows[2]["dir"]).mkdir(parents=True)
+    (Path(rows[2]["dir"]) / "stage.json").write_text(json.dumps(marker), encoding="utf-8")
+    rows = json.loads(CliRunner().invoke(cli, args).stdout)["stages"]
+    assert [(s["stage"], s["state"]) for s in rows] == [("distill", "cached"), ("finetune", "cached"),
+                                                        ("export-gguf", "cached"), ("bench", "run"), ("ship", "run")]
+    assert Path(rows[3]["dir"]).name == f"bench-{rows[3]['key']}" and rows[3]["note"] == "local"

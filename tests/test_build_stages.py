@@ -1,0 +1,134 @@
+"""The build's stage runner and its GGUF fallback, with no model run: a cached stage contributes exactly as a fresh
+one, a stage killed half-way runs again in its own directory, --dry-run runs nothing, and a GGUF type that fails
+verification falls back to the next larger one until none is left (a quality-gate error naming every type tried).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edgeforge.build.builder import Builder
+from edgeforge.build.cache import MARKER, StageCache
+from edgeforge.build.config import validate_pipeline
+from edgeforge.build.runner import StageRunner
+from edgeforge.build.stage import BuildState, key_of
+from edgeforge.build.stages.export import ExportStage, export_with_fallback
+from edgeforge.errors import QualityGateError
+
+TEACHER_CONFIG = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                  "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 49152,
+                  "max_position_embeddings": 2048, "tie_word_embeddings": True}
+
+
+@dataclass
+class WordStage:
+    """A real stage that writes one word to a file in its directory; ``runs`` counts how often it really ran."""
+
+    word: str
+    runs: list[Path] = field(default_factory=list)
+    name: str = "word"
+
+    @property
+    def note(self) -> str:
+        return f"writes {self.word}"
+
+    def settings(self) -> dict[str, Any]:
+        return {"word": self.word}
+
+    def inputs(self) -> dict[str, Any]:
+        return {}
+
+    def run(self, stage_dir: Path, state: BuildState) -> dict[str, Any]:
+        self.runs.append(stage_dir)
+        (stage_dir / "word.txt").write_text(self.word, encoding="utf-8")
+        return {"model_dir": str(stage_dir), "words": [self.word]}
+
+    def absorb(self, record: dict[str, Any], state: BuildState) -> None:
+        state.model_dir = Path(record["model_dir"])
+        state.lineage_stages.extend(record["words"])
+
+
+def test_a_cached_stage_contributes_exactly_as_a_fresh_one(tmp_path: Path) -> None:
+    cache, logs = StageCache(tmp_path / ".stages"), []
+    stage = WordStage("hello")
+    fresh, cached = BuildState(), BuildState()
+    StageRunner(cache, fresh, logs.append).take(stage)
+    StageRunner(cache, cached, logs.append).take(stage)
+    assert len(stage.runs) == 1 and stage.runs[0].name == f"word-{key_of(stage)[:16]}"
+    assert (fresh.model_dir, fresh.lineage_stages) == (cached.model_dir, cached.lineage_stages)
+    assert [r["cached"] for r in fresh.stage_rows + cached.stage_rows] == [False, True]
+    # the cached row reports what the stage took when it ran, not the cache hit
+    assert cached.stage_rows[0]["seconds"] == fresh.stage_rows[0]["seconds"]
+    assert {k: v for k, v in fresh.stage_rows[0].items() if k != "cached"} == \
+        {k: v for k, v in cached.stage_rows[0].items() if k != "cached"}
+    assert logs[0] == "[word] running: writes hello" and logs[1].startswith("[word] cached (word-")
+
+
+def test_a_stage_killed_half_way_runs_again_in_its_directory(tmp_path: Path) -> None:
+    cache, logs = StageCache(tmp_path / ".stages"), []
+    stage = WordStage("again")
+    killed = cache.place(stage.name, stage.settings(), stage.inputs())
+    killed.dir.mkdir(parents=True)  # what a SIGKILL leaves: the directory, no marker
+    StageRunner(cache, BuildState(), logs.append).take(stage)
+    assert stage.runs == [killed.dir] and (killed.dir / MARKER).is_file()
+    assert logs == ["[word] resuming: writes again"]
+
+
+def test_dry_run_describes_without_running(tmp_path: Path) -> None:
+    cache = StageCache(tmp_path / ".stages")
+    done, todo = WordStage("done"), WordStage("todo")
+    StageRunner(cache, BuildState(), lambda _m: None).take(done)
+    runner = StageRunner(cache, BuildState(), lambda _m: None, dry_run=True)
+    runner.run_all([done, todo])
+    assert len(done.runs) == 1 and todo.runs == []
+    assert [(r["stage"], r["state"], r["key"]) for r in runner.rows] == \
+        [("word", "cached", key_of(done)[:16]), ("word", "run", key_of(todo)[:16])]
+    assert runner.state.lineage_stages == ["done"] and runner.state.pending == ["word"]
+    assert runner.state.stage_rows == []
+
+
+@pytest.fixture
+def builder(tmp_path: Path) -> Builder:
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    (teacher / "config.json").write_text(json.dumps(TEACHER_CONFIG), encoding="utf-8")
+    cfg = validate_pipeline({"teacher": str(teacher), "profile": "raspberry-pi-5-8gb", "task": None,
+                             "export": {"formats": ["gguf"], "gguf_quant": "Q4_K_M"}}, "test")
+    return Builder(cfg, tmp_path / "out")
+
+
+def verdicts(builder: Builder, passing: set[str], logs: list[str]) -> BuildState:
+    """Walk the GGUF exports as the runner does, each type verified as passing when it is in ``passing``."""
+    builder.log = logs.append
+    state = BuildState(model_dir=Path(builder.cfg.teacher or ""))
+    for stage in export_with_fallback(builder, state, "gguf", "model-key"):
+        assert isinstance(stage, ExportStage)
+        ok = stage.quant in passing
+        stage.absorb({"path": f"/kept/{stage.quant}/m.gguf", "format": "gguf", "quant": stage.quant,
+                      "verify": {"passed": ok, "failures": [] if ok else [f"{stage.quant} mean KL too high"]}},
+                     state)
+    return state
+
+
+def test_a_failed_gguf_type_falls_back_to_the_next_larger_one(builder: Builder) -> None:
+    logs: list[str] = []
+    state = verdicts(builder, {"Q5_K_M", "Q8_0"}, logs)
+    assert [r["quant"] for r in state.exports["gguf"]] == ["Q4_K_M", "Q5_K_M"]
+    assert [(a["quant"], [t["quant"] for t in a["tried"]]) for a in state.artifacts] == \
+        [("Q5_K_M", ["Q4_K_M", "Q5_K_M"])]
+    assert logs == ["[export-gguf] Q4_K_M failed verification (Q4_K_M mean KL too high); "
+                    "trying the next larger type"]
+
+
+def test_no_gguf_type_passing_is_a_quality_gate_error(builder: Builder) -> None:
+    logs: list[str] = []
+    with pytest.raises(QualityGateError) as e:
+        verdicts(builder, set(), logs)
+    assert "tried Q4_K_M, Q5_K_M, Q8_0" in str(e.value) and "Q8_0 mean KL too high" in str(e.value)
+    assert "artifacts kept in /kept/Q8_0" in str(e.value)
+    assert logs[-1] == "[export-gguf] Q8_0 failed verification (Q8_0 mean KL too high)"
