@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 
@@ -19,18 +19,31 @@ def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` so that a reader never sees half a file: a temp file in the same directory, fsync, then
-    os.replace (atomic on POSIX within one filesystem)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.replace (atomic on POSIX within one filesystem).
+
+    The temp file is created with mode 0666 and the kernel applies the process umask, as for any ``open()``: the
+    shipped file gets the usual mode without reading the umask. Reading it means setting it (``os.umask`` has no
+    getter), and setting it is process-wide: another thread creating a file in that window got mode 0666.
+    """
+    fd, tmp = _create_unique(path.parent, f".{path.name}.", ".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        # mkstemp makes the file private (0600); a shipped file gets the usual mode (0666 minus the umask)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _create_unique(directory: Path, prefix: str, suffix: str) -> tuple[int, str]:
+    """A new file ``directory/prefix<random>suffix`` opened for writing, created (O_EXCL) with mode 0666 & ~umask;
+    unlike tempfile.mkstemp, which always makes it 0600."""
+    for _ in range(100):
+        name = os.path.join(directory, f"{prefix}{secrets.token_hex(6)}{suffix}")
+        try:
+            return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666), name
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{directory}: no free temporary name after 100 tries")

@@ -165,8 +165,8 @@ def test_dry_run_shows_the_pinned_keys_and_finds_cached_stages(inputs: dict[str,
     assert r.exit_code == 0, r.stderr
     rows = json.loads(r.stdout)["stages"]
     assert [(s["stage"], s["key"], s["state"]) for s in rows] == [
-        ("distill", "4bcf9fd127b3c82e", "run"),
-        ("finetune", "0638e333123b51c2", "run"),
+        ("distill", "07ff26f8ff63cbe8", "run"),
+        ("finetune", "a7365bdec44c96e4", "run"),
         ("export-gguf", "(after the model stages)", "run"),
         ("bench", "(after export)", "run"),
         ("ship", "-", "run"),
@@ -180,9 +180,9 @@ def test_dry_run_shows_the_pinned_keys_and_finds_cached_stages(inputs: dict[str,
     assert r.exit_code == 0, r.stderr
     rows = json.loads(r.stdout)["stages"]
     assert [(s["stage"], s["key"], s["state"]) for s in rows][:3] == [
-        ("distill", "4bcf9fd127b3c82e", "cached"),
-        ("finetune", "0638e333123b51c2", "cached"),
-        ("export-gguf", "ee635b1a31635444", "run"),  # the Q8_0 export of test_distill_then_finetune_keys
+        ("distill", "07ff26f8ff63cbe8", "cached"),
+        ("finetune", "a7365bdec44c96e4", "cached"),
+        ("export-gguf", "9f3e4d30e6057086", "run"),  # the Q8_0 export of test_distill_then_finetune_keys
     ]
     assert Path(rows[2]["dir"]).name == f"export-gguf-{rows[2]['key']}"
     # With the export finished and verified too, the bench stage is laid out over it. (Before the build became one

@@ -398,10 +398,13 @@ class SshShell:
         if t.key_file is not None and not t.key_file.is_file():
             raise TargetConfigError(f"target '{t.name}': key_file {t.key_file} does not exist")
         if not t.known_hosts_file.is_file():
+            scan, kh = shlex.quote(f"{t.host}.hostkey"), shlex.quote(str(t.known_hosts_file))
             raise HostKeyError(
                 f"target '{t.name}': known_hosts_file {t.known_hosts_file} does not exist, so the host key of "
-                f"{t.host}:{t.port} cannot be checked; add it after checking its fingerprint: "
-                f"ssh-keyscan -p {t.port} {t.host} >> {t.known_hosts_file}"
+                f"{t.host}:{t.port} cannot be checked; check its fingerprint before trusting it: run `ssh-keyscan "
+                f"-p {t.port} -t ed25519 {shlex.quote(t.host)} | tee {scan} | ssh-keygen -lf -` here and `ssh-keygen "
+                "-lf /etc/ssh/ssh_host_ed25519_key.pub` on the device's own console (not over the network); only if "
+                f"the two SHA256 fingerprints match, add the key: `cat {scan} >> {kh}`"
             )
 
     def run(self, command: str, *, timeout_s: float, cancel: Cancel | None = None, what: str = "command",
@@ -424,15 +427,24 @@ class SshShell:
         text = stderr.lower()
         where = f"target '{t.name}' ({t.address})"
         if "remote host identification has changed" in text or "host key for" in text and "changed" in text:
+            scan, kh = shlex.quote(f"{t.host}.hostkey"), shlex.quote(str(t.known_hosts_file))
+            entry = shlex.quote(t.host if t.port == 22 else f"[{t.host}]:{t.port}")
             raise HostKeyError(
                 f"{where}: the host key does not match the one in {t.known_hosts_file}: refusing to connect "
-                "(a different machine answers, or the device was reinstalled; check its fingerprint, then fix "
-                f"that file with ssh-keygen -R '[{t.host}]:{t.port}' -f {t.known_hosts_file} and ssh-keyscan)"
+                "(a different machine answers, or the device was reinstalled); check the new fingerprint: run "
+                f"`ssh-keyscan -p {t.port} -t ed25519 {shlex.quote(t.host)} | tee {scan} | ssh-keygen -lf -` here "
+                "and `ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub` on the device's own console (not over the "
+                f"network); only if they match, replace the old key: `ssh-keygen -R {entry} -f {kh} && cat {scan} "
+                f">> {kh}`"
             )
         if "host key verification failed" in text or "no " in text and "host key is known" in text:
+            scan, kh = shlex.quote(f"{t.host}.hostkey"), shlex.quote(str(t.known_hosts_file))
             raise HostKeyError(
                 f"{where}: its host key is not in {t.known_hosts_file}: refusing to connect to an unknown host; "
-                f"check the fingerprint, then add it: ssh-keyscan -p {t.port} {t.host} >> {t.known_hosts_file}"
+                f"check its fingerprint before trusting it: run `ssh-keyscan -p {t.port} -t ed25519 "
+                f"{shlex.quote(t.host)} | tee {scan} | ssh-keygen -lf -` here and `ssh-keygen -lf "
+                "/etc/ssh/ssh_host_ed25519_key.pub` on the device's own console (not over the network); only if the "
+                f"two SHA256 fingerprints match, add the key: `cat {scan} >> {kh}`"
             )
         if "permission denied" in text or "too many authentication failures" in text:
             raise TargetAuthError(

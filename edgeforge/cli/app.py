@@ -15,8 +15,8 @@ from typing import Any
 import click
 
 from edgeforge import __version__
-from edgeforge.cli.common import JSON_OPTION, PROFILES_DIR_OPTION, print_json
-from edgeforge.errors import BadInputError, EdgeforgeError
+from edgeforge.cli.common import FORCE_OPTION, JSON_OPTION, PROFILES_DIR_OPTION, print_json
+from edgeforge.errors import BadInputError, EdgeforgeError, QualityGateError
 
 _print_json = print_json
 
@@ -153,14 +153,20 @@ def profiles_validate(paths: tuple[Path, ...], as_json: bool) -> None:
 @profiles.command("detect")
 @click.option("--name", default="this-machine", show_default=True, help="Name of the detected profile.")
 @click.option("--out", type=click.Path(path_type=Path), help="Write the profile YAML here.")
+@FORCE_OPTION
 @JSON_OPTION
-def profiles_detect(name: str, out: Path | None, as_json: bool) -> None:
+def profiles_detect(name: str, out: Path | None, force: bool, as_json: bool) -> None:
     """Build a profile of this machine: cores, RAM, ISA flags, measured memory bandwidth."""
+    from edgeforge.fileio import write_text_atomic
+    from edgeforge.outputs import claim_output
     from edgeforge.plan.detect import detect_profile, profile_to_yaml
 
+    if out:
+        claim_output(out, kind="profile", force=force)
     p = detect_profile(name)
     if out:
-        out.write_text(profile_to_yaml(p), encoding="utf-8")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out, profile_to_yaml(p))
     if as_json:
         _print_json(p.model_dump(mode="json"))
     else:
@@ -273,9 +279,12 @@ def _quant_auto(ref, out: Path, profile_name: str | None, max_kl: float, imatrix
                 profiles_dirs: tuple[Path, ...]) -> tuple[str, list[dict[str, Any]]]:
     """Measure candidate types smallest first; the first that fits and keeps mean KL <= max_kl wins.
 
-    Each candidate is exported and verified for real (measured, not guessed) and then removed; the caller exports
-    the chosen type to ``out``.
+    Each candidate is exported and verified for real (measured, not guessed) in a fresh temporary directory beside
+    ``out`` (never under a name the user could own) and then removed; the caller exports the chosen type to ``out``.
+    No type within ``max_kl`` is a failed quality gate (exit 1), not bad input.
     """
+    import tempfile
+
     from edgeforge.export.gguf import export_gguf
     from edgeforge.models.refs import read_arch
     from edgeforge.plan.planner import evaluate
@@ -295,17 +304,17 @@ def _quant_auto(ref, out: Path, profile_name: str | None, max_kl: float, imatrix
                             "('edgeforge plan' says how small)")
     reference = Reference(ref)
     tried: list[dict[str, Any]] = []
+    out.parent.mkdir(parents=True, exist_ok=True)
     for t in sorted(types, key=lambda q: gguf_file_bytes(arch, q)):
-        cand = out.with_name(f".{out.stem}.auto-{t}.gguf")
-        rec = export_gguf(ref, t, cand, imatrix_data, profile_name)
-        v = verify_artifact(cand, reference, t, enforce=False)
+        with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.stem}.auto-") as cand_dir:
+            cand = Path(cand_dir) / f"{out.stem}-{t}.gguf"
+            rec = export_gguf(ref, t, cand, imatrix_data, profile_name)
+            v = verify_artifact(cand, reference, t, enforce=False)
         tried.append({"quant": t, "file_bytes": rec["file_bytes"], "mean_kl": v["mean_kl"],
                       "top1_agreement": v["top1_agreement"]})
-        cand.unlink(missing_ok=True)
-        cand.with_name(cand.name + ".edgeforge.json").unlink(missing_ok=True)
         if v["mean_kl"] <= max_kl:
             return t, tried
-    raise EdgeforgeError(f"no candidate type keeps mean KL <= {max_kl}: " + ", ".join(
+    raise QualityGateError(f"no candidate type keeps mean KL <= {max_kl}: " + ", ".join(
         f"{x['quant']} {x['mean_kl']:.4f}" for x in tried) + "; raise --max-kl or use a device with more memory")
 
 
@@ -321,17 +330,20 @@ def _quant_auto(ref, out: Path, profile_name: str | None, max_kl: float, imatrix
               help="With --quant auto: the largest mean KL vs the source model to accept.")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Check the artifact against the source torch model (KL, top-1, perplexity, greedy).")
+@FORCE_OPTION
 @PROFILES_DIR_OPTION
 @JSON_OPTION
 def export_gguf_cmd(model: str, quant: str, out: Path, imatrix_data: Path | None, profile_name: str | None,
-                    max_kl: float, verify: bool, profiles_dirs: tuple[Path, ...], as_json: bool) -> None:
+                    max_kl: float, verify: bool, force: bool, profiles_dirs: tuple[Path, ...], as_json: bool) -> None:
     """Export MODEL (HF dir, .gguf, or alias) to a GGUF file that llama.cpp runs."""
     from edgeforge.export.gguf import export_gguf, save_record
     from edgeforge.models.refs import resolve_model
+    from edgeforge.outputs import claim_output
 
     ref = resolve_model(model)
     if out.suffix.lower() != ".gguf":
         raise BadInputError(f"--out {out}: expected a path ending in .gguf")
+    claim_output(out, kind="gguf", force=force)  # before --quant auto spends minutes measuring candidates
     if imatrix_data is not None and str(imatrix_data) == "builtin":
         from edgeforge.data.builtin import write_calibration_text
         from edgeforge.paths import edgeforge_home
@@ -341,7 +353,7 @@ def export_gguf_cmd(model: str, quant: str, out: Path, imatrix_data: Path | None
     tried = None
     if quant == "auto":
         quant, tried = _quant_auto(ref, out, profile_name, max_kl, imatrix_data, profiles_dirs)
-    record = export_gguf(ref, quant, out, imatrix_data, profile_name)
+    record = export_gguf(ref, quant, out, imatrix_data, profile_name, force=force)
     if verify:
         from edgeforge.verify.artifact import Reference, Threshold, verify_artifact
 
@@ -381,14 +393,17 @@ def _report_artifact(record: dict[str, Any], as_json: bool) -> None:
 @click.option("--isa", type=click.Choice(["auto", "arm64", "avx2", "avx512_vnni"]), default="auto",
               show_default=True, help="Target instruction set for the quantized kernels.")
 @click.option("--verify/--no-verify", default=True, show_default=True)
+@FORCE_OPTION
 @JSON_OPTION
-def export_onnx_cmd(model: str, out: Path, quantize: str, isa: str, verify: bool, as_json: bool) -> None:
+def export_onnx_cmd(model: str, out: Path, quantize: str, isa: str, verify: bool, force: bool, as_json: bool) -> None:
     """Export MODEL to an ONNX decoder with KV cache that optimum's ORTModelForCausalLM loads as is."""
     from edgeforge.export.gguf import save_record
     from edgeforge.export.onnx.export import export_onnx
     from edgeforge.models.refs import resolve_model
+    from edgeforge.outputs import claim_output
 
     ref = resolve_model(model)
+    claim_output(out, kind="onnx", force=force)  # before a GGUF source is dequantized
     if ref.format == "gguf":
         from edgeforge.models.gguf_hf import hf_dir_for, materialize_hf
         from edgeforge.paths import edgeforge_home
@@ -396,7 +411,7 @@ def export_onnx_cmd(model: str, out: Path, quantize: str, isa: str, verify: bool
         hf_dir = materialize_hf(ref.path, hf_dir_for(ref.path, edgeforge_home()))
     else:
         hf_dir = ref.path
-    record = export_onnx(hf_dir, out, quantize=quantize, isa=isa)  # type: ignore[arg-type]
+    record = export_onnx(hf_dir, out, quantize=quantize, isa=isa, force=force)  # type: ignore[arg-type]
     record.setdefault("path", str(out))
     record.setdefault("quant", quantize)
     if verify:

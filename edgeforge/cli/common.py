@@ -13,6 +13,10 @@ PROFILES_DIR_OPTION = click.option(
     help="Extra folder or YAML file of device profiles (repeatable; also EDGEFORGE_PROFILES).",
 )
 JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+#: Every command that writes --out takes it (edgeforge.outputs.claim_output: what is replaced without it).
+FORCE_OPTION = click.option(
+    "--force", is_flag=True,
+    help="Replace what is at --out even when edgeforge did not write it (without: only its own earlier output).")
 
 
 def print_json(data: Any) -> None:

@@ -26,6 +26,7 @@ from edgeforge import __version__
 from edgeforge.errors import BadInputError, EdgeforgeError, ModelError, ResourceError
 from edgeforge.fileio import sha256_file  # noqa: F401  (re-exported: bench and tests import it from here)
 from edgeforge.models.refs import ModelRef, read_arch
+from edgeforge.outputs import ONNX_RECORD_FILE, claim_output, gguf_record_path, publish
 from edgeforge.progress import ProgressStep, progress
 from edgeforge.quiet import captured_stderr
 
@@ -222,42 +223,49 @@ def export_gguf(
     stages: list[str] | None = None,
     threads: int | None = None,
     imatrix_file: Path | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Export ``model`` to a GGUF file at ``quant``. Returns the artifact record (also saved beside the file).
 
     ``imatrix_data`` is calibration text to compute an importance matrix from; ``imatrix_file`` an importance
-    matrix computed earlier (by ``compute_imatrix``) to reuse.
+    matrix computed earlier (by ``compute_imatrix``) to reuse. An existing ``out`` is replaced only when it is an
+    earlier GGUF export (its record beside it) or with ``force`` (edgeforge.outputs).
     """
     if quant not in GGUF_TYPES:
         raise BadInputError(f"unknown GGUF quant type '{quant}'; expected one of {', '.join(GGUF_TYPES)} or 'auto'")
     if quant in NEEDS_IMATRIX and imatrix_data is None and imatrix_file is None:
         raise BadInputError(f"{quant} needs an importance matrix: pass --imatrix-data PATH (calibration text)")
+    claim_output(out, kind="gguf", force=force)
     threads = threads or max(1, os.cpu_count() or 1)
     out.parent.mkdir(parents=True, exist_ok=True)
     _check_disk(model, quant, out)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".edgeforge-export-") as tmpdir:
         try:
-            lineage, seconds = _export_in(Path(tmpdir), model, quant, out, imatrix_data, profile, stages, threads,
+            final = Path(tmpdir) / "final.gguf"
+            lineage, seconds = _export_in(Path(tmpdir), model, quant, final, imatrix_data, profile, stages, threads,
                                           imatrix_file, t0)
+            record = {
+                "kind": "gguf",
+                "path": str(out),
+                "quant": quant,
+                "file_bytes": final.stat().st_size,
+                "sha256": sha256_file(final),
+                "source_model": model.name,
+                "source_path": str(model.path),
+                "lineage": lineage,
+                "seconds": {**seconds, "total": time.perf_counter() - t0},
+            }
+            # The record first, then the file: a .gguf at ``out`` always has its record beside it, which is how a
+            # rerun knows the file is edgeforge's own to replace (a kill between the two leaves only a record).
+            save_record(out, record)
+            publish(final, out)
         except (OSError, ExportError) as e:
             if not _disk_is_full(e, out.parent):
                 raise
             raise ResourceError(f"the disk at {out.parent} filled up during the export (no space left on device); no "
                                 f"partial file is left at {out} and the temporary files are removed: free some space "
                                 "or pass another --out") from None
-    record = {
-        "kind": "gguf",
-        "path": str(out),
-        "quant": quant,
-        "file_bytes": out.stat().st_size,
-        "sha256": sha256_file(out),
-        "source_model": model.name,
-        "source_path": str(model.path),
-        "lineage": lineage,
-        "seconds": {**seconds, "total": time.perf_counter() - t0},
-    }
-    save_record(out, record)
     return record
 
 
@@ -278,7 +286,7 @@ def _disk_is_full(err: BaseException, where: Path) -> bool:
 def _export_in(tmp: Path, model: ModelRef, quant: str, out: Path, imatrix_data: Path | None, profile: str | None,
                stages: list[str] | None, threads: int, imatrix_file: Path | None,
                t0: float) -> tuple[dict[str, Any], dict[str, float]]:
-    """The export steps inside the temporary directory ``tmp``; the result is renamed to ``out`` when complete."""
+    """The export steps inside the temporary directory ``tmp``; the result is written to ``out`` (inside ``tmp``)."""
     if model.format == "hf":
         base = convert_hf(model.path, tmp / "base.gguf", CONVERTER_OUTTYPE.get(quant, "f16"))
     else:
@@ -307,8 +315,7 @@ def _export_in(tmp: Path, model: ModelRef, quant: str, out: Path, imatrix_data: 
 
 def record_path(artifact: Path) -> Path:
     """Where an artifact's record lives: ``<file>.edgeforge.json``, or ``<dir>/edgeforge-export.json``."""
-    return artifact / "edgeforge-export.json" if artifact.is_dir() else artifact.with_name(
-        artifact.name + ".edgeforge.json")
+    return artifact / ONNX_RECORD_FILE if artifact.is_dir() else gguf_record_path(artifact)
 
 
 def save_record(artifact: Path, record: dict[str, Any]) -> Path:

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from edgeforge.errors import EdgeforgeError
+from edgeforge.errors import BadInputError, EdgeforgeError
 from edgeforge.finetune.config import FinetuneConfig, Method
 from edgeforge.tasks.metrics import task_metrics
 
@@ -57,14 +57,39 @@ def load_base(model_dir: Path, method: Method, device: torch.device) -> Any:
 
 
 def add_adapter(model: Any, cfg: FinetuneConfig) -> Any:
+    """Attach the LoRA/DoRA adapter of ``cfg`` to ``model``; ``--target-modules`` is checked against the model first."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+    check_target_modules(model, cfg.target_modules)
     if cfg.method == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha or 2 * cfg.rank, lora_dropout=cfg.dropout,
                       target_modules=cfg.target_modules, use_dora=cfg.method == "dora", use_rslora=cfg.rslora,
                       task_type="CAUSAL_LM")
     return get_peft_model(model, lora)
+
+
+def check_target_modules(model: Any, target_modules: str | list[str]) -> None:
+    """Every ``--target-modules`` entry must name at least one layer LoRA can adapt (a linear layer or an
+    embedding), matched as peft matches it (the full module name, or its last dotted parts); otherwise one
+    BadInputError listing the model's candidates. A typo among good names would otherwise train fewer layers
+    silently, and a list matching nothing came out of peft as an internal error."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    if target_modules == "all-linear":
+        return
+    adaptable = [name for name, module in model.named_modules()
+                 if isinstance(module, (torch.nn.Linear, torch.nn.Embedding))]
+    entries = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+    unmatched = [entry for entry in entries if not any(
+        check_target_module_exists(LoraConfig(target_modules=[entry] if isinstance(target_modules, list) else entry),
+                                   name) for name in adaptable)]
+    if unmatched:
+        candidates = sorted({name.rsplit(".", 1)[-1] for name in adaptable})
+        raise BadInputError(f"--target-modules {','.join(entries)}: expected names of the model's linear or "
+                            f"embedding layers, found none named {', '.join(unmatched)}; candidates: "
+                            f"{', '.join(candidates)} (or all-linear)")
 
 
 @torch.no_grad()

@@ -14,7 +14,8 @@
 - The result directory loads as is with ``optimum.onnxruntime.ORTModelForCausalLM.from_pretrained`` and with the
   on-device bench agent (``device_bench``), which reads ``runtime.json`` from it.
 - The directory is assembled under ``<out>.partial`` and renamed into place when complete, so a killed export is
-  never taken for a finished one; ``edgeforge-export.json`` inside it records how it was made.
+  never taken for a finished one; ``edgeforge-export.json`` inside it records how it was made. An existing ``out``
+  is replaced only when it is an earlier ONNX export (or with ``force``): ``edgeforge.outputs`` has the rule.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from typing import Any, Literal
 import numpy as np
 
 from edgeforge.errors import BadInputError, EdgeforgeError, ModelError
+from edgeforge.outputs import ONNX_RECORD_FILE, claim_output, describe_existing, publish
 
 QuantizeMode = Literal["none", "int8", "int4"]
 Isa = Literal["auto", "arm64", "avx2", "avx512_vnni"]
@@ -57,7 +59,7 @@ EMBEDDING_BITS = 8
 MODEL_FILE = "model.onnx"
 #: onnxruntime / optimum look for the external-data file under this name next to ``model.onnx``.
 EXTERNAL_DATA_FILE = "model.onnx_data"
-RECORD_FILE = "edgeforge-export.json"
+RECORD_FILE = ONNX_RECORD_FILE
 RUNTIME_FILE = "runtime.json"
 #: protobuf cannot serialize a message over 2 GiB; stay clear of it with a margin for the graph itself.
 _EXTERNAL_DATA_THRESHOLD_BYTES = 1_800_000_000
@@ -186,16 +188,18 @@ def export_onnx(
     quantize: QuantizeMode = "int8",
     isa: Isa = "auto",
     threads: int | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Export a Hugging Face decoder to an ONNX directory with KV cache, weight-only quantized.
 
     Args:
         model_dir: Hugging Face model directory (config.json, safetensors, tokenizer files).
-        out_dir: the directory to create; an existing one is replaced only once the new one is complete.
+        out_dir: the directory to create; an earlier export there is replaced only once the new one is complete.
         quantize: "none" (fp32), "int8" (8-bit blocks of 32, symmetric) or "int4" (4-bit linear layers except
             those of ``int4_8bit_nodes()``; 8-bit embedding and output head).
         isa: target instruction set, for the activation precision of MatMulNBits ("auto": this machine).
         threads: intra-op threads written to ``runtime.json`` for the device (None: the runtime's default).
+        force: replace whatever is at ``out_dir`` (by default only an earlier export or an empty directory).
 
     Returns:
         The export record, also written to ``out_dir/edgeforge-export.json``.
@@ -208,11 +212,11 @@ def export_onnx(
     settings = resolve_isa(isa)
     config = read_model_config(model_dir)
     check_exportable(config)
+    claim_output(out_dir, kind="onnx", force=force)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     partial = out_dir.with_name(out_dir.name + ".partial")
-    if partial.exists():  # left by a killed run: never resumed, its content is unknown
-        shutil.rmtree(partial)
+    _remove_stale_partial(partial, out_dir)
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.optimum-") as raw_dir:
         raw = Path(raw_dir)
         t0 = time.perf_counter()
@@ -254,7 +258,7 @@ def export_onnx(
                      ("onnxruntime", "optimum", "optimum-onnx", "onnx", "transformers", "torch")},
     }
     (partial / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    _publish(partial, out_dir)
+    publish(partial, out_dir)  # out_dir was claimed before the export began; the old one goes only afterwards
     return record
 
 
@@ -329,19 +333,23 @@ def _copy_side_files(model_dir: Path, dest: Path) -> None:
                 shutil.copy2(model_dir / name, dest / name)
 
 
-def _publish(partial: Path, out_dir: Path) -> None:
-    """Move the complete ``partial`` directory to ``out_dir``; an old ``out_dir`` is removed only afterwards."""
-    if not out_dir.exists():
-        os.replace(partial, out_dir)
+#: Every name an export writes into its directory: a ``.partial`` holding only these was left by a killed export.
+_EXPORT_FILE_NAMES = frozenset((MODEL_FILE, EXTERNAL_DATA_FILE, RECORD_FILE, RUNTIME_FILE, *_SIDE_FILES,
+                                *_LEGACY_TOKENIZER_FILES))
+
+
+def _remove_stale_partial(partial: Path, out_dir: Path) -> None:
+    """Remove ``<out>.partial`` left by a killed export (never resumed: its content is unknown). Anything else of
+    that name is the user's, beside --out rather than in it: refused, never deleted."""
+    if not os.path.lexists(partial):
         return
-    # os.replace cannot replace a non-empty directory: move the old one aside first. Between the two renames
-    # out_dir briefly does not exist, which a reader sees as "not exported yet", never as a half-written export.
-    old = out_dir.with_name(out_dir.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    os.replace(out_dir, old)
-    os.replace(partial, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    if partial.is_dir() and not partial.is_symlink() and all(
+            p.is_file() and p.name in _EXPORT_FILE_NAMES for p in partial.iterdir()):
+        shutil.rmtree(partial)
+        return
+    raise BadInputError(f"{partial}: expected nothing there or an interrupted export of --out {out_dir} (the export "
+                        f"assembles its directory under that name), found {describe_existing(partial)}; move it "
+                        "away or choose another --out")
 
 
 # ---------------------------------------------------------------------------------------------------- quantization

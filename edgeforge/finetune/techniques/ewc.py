@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from edgeforge.errors import BadInputError
+
 
 def fisher_diagonal(model: nn.Module, batches: Iterable[dict[str, Tensor]],
                     loss_fn: Callable[[nn.Module, dict[str, Tensor]], Tensor]) -> dict[str, Tensor]:
@@ -92,7 +94,9 @@ def general_text_batches(tokenizer: Any, n: int, seq_len: int = 128) -> list[dic
     ids = tokenizer(training_prose(max(20_000, n * seq_len * 6)), add_special_tokens=False)["input_ids"]
     seqs = pack(ids, seq_len)
     if len(seqs) < n:
-        raise ValueError(f"only {len(seqs)} sequences of general text for {n} Fisher batches")
+        raise BadInputError(f"--ewc-batches {n}: expected at most {len(seqs)} (the built-in general text holds "
+                            f"{len(seqs)} sequences of {seq_len} tokens, one per Fisher batch), found {n}; lower "
+                            "--ewc-batches")
     stride = len(seqs) // n  # spread over the text, not only its first topic
     return [{"input_ids": seqs[i * stride][None]} for i in range(n)]
 

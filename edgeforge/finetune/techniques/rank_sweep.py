@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from edgeforge.errors import BadInputError
+
 RULE = ("highest validation exact-match accuracy per trainable parameter (ties: smaller rank); if every rank "
         "scores 0, the lowest validation answer loss")
 
@@ -75,8 +77,9 @@ def run_rank_sweep(base_dir: Path, cfg: Any, tokenizer: Any, train_ex: list[dict
     steps = cfg.rank_sweep_steps or max(10, cfg.steps // 5)
     n_val = max(1, min(cfg.eval_examples, len(train_ex) // 10))
     if len(train_ex) <= n_val:
-        raise ValueError(f"rank sweep: {len(train_ex)} training examples leave none to train on after "
-                         f"{n_val} for validation")
+        raise BadInputError(f"--rank-sweep: expected at least {n_val + 1} training examples ({n_val} validate each "
+                            f"rank, the rest train it), found {len(train_ex)}; give more task examples or drop "
+                            "--rank-sweep and choose --rank yourself")
     fit_ex, val_ex = train_ex[:-n_val], train_ex[-n_val:]
     encoded = [encode_example(tokenizer, e["messages"], cfg.max_seq_len) for e in fit_ex]
     val_encoded = [encode_example(tokenizer, e["messages"], cfg.max_seq_len) for e in val_ex]
