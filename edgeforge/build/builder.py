@@ -188,7 +188,8 @@ class Builder:
         return base_model_dir(str(self.teacher_ref.path))[0]
 
     def _run_distill(self, st: Stage, teacher_from: str | None) -> dict[str, Any]:
-        from edgeforge.distill.run import record_summary, run_distill
+        from edgeforge.distill.record import record_summary
+        from edgeforge.distill.run import run_distill
         from edgeforge.distill.config import DistillConfig
 
         d = self.cfg.distill
