@@ -114,8 +114,10 @@ def child_ce(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from transformers import AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
+    from edgeforge.distill.data import prepare_data
+    from edgeforge.distill.evaluate import evaluate
     from edgeforge.distill.prune import StudentShape, init_student
-    from edgeforge.distill.run import evaluate, prepare_data, resolve_teacher
+    from edgeforge.distill.teacher import resolve_teacher
 
     cfg = _config(args, Path(args.workdir) / "ce")
     teacher = resolve_teacher(cfg.teacher, True)

@@ -22,8 +22,10 @@ from pathlib import Path
 import pytest
 from test_targets import TINY, assert_one_error_line, edgeforge
 
+from edgeforge.bench.errors import TransferCorruptedError
 from edgeforge.bench.run import BenchOptions, TargetJob, run_benchmarks
-from edgeforge.bench.targets import SshShell, TransferCorruptedError, load_target_file
+from edgeforge.bench.targets import load_target_file
+from edgeforge.bench.transport import SshShell
 from edgeforge.export.gguf import sha256_file
 from edgeforge.plan.profiles import load_registry
 

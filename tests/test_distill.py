@@ -207,7 +207,8 @@ def test_init_method_and_shape_errors(teacher):
 
 
 def test_profile_gives_the_planners_student_shape(teacher_dir: Path):
-    from edgeforge.distill.run import Teacher, student_shape
+    from edgeforge.distill.student import student_shape
+    from edgeforge.distill.teacher import Teacher
     from edgeforge.models.refs import resolve_model
 
     gguf = resolve_model(None).path  # the bundled teacher: metadata only, nothing is loaded
@@ -340,7 +341,7 @@ def test_two_process_ddp_run_on_gloo(teacher_dir: Path, data_file: Path, tmp_pat
 def test_parallel_setting_is_validated_and_one_process_wraps_nothing():
     from torch import nn
 
-    from edgeforge.distill.run import wrap_parallel
+    from edgeforge.distill.parallel import wrap_parallel
 
     with pytest.raises(BadInputError, match="--parallel: expected ddp | fsdp"):
         DistillConfig(student_layers=2, parallel="zero3")

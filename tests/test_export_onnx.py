@@ -25,9 +25,8 @@ from edgeforge.export.onnx.export import (  # noqa: E402
     UnsupportedArchitectureError,
     export_onnx,
     load_record,
-    onnx_logits,
-    torch_logits,
 )
+from edgeforge.export.onnx.logits import onnx_logits, torch_logits  # noqa: E402
 from edgeforge.verify.metrics import agreement  # noqa: E402
 
 VOCAB = 512
@@ -240,7 +239,7 @@ def test_other_architectures_export(tmp_path: Path, model_type: str, tie: bool) 
 
 def test_external_data_layout_loads(tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Models over protobuf's 2 GiB keep their weights in model.onnx_data; exercised here by lowering the bar."""
-    import edgeforge.export.onnx.export as mod
+    import edgeforge.export.onnx.quantize as mod
 
     monkeypatch.setattr(mod, "_EXTERNAL_DATA_THRESHOLD_BYTES", 0)
     rec = export_onnx(tiny_llama, tmp_path / "out", quantize="int8")

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from edgeforge.bench.errors import HostKeyError, Interrupted, TargetConfigError, TargetError
 from edgeforge.bench.run import (
     RESULT_KEYS,
     BenchOptions,
@@ -30,19 +31,13 @@ from edgeforge.bench.run import (
 )
 from edgeforge.bench.targets import (
     BUILTIN_TARGETS_DIR,
-    HostKeyError,
-    Interrupted,
     LocalTarget,
-    SshShell,
     SshTarget,
-    TargetConfigError,
-    TargetError,
     load_target_file,
     load_target_registry,
-    remote_path_expr,
     resolve_target,
-    run_process,
 )
+from edgeforge.bench.transport import SshShell, remote_path_expr, run_process
 from edgeforge.cli.app import cli
 from edgeforge.errors import BadInputError
 from edgeforge.models.refs import resolve_model

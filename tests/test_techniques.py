@@ -147,12 +147,12 @@ def test_curriculum_order_is_easy_first_and_batches_follow_the_pacing():
     assert set(curriculum_rows(order, 0, total, 0, 2, "linear", 0.25, 0).tolist()) == {11, 13}  # the easiest two
     assert torch.equal(curriculum_rows(order, 3, total, 7, 2, "root", 0.25, 0),
                        curriculum_rows(order, 3, total, 7, 2, "root", 0.25, 0))  # reproducible (resume)
-    from edgeforge.distill.run import _batches  # the run's batches: the easiest rows first, the whole pool at the end
+    from edgeforge.distill.data import micro_batch_stream  # the easiest rows first, the whole pool at the end
 
     cfg = DistillConfig(student_layers=2, steps=total, batch_size=2, curriculum="teacher-loss",
                         curriculum_pacing="linear")
     train = torch.arange(20)[:, None].repeat(1, 8)  # row r holds the token r
-    batches = list(zip(range(total), _batches(train, cfg, 0, 1, order=order)(0), strict=False))
+    batches = list(zip(range(total), micro_batch_stream(train, cfg, 0, 1, order=order)(0), strict=False))
     assert set(batches[0][1]["input_ids"][:, 0].tolist()) == {11, 13}
     assert set(batches[0][1]["rows"].tolist()) == {11, 13} and int(batches[5][1]["micro"]) == 5
     assert set().union(*(b["rows"].tolist() for _, b in batches[16:])) - set(order[:4].tolist())  # harder ones late
@@ -186,7 +186,9 @@ def test_curriculum_run_draws_from_the_ordered_pool(teacher_dir: Path, data_file
 def test_self_distillation_trains_on_the_teachers_outputs_only(teacher_dir: Path, tokenizer, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch):
     import edgeforge.distill.teacher_cache as tc
-    from edgeforge.distill.run import Teacher, prepare_data, student_shape
+    from edgeforge.distill.data import prepare_data
+    from edgeforge.distill.student import student_shape
+    from edgeforge.distill.teacher import Teacher
 
     rows = [{"prompt": f"question {i}", "answer": f"the teacher's own answer number {i} " * 4} for i in range(8)]
     monkeypatch.setattr(tc, "teacher_answers", lambda *a, **k: (rows, {"cache_hit": True, "path": "x",

@@ -34,24 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from edgeforge.bench.targets import (
-    DEVICE_BENCH_PACKAGE,
-    AdbTarget,
-    Cancel,
-    Interrupted,
-    LocalTarget,
-    RemoteRunError,
-    RemoteShell,
-    RuntimeMissingError,
-    SshTarget,
-    Target,
-    TargetError,
-    TransferCorruptedError,
-    remote_path_expr,
-    run_process,
-    shell_for,
-    tail,
-)
+from edgeforge.bench.errors import Interrupted, RemoteRunError, RuntimeMissingError, TargetError, TransferCorruptedError
+from edgeforge.bench.targets import DEVICE_BENCH_PACKAGE, AdbTarget, LocalTarget, SshTarget, Target, shell_for
+from edgeforge.bench.transport import Cancel, RemoteShell, remote_path_expr, run_process, tail
 from edgeforge.errors import BadInputError, EdgeforgeError
 from edgeforge.fileio import sha256_file, write_text_atomic
 from edgeforge.plan.profiles import DeviceProfile, load_profile_file, load_registry

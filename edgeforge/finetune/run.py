@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,24 +32,15 @@ from edgeforge.tasks.examples import collate, encode_example, load_task_examples
 from edgeforge.tasks.metrics import task_metrics
 from edgeforge.train.loop import TrainConfig, pick_device, train
 
-# ---------------------------------------------------------------- data
+Log = Callable[[str], None]
+Row = tuple[list[int], list[int]]  # (input ids, labels) of one training sequence
+Metrics = dict[str, Any]
 
 
-# ---------------------------------------------------------------- evaluation
-
-
-# ---------------------------------------------------------------- model
-
-
-# ---------------------------------------------------------------- the stage
 def run_finetune(model_ref: str, out: Path, cfg: FinetuneConfig, task: str | None = None, data: Path | None = None,
                  merge: bool = False, resume: bool = False, log: Any = print) -> dict[str, Any]:
     """Fine-tune, evaluate before/after, optionally merge; writes ``out`` (adapter or merged model) and
     ``out/finetune.json``. Returns the record."""
-    from transformers import AutoTokenizer
-
-    from edgeforge.data.builtin import heldout_prose
-
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     train_ex, held_ex, source = load_task_examples(task, data, cfg.seed)
@@ -58,9 +51,7 @@ def run_finetune(model_ref: str, out: Path, cfg: FinetuneConfig, task: str | Non
     device = pick_device()
     check_memory(model_ref, cfg, device)
     base_dir, base_name = base_model_dir(model_ref)
-    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = _tokenizer(base_dir)
     techniques: dict[str, Any] = {}  # what --rank-sweep / --ewc / --layerwise-lr-decay measured, for the record
     if cfg.rank_sweep:
         from edgeforge.finetune.techniques.rank_sweep import run_rank_sweep
@@ -70,73 +61,14 @@ def run_finetune(model_ref: str, out: Path, cfg: FinetuneConfig, task: str | Non
     model = load_base(base_dir, cfg.method, device)
 
     log(f"base model {base_name}: evaluating on {len(held_ex)} held-out examples and general text")
-    before = {**task_metrics(model, tokenizer, held_ex), "general_perplexity": general_perplexity(model, tokenizer)}
+    before = _evaluate(model, tokenizer, held_ex)
     log(f"before: task accuracy {before['task_accuracy']:.1%}, valid JSON {before['valid_json_rate']:.1%}, "
         f"general perplexity {before['general_perplexity']:.2f}")
 
     model = add_adapter(model, cfg)
-    ewc, groups = None, None
-    if cfg.ewc > 0:
-        from edgeforge.finetune.techniques.ewc import setup_ewc
-
-        ewc, techniques["ewc"] = setup_ewc(model, tokenizer, cfg.ewc, cfg.ewc_batches, log)
-    if cfg.layerwise_lr_decay < 1.0:
-        from edgeforge.finetune.techniques.layerwise_lr import layerwise_setup
-
-        groups, techniques["layerwise_lr"] = layerwise_setup(model, cfg.layerwise_lr_decay)
-    encoded = [encode_example(tokenizer, e["messages"], cfg.max_seq_len) for e in train_ex]
-    general_rows: list[tuple[list[int], list[int]]] = []
-    if cfg.mix_general > 0:
-        from edgeforge.data.builtin import training_prose
-
-        ids = tokenizer(training_prose(200_000), add_special_tokens=False)["input_ids"]
-        step = 128
-        general_rows = [(ids[i:i + step], ids[i:i + step]) for i in range(0, len(ids) - step, step)]
-    pad = tokenizer.pad_token_id
-
-    def batches(start_step: int):
-        import random
-
-        step = start_step
-        while True:
-            rng = random.Random(cfg.seed * 1_000_003 + step)
-            if general_rows and rng.random() < cfg.mix_general:
-                rows = rng.sample(general_rows, min(cfg.batch_size, len(general_rows)))
-            else:
-                rows = rng.sample(encoded, min(cfg.batch_size, len(encoded)))
-            yield collate(rows, pad)
-            step += 1
-
-    start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad} if cfg.l2sp else {}
-
-    def step_fn(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        loss = answer_loss(model, batch)
-        metrics = {"ce": float(loss.detach())}
-        if cfg.l2sp:
-            penalty = sum(((p - start[n]) ** 2).sum() for n, p in model.named_parameters() if p.requires_grad)
-            loss = loss + cfg.l2sp * penalty
-            metrics["l2sp"] = float(penalty.detach())
-        if ewc is not None:
-            penalty = ewc(model)
-            loss = loss + penalty
-            metrics["ewc"] = float(penalty.detach())
-        return loss, metrics
-
-    tcfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, warmup_steps=max(1, cfg.steps // 20), seed=cfg.seed,
-                       checkpoint_every=cfg.checkpoint_every, **cfg.train)
-    out.mkdir(parents=True, exist_ok=True)
-    curve_points: list[dict[str, Any]] = []
-    probe = held_ex[: min(30, len(held_ex))]
-
-    def on_log(entry: dict[str, float]) -> None:
-        # Accuracy growth with steps: a small held-out probe at each checkpoint.
-        if cfg.checkpoint_every and entry["step"] % cfg.checkpoint_every == 0 and entry["step"] < cfg.steps:
-            m = task_metrics(model, tokenizer, probe)
-            curve_points.append({"step": int(entry["step"]), "task_accuracy": m["task_accuracy"]})
-
-    state = train(model, step_fn, batches, tcfg, ckpt_dir=out / "checkpoint", resume=resume,
-                  desc=f"finetune {cfg.method}", on_log=on_log, param_groups=groups)
-    after = {**task_metrics(model, tokenizer, held_ex), "general_perplexity": general_perplexity(model, tokenizer)}
+    ewc, groups = _forgetting_techniques(model, tokenizer, cfg, log, techniques)
+    state, curve_points = _train(model, tokenizer, cfg, train_ex, held_ex, ewc, groups, out, resume)
+    after = _evaluate(model, tokenizer, held_ex)
     curve_points.append({"step": state.step, "task_accuracy": after["task_accuracy"]})
     log(f"after {state.step} steps: task accuracy {after['task_accuracy']:.1%}, valid JSON "
         f"{after['valid_json_rate']:.1%}, general perplexity {after['general_perplexity']:.2f}")
@@ -157,6 +89,124 @@ def run_finetune(model_ref: str, out: Path, cfg: FinetuneConfig, task: str | Non
                        100 * (after["general_perplexity"] / before["general_perplexity"] - 1)},
         **techniques,
     }
+    _save(model, tokenizer, out, record, merge, base_dir, cfg, held_ex, log)
+    record["total_seconds"] = time.perf_counter() - t_start
+    (out / "finetune.json").write_text(json.dumps(record, indent=2, default=str), encoding="utf-8")
+    return record
+
+
+def _tokenizer(base_dir: Path) -> Any:
+    """The base model's tokenizer, padding with EOS when it has no pad token."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _evaluate(model: Any, tokenizer: Any, held_ex: list[dict[str, Any]]) -> Metrics:
+    """Task metrics on the held-out examples plus the general-text perplexity (the forgetting check)."""
+    return {**task_metrics(model, tokenizer, held_ex), "general_perplexity": general_perplexity(model, tokenizer)}
+
+
+def _forgetting_techniques(model: Any, tokenizer: Any, cfg: FinetuneConfig, log: Log,
+                           techniques: dict[str, Any]) -> tuple[Any, Any]:
+    """(the EWC penalty or None, the layer-wise learning-rate parameter groups or None); what each measured goes
+    into ``techniques``."""
+    ewc, groups = None, None
+    if cfg.ewc > 0:
+        from edgeforge.finetune.techniques.ewc import setup_ewc
+
+        ewc, techniques["ewc"] = setup_ewc(model, tokenizer, cfg.ewc, cfg.ewc_batches, log)
+    if cfg.layerwise_lr_decay < 1.0:
+        from edgeforge.finetune.techniques.layerwise_lr import layerwise_setup
+
+        groups, techniques["layerwise_lr"] = layerwise_setup(model, cfg.layerwise_lr_decay)
+    return ewc, groups
+
+
+def _general_rows(tokenizer: Any, cfg: FinetuneConfig) -> list[Row]:
+    """128-token rows of the built-in general text for --mix-general (none without it); labels = inputs."""
+    if cfg.mix_general <= 0:
+        return []
+    from edgeforge.data.builtin import training_prose
+
+    ids = tokenizer(training_prose(200_000), add_special_tokens=False)["input_ids"]
+    step = 128
+    return [(ids[i:i + step], ids[i:i + step]) for i in range(0, len(ids) - step, step)]
+
+
+def _batch_stream(encoded: list[Row], general_rows: list[Row], cfg: FinetuneConfig,
+                  pad: int) -> Callable[[int], Iterator[dict[str, torch.Tensor]]]:
+    """The batches from optimizer step ``start_step`` on: each drawn with a generator seeded by its step (the same
+    after a resume), from the task rows or, with probability --mix-general, from the general rows."""
+    def batches(start_step: int) -> Iterator[dict[str, torch.Tensor]]:
+        step = start_step
+        while True:
+            rng = random.Random(cfg.seed * 1_000_003 + step)
+            if general_rows and rng.random() < cfg.mix_general:
+                rows = rng.sample(general_rows, min(cfg.batch_size, len(general_rows)))
+            else:
+                rows = rng.sample(encoded, min(cfg.batch_size, len(encoded)))
+            yield collate(rows, pad)
+            step += 1
+
+    return batches
+
+
+def _step_fn(model: Any, cfg: FinetuneConfig,
+             ewc: Any) -> Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]:
+    """The loss of one batch: the answer-token CE, plus the L2-SP penalty towards the weights trainable now
+    (--l2sp) and the EWC penalty (--ewc)."""
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad} if cfg.l2sp else {}
+
+    def step_fn(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        loss = answer_loss(model, batch)
+        metrics = {"ce": float(loss.detach())}
+        if cfg.l2sp:
+            penalty = sum(((p - start[n]) ** 2).sum() for n, p in model.named_parameters() if p.requires_grad)
+            loss = loss + cfg.l2sp * penalty
+            metrics["l2sp"] = float(penalty.detach())
+        if ewc is not None:
+            penalty = ewc(model)
+            loss = loss + penalty
+            metrics["ewc"] = float(penalty.detach())
+        return loss, metrics
+
+    return step_fn
+
+
+def _train(model: Any, tokenizer: Any, cfg: FinetuneConfig, train_ex: list[dict[str, Any]],
+           held_ex: list[dict[str, Any]], ewc: Any, groups: Any, out: Path,
+           resume: bool) -> tuple[Any, list[dict[str, Any]]]:
+    """Train the adapter; returns (the loop's TrainState, the probe's task accuracy at each checkpoint)."""
+    encoded = [encode_example(tokenizer, e["messages"], cfg.max_seq_len) for e in train_ex]
+    batches = _batch_stream(encoded, _general_rows(tokenizer, cfg), cfg, tokenizer.pad_token_id)
+    step_fn = _step_fn(model, cfg, ewc)
+    tcfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, warmup_steps=max(1, cfg.steps // 20), seed=cfg.seed,
+                       checkpoint_every=cfg.checkpoint_every, **cfg.train)
+    out.mkdir(parents=True, exist_ok=True)
+    curve_points: list[dict[str, Any]] = []
+    probe = held_ex[: min(30, len(held_ex))]
+
+    def on_log(entry: dict[str, float]) -> None:
+        # Accuracy growth with steps: a small held-out probe at each checkpoint.
+        if cfg.checkpoint_every and entry["step"] % cfg.checkpoint_every == 0 and entry["step"] < cfg.steps:
+            m = task_metrics(model, tokenizer, probe)
+            curve_points.append({"step": int(entry["step"]), "task_accuracy": m["task_accuracy"]})
+
+    state = train(model, step_fn, batches, tcfg, ckpt_dir=out / "checkpoint", resume=resume,
+                  desc=f"finetune {cfg.method}", on_log=on_log, param_groups=groups)
+    return state, curve_points
+
+
+def _save(model: Any, tokenizer: Any, out: Path, record: dict[str, Any], merge: bool, base_dir: Path,
+          cfg: FinetuneConfig, held_ex: list[dict[str, Any]], log: Log) -> None:
+    """The adapter (``out``, or ``out/adapter`` next to the merged model with --merge), staged then moved in place;
+    the merge's checks go into ``record["merge"]``. The checkpoint is removed: the run is done."""
+    from edgeforge.data.builtin import heldout_prose
+
     adapter_dir = out / "adapter" if merge else out
     staging = adapter_dir.with_name(adapter_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
@@ -168,8 +218,3 @@ def run_finetune(model_ref: str, out: Path, cfg: FinetuneConfig, task: str | Non
     shutil.rmtree(adapter_dir, ignore_errors=True)
     os.replace(staging, adapter_dir)
     shutil.rmtree(out / "checkpoint", ignore_errors=True)
-    record["total_seconds"] = time.perf_counter() - t_start
-    (out / "finetune.json").write_text(json.dumps(record, indent=2, default=str), encoding="utf-8")
-    return record
-
-

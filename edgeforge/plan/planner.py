@@ -149,6 +149,17 @@ def find_student(
     return best
 
 
+@dataclass(frozen=True)
+class _Decision:
+    """What the plan recommends, why, and the candidate whose figures headline it (the teacher's or the student's)."""
+
+    decision: str  # fine-tune | distill | distill+fine-tune
+    reason: str
+    headline: Candidate
+    student: dict[str, Any] | None = None  # the plan's student entry, when a student meets the goal
+    student_arch: ModelArch | None = None
+
+
 def plan(
     arch: ModelArch,
     profile: DeviceProfile,
@@ -173,55 +184,15 @@ def plan(
     candidates = [evaluate(arch, profile, fmt, q, context, prompt_tokens) for q in quants]
     chosen = next((c for c in candidates if c.ok), None)
     goals = profile.latency_goals
-    student: dict[str, Any] | None = None
-    student_arch: ModelArch | None = None
     if chosen is not None:
-        decision = "fine-tune"
-        reason = (
-            f"fits: {chosen.total_bytes / 1e6:.0f} MB of {profile.memory_budget_bytes / 1e6:.0f} MB at {chosen.quant}, "
-            f"and meets the goal ({chosen.estimated_decode_tokens_per_s:.1f} >= {goals.decode_tokens_per_s:g} "
-            f"tokens/s decode, TTFT {chosen.estimated_ttft_ms:.0f} <= {goals.ttft_ms:g} ms); no compression needed, "
-            "so specialise it: fine-tune on the task data"
-        )
-        headline = chosen
+        d = _Decision("fine-tune", _fits_reason(chosen, profile), chosen)
     else:
-        best = max(candidates, key=lambda c: (c.fits, c.estimated_decode_tokens_per_s))
-        why = []
-        if not best.fits:
-            why.append(f"needs {best.total_bytes / 1e6:.0f} MB at {best.quant} but the budget is "
-                       f"{profile.memory_budget_bytes / 1e6:.0f} MB")
-        if not best.meets_latency_goal:
-            why.append(f"runs at {best.estimated_decode_tokens_per_s:.1f} tokens/s decode and TTFT "
-                       f"{best.estimated_ttft_ms:.0f} ms against a goal of {goals.decode_tokens_per_s:g} tokens/s "
-                       f"and {goals.ttft_ms:g} ms")
-        sq = quant or student_quant(profile, fmt)
-        found = find_student(arch, profile, fmt, sq, context, prompt_tokens)
-        decision = "distill+fine-tune" if has_task else "distill"
-        if found is None:
-            headline = evaluate(shrink(arch, 1, 0.5), profile, fmt, sq, context, prompt_tokens)
-            reason = ("too big or too slow even at " + best.quant + " (" + "; ".join(why) + "), and no depth/width "
-                      "pruned student of it meets the goal either: choose a smaller teacher or another device")
-        else:
-            student_arch, headline = found
-            student = {
-                "layers": student_arch.n_layers,
-                "hidden_size": student_arch.hidden_size,
-                "intermediate_size": student_arch.intermediate_size,
-                "params": student_arch.n_params,
-                "quant": sq,
-                "weights_bytes": headline.weights_bytes,
-                "estimated_decode_tokens_per_s": headline.estimated_decode_tokens_per_s,
-            }
-            reason = (
-                f"the teacher is too big or too slow for {profile.name} (" + "; ".join(why) + "): compress it. "
-                f"Distill into a {student_arch.n_layers}-layer student ({student_arch.n_params / 1e6:.0f}M params, "
-                f"pruned from {arch.n_layers} layers) that runs at {headline.estimated_decode_tokens_per_s:.1f} "
-                f"tokens/s at {sq}" + ("; then fine-tune it on the task data" if has_task else "")
-            )
+        d = _compress(arch, profile, fmt, quant, candidates, context, prompt_tokens, has_task)
+    headline, decision = d.headline, d.decision
     # The teacher's own figures: at the chosen quant, or at the most compact one when nothing is good enough.
     teacher_c = chosen or min(candidates, key=lambda c: c.total_bytes)
     energy = serving_energy_wh_per_million_tokens(profile.power_watts, headline.estimated_decode_tokens_per_s)
-    training = _training_section(arch, student_arch, decision, train_profile, price_per_hour, distill_tokens,
+    training = _training_section(arch, d.student_arch, decision, train_profile, price_per_hour, distill_tokens,
                                  finetune_tokens)
     return Plan(
         profile=profile.name,
@@ -244,12 +215,68 @@ def plan(
         latency_goals=goals.model_dump(),
         meets_latency_goal=chosen is not None,
         decision=decision,
-        reason=reason,
-        student=student,
+        reason=d.reason,
+        student=d.student,
         candidates=[asdict(c) for c in candidates],
         serving_energy_wh_per_million_tokens=energy,
         training=training,
     )
+
+
+def _fits_reason(chosen: Candidate, profile: DeviceProfile) -> str:
+    goals = profile.latency_goals
+    return (
+        f"fits: {chosen.total_bytes / 1e6:.0f} MB of {profile.memory_budget_bytes / 1e6:.0f} MB at {chosen.quant}, "
+        f"and meets the goal ({chosen.estimated_decode_tokens_per_s:.1f} >= {goals.decode_tokens_per_s:g} "
+        f"tokens/s decode, TTFT {chosen.estimated_ttft_ms:.0f} <= {goals.ttft_ms:g} ms); no compression needed, "
+        "so specialise it: fine-tune on the task data"
+    )
+
+
+def _shortfalls(best: Candidate, profile: DeviceProfile) -> list[str]:
+    """Why the best of the teacher's candidates is not good enough: memory, speed, or both."""
+    goals = profile.latency_goals
+    why = []
+    if not best.fits:
+        why.append(f"needs {best.total_bytes / 1e6:.0f} MB at {best.quant} but the budget is "
+                   f"{profile.memory_budget_bytes / 1e6:.0f} MB")
+    if not best.meets_latency_goal:
+        why.append(f"runs at {best.estimated_decode_tokens_per_s:.1f} tokens/s decode and TTFT "
+                   f"{best.estimated_ttft_ms:.0f} ms against a goal of {goals.decode_tokens_per_s:g} tokens/s "
+                   f"and {goals.ttft_ms:g} ms")
+    return why
+
+
+def _compress(arch: ModelArch, profile: DeviceProfile, fmt: str, quant: str | None, candidates: list[Candidate],
+              context: int, prompt_tokens: int, has_task: bool) -> _Decision:
+    """No quant of the teacher both fits and meets the goal: distill into the largest pruned student that does."""
+    best = max(candidates, key=lambda c: (c.fits, c.estimated_decode_tokens_per_s))
+    why = _shortfalls(best, profile)
+    sq = quant or student_quant(profile, fmt)
+    found = find_student(arch, profile, fmt, sq, context, prompt_tokens)
+    decision = "distill+fine-tune" if has_task else "distill"
+    if found is None:
+        headline = evaluate(shrink(arch, 1, 0.5), profile, fmt, sq, context, prompt_tokens)
+        reason = ("too big or too slow even at " + best.quant + " (" + "; ".join(why) + "), and no depth/width "
+                  "pruned student of it meets the goal either: choose a smaller teacher or another device")
+        return _Decision(decision, reason, headline)
+    student_arch, headline = found
+    student = {
+        "layers": student_arch.n_layers,
+        "hidden_size": student_arch.hidden_size,
+        "intermediate_size": student_arch.intermediate_size,
+        "params": student_arch.n_params,
+        "quant": sq,
+        "weights_bytes": headline.weights_bytes,
+        "estimated_decode_tokens_per_s": headline.estimated_decode_tokens_per_s,
+    }
+    reason = (
+        f"the teacher is too big or too slow for {profile.name} (" + "; ".join(why) + "): compress it. "
+        f"Distill into a {student_arch.n_layers}-layer student ({student_arch.n_params / 1e6:.0f}M params, "
+        f"pruned from {arch.n_layers} layers) that runs at {headline.estimated_decode_tokens_per_s:.1f} "
+        f"tokens/s at {sq}" + ("; then fine-tune it on the task data" if has_task else "")
+    )
+    return _Decision(decision, reason, headline, student, student_arch)
 
 
 def _training_section(

@@ -239,16 +239,7 @@ def train(
     device = next(model.parameters()).device
     sharded = is_sharded(model)  # FSDP2: checkpoints are collectives, every process takes part
     use_bf16 = cfg.bf16 if cfg.bf16 is not None else (device.type == "cuda" and torch.cuda.is_bf16_supported())
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the model has no trainable parameters")
-    groups: list[dict[str, Any]] = [{"params": params, "lr_scale": 1.0}]
-    if param_groups is not None:
-        groups = [{"params": list(g["params"]), "lr_scale": float(g.get("lr_scale", 1.0))} for g in param_groups]
-        grouped = {id(p) for g in groups for p in g["params"]}
-        if grouped != {id(p) for p in params}:
-            raise ValueError("param_groups must hold exactly the model's trainable parameters")
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer, params = _optimizer(model, cfg, param_groups)
     state = TrainState()
     if resume and ckpt_dir is not None and (ckpt_dir / "state.json").is_file():
         state = load_checkpoint(ckpt_dir, model, optimizer)
@@ -257,34 +248,10 @@ def train(
     model.train()
     it = batches(state.step)
     t_start = time.perf_counter() - state.seconds
+    micro_batches = _MicroBatches(step_fn, it, cfg.grad_accum, device, use_bf16)
     with progress(desc, total=cfg.steps, unit="step", completed=state.step, enabled=is_main_process()) as bar:
-        while state.step < cfg.steps:
-            if cfg.max_tokens is not None and state.tokens >= cfg.max_tokens:
-                break
-            if cfg.max_seconds is not None and time.perf_counter() - t_start >= cfg.max_seconds:
-                break
-            t0 = time.perf_counter()
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(state.step, cfg) * group.get("lr_scale", 1.0)
-            optimizer.zero_grad(set_to_none=True)
-            sums: dict[str, float] = {}
-            step_tokens = 0
-            for _ in range(cfg.grad_accum):
-                batch = {k: v.to(device) for k, v in next(it).items()}
-                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    loss, metrics = step_fn(batch)
-                (loss / cfg.grad_accum).backward()
-                step_tokens += int(batch["input_ids"].numel())
-                for k, v in {"loss": float(loss.detach()), **metrics}.items():
-                    sums[k] = sums.get(k, 0.0) + v / cfg.grad_accum
-            if cfg.max_grad_norm > 0:  # FSDP2: DTensor grads; the norm is reduced over all shards (a DTensor)
-                sums["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
-            optimizer.step()
-            state.step += 1
-            state.tokens += step_tokens
-            state.seconds = time.perf_counter() - t_start
-            sums["tokens_per_s"] = step_tokens / max(1e-9, time.perf_counter() - t0)
-            sums["lr"] = lr_at(state.step - 1, cfg)
+        while state.step < cfg.steps and not _budget_spent(state, cfg, t_start):
+            sums = _optimizer_step(optimizer, params, micro_batches, cfg, state, t_start)
             if state.step % cfg.log_every == 0 or state.step == cfg.steps:
                 state.loss_curve.append({"step": state.step, "tokens": state.tokens, **sums})
                 if on_log:
@@ -297,3 +264,69 @@ def train(
         save_checkpoint(ckpt_dir, model, optimizer, state)
     model.eval()
     return state
+
+
+def _optimizer(model: nn.Module, cfg: TrainConfig,
+               param_groups: list[dict[str, Any]] | None) -> tuple[torch.optim.Optimizer, list[nn.Parameter]]:
+    """(AdamW over the trainable parameters, those parameters); ``param_groups`` must hold exactly them."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    groups: list[dict[str, Any]] = [{"params": params, "lr_scale": 1.0}]
+    if param_groups is not None:
+        groups = [{"params": list(g["params"]), "lr_scale": float(g.get("lr_scale", 1.0))} for g in param_groups]
+        grouped = {id(p) for g in groups for p in g["params"]}
+        if grouped != {id(p) for p in params}:
+            raise ValueError("param_groups must hold exactly the model's trainable parameters")
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay), params
+
+
+def _budget_spent(state: TrainState, cfg: TrainConfig, t_start: float) -> bool:
+    """Whether the token or wall-time budget ends the run before the next step."""
+    if cfg.max_tokens is not None and state.tokens >= cfg.max_tokens:
+        return True
+    return cfg.max_seconds is not None and time.perf_counter() - t_start >= cfg.max_seconds
+
+
+@dataclass
+class _MicroBatches:
+    """The micro-batches of one optimizer step: forward (under autocast) and backward of each, gradients summed."""
+
+    step_fn: StepFn
+    it: Iterator[dict[str, torch.Tensor]]
+    grad_accum: int
+    device: torch.device
+    use_bf16: bool
+
+    def accumulate(self) -> tuple[dict[str, float], int]:
+        """(the metrics averaged over the step's micro-batches, the step's tokens)."""
+        sums: dict[str, float] = {}
+        step_tokens = 0
+        for _ in range(self.grad_accum):
+            batch = {k: v.to(self.device) for k, v in next(self.it).items()}
+            with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
+                loss, metrics = self.step_fn(batch)
+            (loss / self.grad_accum).backward()
+            step_tokens += int(batch["input_ids"].numel())
+            for k, v in {"loss": float(loss.detach()), **metrics}.items():
+                sums[k] = sums.get(k, 0.0) + v / self.grad_accum
+        return sums, step_tokens
+
+
+def _optimizer_step(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], micro: _MicroBatches,
+                    cfg: TrainConfig, state: TrainState, t_start: float) -> dict[str, float]:
+    """One optimizer step at the schedule's learning rate; advances ``state`` and returns the step's metrics."""
+    t0 = time.perf_counter()
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(state.step, cfg) * group.get("lr_scale", 1.0)
+    optimizer.zero_grad(set_to_none=True)
+    sums, step_tokens = micro.accumulate()
+    if cfg.max_grad_norm > 0:  # FSDP2: DTensor grads; the norm is reduced over all shards (a DTensor)
+        sums["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+    optimizer.step()
+    state.step += 1
+    state.tokens += step_tokens
+    state.seconds = time.perf_counter() - t_start
+    sums["tokens_per_s"] = step_tokens / max(1e-9, time.perf_counter() - t0)
+    sums["lr"] = lr_at(state.step - 1, cfg)
+    return sums

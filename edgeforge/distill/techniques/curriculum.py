@@ -110,7 +110,7 @@ def score_sequences(kind: str, seqs: Tensor, teacher: nn.Module, student: nn.Mod
 def curriculum_order(cfg: Any, teacher: nn.Module, student: nn.Module, train_seqs: Tensor,
                      pool: Tensor) -> tuple[Tensor, dict[str, Any]]:
     """The ``pool`` [N] of rows of ``train_seqs`` [n, S] sorted easy -> hard by ``cfg.curriculum`` (cfg:
-    edgeforge.distill.run.DistillConfig), and what the record says about it."""
+    edgeforge.distill.config.DistillConfig), and what the record says about it."""
     from edgeforge.distill.prune import count_params
 
     t0 = time.perf_counter()

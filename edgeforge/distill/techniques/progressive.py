@@ -55,7 +55,7 @@ def split_steps(total: int, n_stages: int) -> list[int]:
 
 
 def stage_plan(cfg: Any, shape: Any, teacher_layers: int) -> list[tuple[Any, int]]:
-    """(student shape, optimizer steps) per stage of a run (cfg: edgeforge.distill.run.DistillConfig; shape:
+    """(student shape, optimizer steps) per stage of a run (cfg: edgeforge.distill.config.DistillConfig; shape:
     edgeforge.distill.prune.StudentShape): one stage, or the --progressive stages (depth only, the last with the full
     shape) with the budget split."""
     if not cfg.progressive:

@@ -157,7 +157,7 @@ class DistillTask:
 
 def prepare_task(cfg: Any, tokenizer: Any, teacher: Any, cache_root: Path, log: Any,
                  max_len: int = 256) -> DistillTask:
-    """The task of a distillation run (cfg: distill.run.DistillConfig; teacher: distill.run.Teacher).
+    """The task of a distillation run (cfg: distill.config.DistillConfig; teacher: distill.teacher.Teacher).
     With ``--task-loss rationale`` the teacher's rationales are generated here once (cached)."""
     from edgeforge.tasks.examples import load_task_examples
 
