@@ -162,18 +162,16 @@ def prepare_data(cfg: DistillConfig, tokenizer: Any, teacher: Teacher, cache_roo
     task's examples, --task) are packed into sequences of their own after the split, so none is held out and a
     sequence holds task text only (lowest-loss routing then sees whole task samples)."""
     from edgeforge.data.builtin import heldout_prose, training_prose
-    from edgeforge.data.text import documents_from_file, pack, split_heldout, tokenize_documents
+    from edgeforge.data.text import documents_from_file, pack, split_documents, tokenize_documents
 
     info: dict[str, Any] = {}
     if cfg.data:
         docs: list[str] = []
         for p in cfg.data:
             docs += documents_from_file(p, tokenizer)
-        seqs = pack(tokenize_documents(docs, tokenizer), cfg.seq_len)
-        train, held = split_heldout(seqs, 0.1)
-        heldout = held[: cfg.eval_sequences]
-        info.update(sources=[str(p) for p in cfg.data], documents=len(docs),
-                    heldout_source="the last 10% of the packed --data sequences")
+        split = split_documents(docs, tokenizer, cfg.seq_len)
+        train, heldout = split.train, split.heldout[: cfg.eval_sequences]
+        info.update(sources=[str(p) for p in cfg.data], documents=len(docs), **split.info)
     else:
         if cfg.self_distill == "none":
             docs = [d for d in training_prose().split("\n\n") if d.strip()]
