@@ -433,7 +433,9 @@ def export_onnx_cmd(model: str, out: Path, quantize: str, isa: str, verify: bool
 @click.option("--data", type=click.Path(path_type=Path), default=None,
               help="Held-out UTF-8 text [default: built-in held-out prose].")
 @click.option("--tokens", type=click.IntRange(min=16), default=1000, show_default=True)
-@click.option("--quant", default=None, help="Threshold set to judge by [default: from the artifact's record].")
+@click.option("--quant", default=None,
+              help="Threshold set to judge by [default: the artifact's own type: a GGUF's general.file_type, an "
+              "ONNX model's quantization].")
 @JSON_OPTION
 def eval_cmd(artifact: Path, reference_model: str, data: Path | None, tokens: int, quant: str | None,
              as_json: bool) -> None:
@@ -444,7 +446,7 @@ def eval_cmd(artifact: Path, reference_model: str, data: Path | None, tokens: in
     from edgeforge.data.builtin import read_text_data
     from edgeforge.export.gguf import load_record
     from edgeforge.models.refs import resolve_model
-    from edgeforge.verify.artifact import Reference, verify_artifact
+    from edgeforge.verify.artifact import Reference, artifact_quant, verify_artifact
 
     if not artifact.exists():
         raise BadInputError(f"{artifact}: artifact not found")
@@ -453,7 +455,7 @@ def eval_cmd(artifact: Path, reference_model: str, data: Path | None, tokens: in
 
         return eval_student(artifact, reference_model, data, tokens, as_json)
     text = read_text_data(data) if data else None
-    quant = quant or load_record(artifact).get("quant") or "Q4_K_M"
+    quant = quant or artifact_quant(artifact, load_record(artifact))
     result = verify_artifact(artifact, Reference(resolve_model(reference_model)), quant, text, tokens, enforce=False)
     result["artifact"] = str(artifact)
     if as_json:

@@ -41,7 +41,8 @@ def register(cli: click.Group) -> None:
         --self-distill, --task-loss rationale (distilling step-by-step), --extra-teacher (multi-teacher),
         --on-policy-ratio (on-policy, GKD-style).
         """
-        from edgeforge.distill.run import record_summary, run_distill
+        from edgeforge.distill.record import record_summary
+        from edgeforge.distill.run import run_distill
         from edgeforge.train.loop import is_main_process
 
         record = run_distill(DistillConfig(out=out, **settings), log=None if as_json else _echo_err)
@@ -77,7 +78,7 @@ def eval_student(student_dir: Path, reference: str | None, data: Path | None, to
     from click.core import ParameterSource
 
     from edgeforge.data.builtin import read_text_data
-    from edgeforge.distill.run import compare
+    from edgeforge.distill.evaluate import compare
 
     text = read_text_data(data) if data else None
     seq_len, n_seq = min(256, tokens), max(1, tokens // min(256, tokens))

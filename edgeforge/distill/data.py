@@ -48,17 +48,16 @@ def prepare_data(cfg: DistillConfig, tokenizer: Any, teacher: Teacher, cache_roo
 
 
 def _file_sequences(cfg: DistillConfig, tokenizer: Any, info: dict[str, Any]) -> tuple[Tensor, Tensor]:
-    """(train [n, seq_len], held-out [n_eval, seq_len]) from the ``--data`` files: the last 10% is held out."""
-    from edgeforge.data.text import documents_from_file, pack, split_heldout, tokenize_documents
+    """(train [n, seq_len], held-out [n_eval, seq_len]) from the ``--data`` files, held out by document content
+    (edgeforge.data.text.split_documents: exact duplicates dropped first, counted in ``info``)."""
+    from edgeforge.data.text import documents_from_file, split_documents
 
     docs: list[str] = []
     for p in cfg.data:
         docs += documents_from_file(p, tokenizer)
-    seqs = pack(tokenize_documents(docs, tokenizer), cfg.seq_len)
-    train, held = split_heldout(seqs, 0.1)
-    info.update(sources=[str(p) for p in cfg.data], documents=len(docs),
-                heldout_source="the last 10% of the packed --data sequences")
-    return train, held[: cfg.eval_sequences]
+    split = split_documents(docs, tokenizer, cfg.seq_len)
+    info.update(sources=[str(p) for p in cfg.data], documents=len(docs), **split.info)
+    return split.train, split.heldout[: cfg.eval_sequences]
 
 
 def _builtin_sequences(cfg: DistillConfig, tokenizer: Any, teacher: Teacher, cache_root: Path, main: bool,

@@ -7,14 +7,26 @@ from typing import Any
 
 import torch
 
-from edgeforge.data.text import read_jsonl, validate_messages
+from edgeforge.data.text import ContentSplit, read_jsonl, split_by_content, validate_messages
 from edgeforge.errors import BadInputError
 
 IGNORE_INDEX = -100
 
 
+def _conversation_text(messages: list[dict[str, str]]) -> str:
+    return "\x1e".join(f"{m['role']}\x1f{m['content']}" for m in messages)
+
+
+def split_task_examples(examples: list[dict]) -> ContentSplit[dict]:
+    """Drop exact duplicate examples, then hold out ~10% by the content hash of the prompt (every message but the
+    answer), so that two answers to the same prompt never sit on both sides (edgeforge.data.text.split_by_content)."""
+    return split_by_content(examples, lambda e: _conversation_text(e["messages"]),
+                            group=lambda e: _conversation_text(e["messages"][:-1]))
+
+
 def load_task_examples(task: str | None, data: Path | None, seed: int = 0) -> tuple[list[dict], list[dict], str]:
-    """(train, held-out, source description). A JSONL file is split 90/10 deterministically."""
+    """(train, held-out, source description). A JSONL file is split by content (``split_task_examples``); the
+    description says how many examples were held out and how many exact duplicates were dropped."""
     if task is not None and data is None and not Path(task).exists():
         from edgeforge.tasks import build_task
 
@@ -39,8 +51,11 @@ def load_task_examples(task: str | None, data: Path | None, seed: int = 0) -> tu
                                 f"keys {sorted(row)}")
     if len(examples) < 2:
         raise BadInputError(f"{path}: need at least 2 examples (one is held out), found {len(examples)}")
-    n_hold = max(1, len(examples) // 10)
-    return examples[:-n_hold], examples[-n_hold:], str(path)
+    try:
+        split = split_task_examples(examples)
+    except BadInputError as e:
+        raise BadInputError(f"{path}: {e}") from None
+    return split.train, split.heldout, f"{path} ({split.describe('examples')})"
 
 
 def encode_example(tokenizer: Any, messages: list[dict[str, str]], max_len: int) -> tuple[list[int], list[int]]:

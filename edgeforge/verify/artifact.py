@@ -49,6 +49,59 @@ def threshold_for(quant: str) -> Threshold:
     return THRESHOLDS.get(quant, Threshold(0.35, 0.68))
 
 
+#: llama.cpp's flag on ``general.file_type`` when the type was guessed from the tensors, not written by its tool.
+GGUF_FILE_TYPE_GUESSED = 1024
+
+
+def gguf_file_type(path: Path) -> str | None:
+    """The type a GGUF file declares in ``general.file_type`` ("Q4_K_M", "F16", ...), read with gguf-py; None when
+    the file declares none."""
+    import gguf
+
+    try:
+        field = gguf.GGUFReader(str(path)).fields.get("general.file_type")
+    except (ValueError, OSError, IndexError) as e:
+        raise BadInputError(f"{path}: not a readable GGUF file ({' '.join(str(e).split())[:160]})") from None
+    if field is None:
+        return None
+    value = int(field.parts[field.data[0]][0]) & ~GGUF_FILE_TYPE_GUESSED
+    try:
+        name = gguf.LlamaFileType(value).name
+    except ValueError:
+        raise BadInputError(f"{path}: general.file_type {value} is unknown to this gguf-py; pass --quant") from None
+    return name.removeprefix("MOSTLY_").removeprefix("ALL_")
+
+
+def onnx_weight_bits(model_dir: Path) -> str:
+    """What an ONNX decoder's graph holds: "int4" when any MatMulNBits node has 4-bit weights, "int8" when they
+    are all 8-bit, "none" (float) without MatMulNBits. Reads the graph only, not the external weights."""
+    import onnx
+
+    model_file = model_dir / "model.onnx"
+    try:
+        graph = onnx.load(str(model_file), load_external_data=False).graph
+    except Exception as e:  # noqa: BLE001 - a damaged file raises protobuf's DecodeError, a missing one OSError
+        raise BadInputError(f"{model_file}: not a readable ONNX model ({type(e).__name__}); pass --quant") from None
+    bits = {a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"}
+    return "int4" if 4 in bits else "int8" if bits else "none"
+
+
+def artifact_quant(artifact: Path, record: dict[str, Any]) -> str:
+    """The quant type an artifact really is, for its thresholds: a GGUF's own ``general.file_type`` (the file is
+    the truth; its record only when the file declares none), an ONNX directory's record (``quantize``) or else its
+    graph. ``record``: the artifact's export record, {} when it has none."""
+    if artifact.is_dir() or artifact.suffix == ".onnx":
+        found = record.get("quantize") or record.get("quant")
+        return str(found) if found else onnx_weight_bits(artifact if artifact.is_dir() else artifact.parent)
+    declared = gguf_file_type(artifact)
+    if declared is not None:
+        return declared
+    if record.get("quant"):
+        return str(record["quant"])
+    raise BadInputError(f"{artifact}: the file declares no general.file_type and has no export record; pass --quant "
+                        f"(one of {', '.join(THRESHOLDS)})")
+
+
 class Reference:
     """The source model in torch (fp32), with its tokenizer. A GGUF source is dequantized into an HF dir once."""
 
@@ -191,6 +244,10 @@ def verify_artifact(
     ids = reference.encode(text or heldout_prose(), n_tokens)
     if len(ids) < 16:
         raise BadInputError(f"verification text has only {len(ids)} tokens; give at least 16")
+    if len(ids) < n_tokens:
+        source = "the given text" if text else "the built-in held-out prose"
+        raise BadInputError(f"verification asks for {n_tokens} tokens, {source} has {len(ids)}; ask for at most "
+                            f"{len(ids)} (--tokens) or give a longer held-out text (--data)")
     engine = open_engine(artifact, n_ctx=max(len(ids), 256) + 64)
     test = engine.logits(ids)
     ref = reference.logits(ids)

@@ -37,7 +37,8 @@ class DistillStage:
         return self.upstream
 
     def run(self, stage_dir: Path, state: BuildState) -> dict[str, Any]:
-        from edgeforge.distill.run import record_summary, run_distill
+        from edgeforge.distill.record import record_summary
+        from edgeforge.distill.run import run_distill
 
         ctx = self.ctx
         out = stage_dir / "student"
