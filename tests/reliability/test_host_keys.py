@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 from test_bench_ssh import SshServer, sshd  # noqa: F401  (sshd: the session fixture, used by name)
 
-from edgeforge.bench.targets import HostKeyError, SshShell, SshTarget
+from edgeforge.bench.errors import HostKeyError
+from edgeforge.bench.targets import SshTarget
+from edgeforge.bench.transport import SshShell
 
 DEVICE_KEY = "/etc/ssh/ssh_host_ed25519_key.pub"
 
