@@ -61,7 +61,8 @@ def gguf_file_type(path: Path) -> str | None:
     try:
         field = gguf.GGUFReader(str(path)).fields.get("general.file_type")
     except (ValueError, OSError, IndexError) as e:
-        raise BadInputError(f"{path}: not a readable GGUF file ({' '.join(str(e).split())[:160]})") from None
+        detail = " ".join(str(e).split())[:160]
+        raise BadInputError(f"{path}: not a readable GGUF file, corrupt or truncated ({detail})") from None
     if field is None:
         return None
     value = int(field.parts[field.data[0]][0]) & ~GGUF_FILE_TYPE_GUESSED
