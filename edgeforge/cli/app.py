@@ -455,8 +455,9 @@ def eval_cmd(artifact: Path, reference_model: str, data: Path | None, tokens: in
 
         return eval_student(artifact, reference_model, data, tokens, as_json)
     text = read_text_data(data) if data else None
+    reference = Reference(resolve_model(reference_model))  # first: a refused reference (remote code) is named first
     quant = quant or artifact_quant(artifact, load_record(artifact))
-    result = verify_artifact(artifact, Reference(resolve_model(reference_model)), quant, text, tokens, enforce=False)
+    result = verify_artifact(artifact, reference, quant, text, tokens, enforce=False)
     result["artifact"] = str(artifact)
     if as_json:
         _print_json(result)
