@@ -224,7 +224,8 @@ def test_quant_auto_without_a_type_under_max_kl_is_a_failed_gate_and_keeps_neigh
     before = tree(root)
     done = invoke("export", "gguf", tiny, "--quant", "auto", "--max-kl", "0", "--profile", "q8-only",
                   "--profiles-dir", _q8_only_profile(tmp_path), "--out", root / "m.gguf")
-    assert_one_error_line(done, ["no candidate type keeps mean KL <= 0.0", "Q8_0", "raise --max-kl"], exit_code=1)
+    assert_one_error_line(done, ["no candidate type keeps mean KL <= 0.0", "Q8_0", "raise --max-kl"], exit_code=1,
+                          progress_ok=True)  # the F16 conversion reports progress before the gate fails
     assert tree(root) == before
 
 
