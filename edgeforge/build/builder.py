@@ -485,7 +485,8 @@ class Builder:
         return ship, summary
 
     def speed_rows(self, bench: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        from edgeforge.bench.run import estimate_for, local_artifact
+        from edgeforge.bench.artifact import local_artifact
+        from edgeforge.bench.results import estimate_for
 
         rows = []
         for a in self.state.artifacts:
