@@ -18,7 +18,8 @@ import statistics
 import subprocess
 from pathlib import Path
 
-from edgeforge.bench.run import BenchOptions, local_artifact, run_local
+from edgeforge.bench.artifact import local_artifact
+from edgeforge.bench.run import BenchOptions, run_local
 from edgeforge.bench.targets import LocalTarget
 from edgeforge.export.llama_tools import ensure_tools
 

@@ -19,16 +19,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from edgeforge.bench.artifact import local_artifact
 from edgeforge.bench.errors import HostKeyError, Interrupted, TargetConfigError, TargetError
-from edgeforge.bench.run import (
-    RESULT_KEYS,
-    BenchOptions,
-    estimate_for,
-    load_results,
-    local_artifact,
-    make_result,
-    result_path,
-)
+from edgeforge.bench.results import RESULT_KEYS, estimate_for, load_results, make_result, result_path
+from edgeforge.bench.run import BenchOptions
 from edgeforge.bench.targets import (
     BUILTIN_TARGETS_DIR,
     LocalTarget,

@@ -35,7 +35,8 @@ def bench_row(r: dict[str, Any]) -> dict[str, Any]:
 
 def speed_rows(ctx: BuildContext, state: BuildState) -> list[dict[str, Any]]:
     """Estimated and measured decode speed: each artifact on the build's profile, then each other target."""
-    from edgeforge.bench.run import estimate_for, local_artifact
+    from edgeforge.bench.artifact import local_artifact
+    from edgeforge.bench.results import estimate_for
 
     profile = ctx.profile.name
     rows = []

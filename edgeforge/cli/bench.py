@@ -97,7 +97,9 @@ def bench_run(artifacts: tuple[Path, ...], target_names: tuple[str, ...], thread
               gen_tokens: int, repeats: int, setup: bool, targets_dirs: tuple[Path, ...],
               profiles_dirs: tuple[Path, ...], as_json: bool) -> None:
     """Benchmark ARTIFACT... (.gguf files, ONNX export directories) on each --target."""
-    from edgeforge.bench.run import BenchOptions, jobs_for, local_artifact, results_table, run_benchmarks
+    from edgeforge.bench.artifact import local_artifact
+    from edgeforge.bench.results import results_table
+    from edgeforge.bench.run import BenchOptions, jobs_for, run_benchmarks
     from edgeforge.bench.targets import resolve_target
 
     targets = [resolve_target(n, targets_dirs) for n in dict.fromkeys(target_names)]
@@ -119,7 +121,7 @@ def bench_run(artifacts: tuple[Path, ...], target_names: tuple[str, ...], thread
 @JSON_OPTION
 def bench_compare(results: tuple[Path, ...], as_json: bool) -> None:
     """Compare saved results (<artifact>.bench-<target>.json, or a list from 'bench --json') in one table."""
-    from edgeforge.bench.run import load_results, results_table
+    from edgeforge.bench.results import load_results, results_table
 
     loaded = load_results(results)
     if as_json:

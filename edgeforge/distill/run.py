@@ -43,19 +43,16 @@ from torch import Tensor, nn
 from edgeforge.distill.config import DistillConfig
 from edgeforge.distill.context import Log, OnLog, RunContext
 from edgeforge.distill.data import DistillData, rows_for_run
-from edgeforge.distill.evaluate import compare, evaluate, student_against_teacher, task_accuracy
+from edgeforge.distill.evaluate import evaluate, student_against_teacher, task_accuracy
 from edgeforge.distill.inputs import RunInputs, load_inputs
 from edgeforge.distill.memory import peak_rss_bytes, release_freed_memory
 from edgeforge.distill.parallel import barrier, check_world, trained_student
-from edgeforge.distill.record import core_record, record_summary, stopped_by, technique_records
+from edgeforge.distill.record import core_record, stopped_by, technique_records
 from edgeforge.distill.resume import check_out_dir, read_state, write_state
 from edgeforge.distill.stages import TrainedStudent, train_stages
 from edgeforge.distill.student import hidden_alignment_setup, initial_student, save_student
 from edgeforge.distill.teacher import config_param_count, has_tokenizer
 from edgeforge.distill.teacher_signal import TrainingSignal, training_signal
-
-# The CLI (edgeforge/cli/distill.py) imports these two from here; their homes are .evaluate and .record.
-__all__ = ["compare", "record_summary", "run_distill"]
 
 
 def run_distill(cfg: DistillConfig, log: Log | None = None, on_log: OnLog | None = None) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from edgeforge.bench.run import result_path, save_result
+from edgeforge.bench.results import result_path, save_result
 from edgeforge.export.gguf import load_record, read_lineage, sha256_file
 
 from .helpers import EDGEFORGE, ENV, assert_one_error_line, edgeforge, invoke, small_tmpfs

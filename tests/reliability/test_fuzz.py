@@ -235,7 +235,7 @@ def test_fuzz_gguf_metadata_reader(small_vocab_gguf: Path, fuzz_dir: Path, data:
 def test_fuzz_bench_artifact_reader(small_vocab_gguf: Path, fuzz_dir: Path, data: st.DataObject) -> None:
     """bench.local_artifact on a mutated GGUF, on an ONNX directory with mutated files, and on the same bytes with
     the wrong extension."""
-    from edgeforge.bench.run import LocalArtifact, local_artifact
+    from edgeforge.bench.artifact import LocalArtifact, local_artifact
 
     raw = data.draw(mutated_bytes(small_vocab_gguf.read_bytes()[:GGUF_HOT_BYTES], GGUF_HOT_BYTES)
                     | st.binary(max_size=64))
@@ -261,7 +261,7 @@ RESULT = {"schema": "edgeforge.bench/1", "decode_tokens_per_s": 12.5, "prefill_t
 @example(text='{"schema": ' + "[" * 5000 + "]" * 5000 + "}")  # found by this test: RecursionError in json
 def test_fuzz_bench_result_reader(fuzz_dir: Path, text: str) -> None:
     """'bench compare' reads saved results (bench.load_results)."""
-    from edgeforge.bench.run import load_results
+    from edgeforge.bench.results import load_results
 
     result = outcome(load_results, [_write(_fresh(fuzz_dir, ".json"), text)])
     assert result is None or len(result) >= 1
