@@ -75,12 +75,11 @@ def print_constants(constants: dict[str, BackendConstants], rows: list[Measureme
     print(f"\n```python\n# Output of benchmarks/fit_estimator.py on {date} ({len(rows)} published rows).")
     print("SPEED_CONSTANTS: dict[str, BackendConstants] = {")
     for b, c in constants.items():
-        compute = "None" if c.decode_compute_efficiency is None else f"{c.decode_compute_efficiency:.3g}"
-        held = [n for n in DECODE_PARAMETERS[:2] if n not in FITTED_DECODE[b]]
+        held = [n for n in DECODE_PARAMETERS if n not in FITTED_DECODE[b]]
         note = f"{counts[b]} rows" if counts[b] else "no rows: the pooled GPU fit"
         note += "".join(f"; {n} held at its nominal value" for n in held) if counts[b] else ""
-        print(f'    "{b}": BackendConstants({c.bandwidth_efficiency:.3g}, {c.layer_overhead_s:.3g}, {compute}, '
-              f"{c.prefill_compute_efficiency:.3g}),  # {note}")
+        print(f'    "{b}": BackendConstants({c.bandwidth_efficiency:.3g}, {c.layer_overhead_s:.3g}, '
+              f"{c.compute_efficiency:.3g}),  # {note}")
     print("}\n```")
 
 

@@ -40,7 +40,7 @@ from edgeforge.plan.speed_fit import (
 TABLE = Path(__file__).resolve().parent.parent / "benchmarks" / "data" / "speed_measurements.yaml"
 GOAL_MEDIAN = 0.15
 #: Reached by the committed rows and constants (benchmarks/fit_estimator.py prints them); the goal is 0.35.
-REACHED_LOO_WORST = 0.72
+REACHED_LOO_WORST = 0.82
 REACHED_LODO_WORST = 1.00
 
 
@@ -95,7 +95,7 @@ def test_constants_are_the_fit_of_the_committed_rows(rows):
     for backend, pasted in SPEED_CONSTANTS.items():
         for field in dataclasses.fields(pasted):
             got, want = getattr(pasted, field.name), getattr(fitted[backend], field.name)
-            assert (got is None and want is None) or got == pytest.approx(want, rel=5e-3), (backend, field.name)
+            assert got == pytest.approx(want, rel=5e-3), (backend, field.name)
 
 
 def test_accelerator_matches_the_backend(registry):
@@ -114,7 +114,7 @@ def test_detected_bandwidth_is_not_discounted_twice():
     assert any("MEASURED" in s for s in p.sources)
     arch = arch_from_config(TINYLLAMA_1_1B)
     weights = gguf_file_bytes(arch, "Q8_0")
-    memory_only = estimator.BackendConstants(0.3, 0.0, None, 0.1)  # an efficiency the override must replace
+    memory_only = estimator.BackendConstants(0.3, 0.0, 1e6)  # an efficiency the override must replace; no compute bound
     saved = SPEED_CONSTANTS["cpu"]
     try:
         SPEED_CONSTANTS["cpu"] = memory_only

@@ -1,12 +1,12 @@
 """Speed estimates from a device profile: a roofline with a per-layer overhead, one set of constants per backend.
 
-Decode reads every weight it multiplies once per token, so it is bound by memory bandwidth; each layer also costs a
-fixed time (kernel launches, thread barriers, command encoding) that does not shrink with the bytes; on small CPU
-cores the dequantize-and-dot work adds a compute term that cannot fully overlap with the memory traffic:
+Decode reads every weight it multiplies once per token: it takes the longer of streaming those bytes and doing their
+arithmetic (the two overlap: the dot products run on data already fetched while the next rows stream in), plus a
+fixed time per layer (kernel launches, thread barriers, command encoding) that does not shrink with the bytes:
 
-    seconds_per_token = decode_bytes / (bandwidth_efficiency x bandwidth)
+    seconds_per_token = max(decode_bytes / (bandwidth_efficiency x bandwidth),
+                            decode_flops / (compute_efficiency x compute))
                         + n_layers x layer_overhead_s
-                        + decode_flops / (decode_compute_efficiency x compute)
 
 ``decode_bytes`` are the weights without the token-embedding table of an untied model (decode gathers one row of it;
 a tied model's table is the output matrix and is read whole), plus the KV cache at the mean depth of the measured
@@ -15,7 +15,10 @@ generation. ``decode_flops`` are 2 x the weights multiplied per token plus atten
 Prefill processes the prompt in one batch and is bound by compute; only the last position goes through the output
 matrix (llama.cpp computes logits for it alone):
 
-    prefill_tokens_per_s = prefill_compute_efficiency x compute / (2 x decoder-layer params + attention FLOPs/token)
+    prefill_tokens_per_s = compute_efficiency x compute / (2 x decoder-layer params + attention FLOPs per token)
+
+Decode's dot products are prefill's arithmetic on one row at a time, so they share the one compute efficiency; for
+decode it only binds on cores too slow to keep up with their memory (a memory-bound decode never reaches it).
 
 ``compute`` is the CPU's int8 throughput for the ``cpu`` backend (llama.cpp's quantized matmuls run in int8), the
 NPU's rate for ``npu``, and the GPU's dense FP16 throughput otherwise. The constants are general per backend, never
@@ -28,6 +31,8 @@ is measured and so is taken at face value (1.0).
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import numpy as np
 
 from edgeforge.models.refs import ModelArch
 from edgeforge.plan.profiles import Backend, DeviceProfile
@@ -44,18 +49,16 @@ class BackendConstants:
 
     bandwidth_efficiency: float  # fraction of the memory bandwidth decode streams the weights at
     layer_overhead_s: float  # fixed time per decoder layer per decoded token
-    decode_compute_efficiency: float | None  # fraction of peak compute decode's matrix-vector work reaches; None:
-    # no compute term (a GPU's matrix-vector work hides under its memory traffic at batch 1)
-    prefill_compute_efficiency: float  # fraction of peak compute a batched prompt reaches
+    compute_efficiency: float  # fraction of peak compute the matmuls reach (a batched prompt; decode's dot products)
 
 # Output of benchmarks/fit_estimator.py on 2026-12-02 (69 published rows).
 SPEED_CONSTANTS: dict[str, BackendConstants] = {
-    "cpu": BackendConstants(0.775, 2e-05, 0.138, 0.166),  # 10 rows; layer_overhead_s held at its nominal value
-    "cuda": BackendConstants(0.699, 2.59e-05, None, 0.791),  # 14 rows
-    "vulkan": BackendConstants(0.677, 2.07e-05, None, 0.231),  # 7 rows
-    "metal": BackendConstants(0.871, 0.000164, None, 0.635),  # 37 rows
-    "opencl": BackendConstants(0.627, 6.23e-05, None, 0.0184),  # 1 rows
-    "npu": BackendConstants(0.758, 6.19e-05, None, 0.57),  # no rows: the pooled GPU fit
+    "cpu": BackendConstants(0.441, 2e-05, 0.166),  # 10 rows; layer_overhead_s held at its nominal value
+    "cuda": BackendConstants(0.699, 2.59e-05, 0.791),  # 14 rows
+    "vulkan": BackendConstants(0.677, 2.07e-05, 0.231),  # 7 rows
+    "metal": BackendConstants(0.871, 0.000164, 0.635),  # 37 rows
+    "opencl": BackendConstants(0.627, 6.23e-05, 0.0184),  # 1 rows
+    "npu": BackendConstants(0.758, 6.19e-05, 0.57),  # no rows: the pooled GPU fit
 }
 
 
@@ -127,12 +130,18 @@ def decode_seconds_per_token(
     constants: BackendConstants,
     bandwidth_efficiency: float | None = None,
 ) -> float:
-    """The decode formula of the module docstring (plain arithmetic, so numpy arrays work as arguments too)."""
+    """The decode formula of the module docstring. numpy arrays work as arguments too; a NaN compute (a device whose
+    rate no source gives) leaves the memory term alone (``fmax`` ignores NaN)."""
     efficiency = constants.bandwidth_efficiency if bandwidth_efficiency is None else bandwidth_efficiency
-    seconds = decode_bytes / (efficiency * bandwidth_bytes_per_s) + n_layers * constants.layer_overhead_s
-    if constants.decode_compute_efficiency is not None:
-        seconds = seconds + decode_flops / (constants.decode_compute_efficiency * compute_ops_per_s)
-    return seconds
+    memory_s = decode_bytes / (efficiency * bandwidth_bytes_per_s)
+    compute_s = decode_flops / (constants.compute_efficiency * compute_ops_per_s)
+    return np.fmax(memory_s, compute_s) + n_layers * constants.layer_overhead_s
+
+
+def prefill_tokens_per_s(arch: ModelArch, prompt_tokens: int, compute_ops_per_s: float,
+                         constants: BackendConstants) -> float:
+    """One batch of ``prompt_tokens``: the compute formula of the module docstring."""
+    return constants.compute_efficiency * compute_ops_per_s / prefill_flops_per_token(arch, prompt_tokens)
 
 
 def estimate_speed(
@@ -152,10 +161,10 @@ def estimate_speed(
     constants = SPEED_CONSTANTS[backend]
     compute = device_compute_ops_per_s(profile, backend)
     kv_tokens = mean_decode_depth(decode_tokens)
-    seconds_per_token = decode_seconds_per_token(
+    seconds_per_token = float(decode_seconds_per_token(
         decode_bytes_per_token(arch, weights_bytes, kv_tokens), profile.memory_bandwidth_bytes_per_s,
         arch.n_layers, decode_flops_per_token(arch, kv_tokens), compute, constants,
-        decode_bandwidth_efficiency(profile, backend))
-    prefill = constants.prefill_compute_efficiency * compute / prefill_flops_per_token(arch, prompt_tokens)
+        decode_bandwidth_efficiency(profile, backend)))
+    prefill = prefill_tokens_per_s(arch, prompt_tokens, compute, constants)
     ttft_ms = 1000.0 * (prompt_tokens / prefill + seconds_per_token)
     return SpeedEstimate(backend, 1.0 / seconds_per_token, prefill, ttft_ms, prompt_tokens)

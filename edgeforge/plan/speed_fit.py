@@ -1,13 +1,13 @@
 """Fitting the speed estimator's constants to published measurements, and cross-validating them.
 
-numpy only (plan never imports torch, and scipy is not a dependency): a damped Gauss-Newton (Levenberg-Marquardt)
-least squares on log(estimated / measured), in log-parameter space so every constant stays positive.
+numpy only (plan never imports torch, and scipy is not a dependency): least squares on log(estimated / measured),
+by a damped Gauss-Newton (Levenberg-Marquardt) in log-parameter space so every constant stays positive.
 
-Decode is fitted per backend on its rows: the bandwidth efficiency, the per-layer overhead, and for ``cpu`` the
-compute efficiency. Backends share a prior: the GPU backends' constants are pulled towards one pooled fit over all
-GPU rows (weakly: it decides only where a backend has too few rows to say), so a backend with one published row, or
-none (``npu``), still gets constants from data. Prefill has one constant per backend, the compute efficiency: the
-geometric mean of the rows' implied efficiencies, pulled the same way towards the pooled GPU value.
+Per backend, in two steps. The compute efficiency comes from the prefill rows: the geometric mean of the efficiency
+each row implies. Decode then fits the bandwidth efficiency and the per-layer overhead, with that compute
+efficiency bounding the dot products. Backends share a prior: the GPU backends' constants are pulled towards one
+pooled fit over all GPU rows, weakly (it decides only where a backend has too few rows to say), so a backend with one
+published row, or none (``npu``), still gets constants from data.
 
 Cross-validation refits everything without the held-out rows: leave-one-out holds out one row at a time,
 leave-one-device-out every row of one device.
@@ -29,25 +29,22 @@ from edgeforge.plan.estimator import (
     decode_seconds_per_token,
     mean_decode_depth,
     prefill_flops_per_token,
+    prefill_tokens_per_s,
 )
 
 GPU_BACKENDS = ("cuda", "vulkan", "metal", "opencl")
 ALL_BACKENDS = ("cpu", *GPU_BACKENDS, "npu")
-#: The decode constants in the order of a parameter vector.
-DECODE_PARAMETERS = ("bandwidth_efficiency", "layer_overhead_s", "decode_compute_efficiency")
+#: The decode constants, in the order of a parameter vector.
+DECODE_PARAMETERS = ("bandwidth_efficiency", "layer_overhead_s")
 #: Where the search starts, and the value of a constant that is held rather than fitted.
-NOMINAL_DECODE = (0.7, 20e-6, 0.3)
-NOMINAL_PREFILL = 0.3
-#: Which decode constants each backend fits. A GPU fits its bandwidth efficiency and per-layer overhead; it has no
-#: compute term (at batch 1 its matrix-vector work hides under the memory traffic). The CPU fits its bandwidth and
-#: compute efficiencies (small cores show their dequantize-and-dot work); its per-layer overhead (thread barriers,
-#: about a microsecond per graph op) is held at the nominal 20 us: every published CPU row is a model of 1.1B
-#: parameters or more on slow cores, where a per-layer cost cannot be told apart from the bandwidth, and a free fit
-#: turns the spread of the CPUs' reachable bandwidth into a 0.65 ms "overhead" that a small model on a fast core
-#: then pays 30 times over.
+NOMINAL = BackendConstants(bandwidth_efficiency=0.7, layer_overhead_s=20e-6, compute_efficiency=0.3)
+#: Which decode constants each backend fits. The CPU holds its per-layer overhead (thread barriers, about a
+#: microsecond per graph op) at the nominal 20 us: every published CPU row is a model of 1.1B parameters or more on
+#: slow cores, where a per-layer cost cannot be told apart from the bandwidth, and a free fit turns the spread of
+#: the CPUs' reachable bandwidth into a 0.65 ms "overhead" that a small model on a fast core then pays 30 times over.
 FITTED_DECODE = {
-    "cpu": ("bandwidth_efficiency", "decode_compute_efficiency"),
-    **{b: ("bandwidth_efficiency", "layer_overhead_s") for b in (*GPU_BACKENDS, "npu")},
+    "cpu": ("bandwidth_efficiency",),
+    **{b: DECODE_PARAMETERS for b in (*GPU_BACKENDS, "npu")},
 }
 #: Prior weights, per unit of log-deviation, against residuals that are log ratios: NOMINAL_WEIGHT only keeps an
 #: unidentifiable constant finite; POOL_WEIGHT makes a factor-2 departure from the pooled GPU fit cost about as much
@@ -82,11 +79,10 @@ def decode_inputs(rows: Sequence[Measurement]) -> DecodeInputs:
     )
 
 
-def _decode_constants(log_params: np.ndarray, backend: str, prefill: float = NOMINAL_PREFILL) -> BackendConstants:
-    """BackendConstants from a full log-parameter vector (DECODE_PARAMETERS order); no compute term unless fitted."""
-    values = np.exp(log_params)
-    compute = float(values[2]) if "decode_compute_efficiency" in FITTED_DECODE[backend] else None
-    return BackendConstants(float(values[0]), float(values[1]), compute, prefill)
+def _constants(log_decode: np.ndarray, compute_efficiency: float) -> BackendConstants:
+    """BackendConstants from a log decode-parameter vector (DECODE_PARAMETERS order) and a compute efficiency."""
+    bandwidth, overhead = np.exp(log_decode)
+    return BackendConstants(float(bandwidth), float(overhead), compute_efficiency)
 
 
 def estimate_decode(inputs: DecodeInputs, constants: BackendConstants) -> np.ndarray:
@@ -117,11 +113,10 @@ def levenberg_marquardt(residuals: Callable[[np.ndarray], np.ndarray], start: np
     return x
 
 
-def fit_decode_backend(inputs: DecodeInputs, backend: str, prior: np.ndarray, prior_weight: float) -> np.ndarray:
-    """The full log-parameter vector of one backend's rows: its FITTED_DECODE constants fitted, the rest ``prior``."""
+def fit_decode_backend(inputs: DecodeInputs, backend: str, compute_efficiency: float, prior: np.ndarray,
+                       prior_weight: float) -> np.ndarray:
+    """The log decode parameters of one backend's rows: its FITTED_DECODE constants fitted, the rest ``prior``."""
     free = np.array([name in FITTED_DECODE[backend] for name in DECODE_PARAMETERS])
-    if free[2] and np.isnan(inputs.compute).any():
-        raise ValueError(f"{backend}: a decode compute term needs every row's compute figure")
 
     def full(x: np.ndarray) -> np.ndarray:
         params = prior.copy()
@@ -129,7 +124,7 @@ def fit_decode_backend(inputs: DecodeInputs, backend: str, prior: np.ndarray, pr
         return params
 
     def residuals(x: np.ndarray) -> np.ndarray:
-        fit = np.log(estimate_decode(inputs, _decode_constants(full(x), backend)) / inputs.measured)
+        fit = np.log(estimate_decode(inputs, _constants(full(x), compute_efficiency)) / inputs.measured)
         return np.concatenate([fit, prior_weight * (x - prior[free])])
 
     return full(levenberg_marquardt(residuals, prior[free]))
@@ -139,17 +134,20 @@ def _subset(inputs: DecodeInputs, mask: np.ndarray) -> DecodeInputs:
     return DecodeInputs(*(getattr(inputs, f)[mask] for f in DecodeInputs.__dataclass_fields__))
 
 
-def fit_decode(rows: Sequence[Measurement]) -> dict[str, np.ndarray]:
+def fit_decode(rows: Sequence[Measurement], compute: dict[str, float]) -> dict[str, np.ndarray]:
     """Log decode parameters for every backend: its own rows where it has any, the pooled GPU fit otherwise."""
     inputs, backends = decode_inputs(rows), np.array([r.backend for r in rows])
-    nominal = np.log(np.array(NOMINAL_DECODE))
+    nominal = np.log(np.array([NOMINAL.bandwidth_efficiency, NOMINAL.layer_overhead_s]))
     gpu = np.isin(backends, GPU_BACKENDS)
-    pooled = fit_decode_backend(_subset(inputs, gpu), "cuda", nominal, NOMINAL_WEIGHT) if gpu.any() else nominal
+    pooled = nominal
+    if gpu.any():
+        pooled = fit_decode_backend(_subset(inputs, gpu), "cuda", compute["pooled-gpu"], nominal, NOMINAL_WEIGHT)
     fitted: dict[str, np.ndarray] = {}
     for backend in ALL_BACKENDS:
         mask = backends == backend
         prior, weight = (nominal, NOMINAL_WEIGHT) if backend == "cpu" else (pooled, POOL_WEIGHT)
-        fitted[backend] = fit_decode_backend(_subset(inputs, mask), backend, prior, weight) if mask.any() else prior
+        fitted[backend] = (fit_decode_backend(_subset(inputs, mask), backend, compute[backend], prior, weight)
+                           if mask.any() else prior)
     return fitted
 
 
@@ -161,25 +159,27 @@ def implied_prefill_efficiency(rows: Sequence[Measurement]) -> np.ndarray:
         for r in rows])
 
 
-def fit_prefill(rows: Sequence[Measurement]) -> dict[str, float]:
-    """Prefill compute efficiency per backend: the prior-weighted geometric mean of its rows' implied values."""
+def fit_compute_efficiency(rows: Sequence[Measurement]) -> dict[str, float]:
+    """Compute efficiency per backend (and ``pooled-gpu``): the prior-weighted geometric mean of the prefill rows'
+    implied efficiencies; the GPU backends are pulled towards the pooled GPU value, the CPU towards the nominal."""
     implied, backends = np.log(implied_prefill_efficiency(rows)), np.array([r.backend for r in rows])
     known = ~np.isnan(implied)
     gpu = known & np.isin(backends, GPU_BACKENDS)
-    pooled = float(implied[gpu].mean()) if gpu.any() else math.log(NOMINAL_PREFILL)
-    fitted = {}
+    nominal = math.log(NOMINAL.compute_efficiency)
+    pooled = float(implied[gpu].mean()) if gpu.any() else nominal
+    fitted = {"pooled-gpu": math.exp(pooled)}
     for backend in ALL_BACKENDS:
         values = implied[known & (backends == backend)]
-        prior = math.log(NOMINAL_PREFILL) if backend == "cpu" else pooled
-        weight = NOMINAL_WEIGHT if backend == "cpu" else POOL_WEIGHT
+        prior, weight = (nominal, NOMINAL_WEIGHT) if backend == "cpu" else (pooled, POOL_WEIGHT)
         fitted[backend] = math.exp((values.sum() + weight**2 * prior) / (len(values) + weight**2))
     return fitted
 
 
 def fit_constants(rows: Sequence[Measurement]) -> dict[str, BackendConstants]:
     """The estimator's constants for every backend, fitted to ``rows``."""
-    decode, prefill = fit_decode(rows), fit_prefill(rows)
-    return {b: _decode_constants(decode[b], b, prefill[b]) for b in ALL_BACKENDS}
+    compute = fit_compute_efficiency(rows)
+    decode = fit_decode(rows, compute)
+    return {b: _constants(decode[b], compute[b]) for b in ALL_BACKENDS}
 
 
 def estimate_rows(rows: Sequence[Measurement], constants: dict[str, BackendConstants]) -> tuple[np.ndarray, np.ndarray]:
@@ -190,9 +190,8 @@ def estimate_rows(rows: Sequence[Measurement], constants: dict[str, BackendConst
         mask = backends == backend
         decode[mask] = estimate_decode(_subset(inputs, mask), constants[backend])
     prefill = np.array([
-        constants[r.backend].prefill_compute_efficiency * r.compute_ops_per_s
-        / prefill_flops_per_token(r.arch, r.prompt_tokens) if r.compute_ops_per_s else math.nan
-        for r in rows])
+        prefill_tokens_per_s(r.arch, r.prompt_tokens, r.compute_ops_per_s, constants[r.backend])
+        if r.compute_ops_per_s else math.nan for r in rows])
     return decode, prefill
 
 
