@@ -2,10 +2,10 @@
 
 The cross-validated errors are recomputed here from the committed rows (benchmarks/data/speed_measurements.yaml):
 leave-one-out refits every constant without the row it then predicts (numpy only, a few seconds). The goal is a
-median absolute decode error of 15% or less and a worst of 35% or less; the median is met, the worst is not (the
-three Jetson AGX Orin rows, where llama.cpp reaches about half the bandwidth it reaches on discrete GPUs, and the
-Raspberry Pi 4), so the worst-case bounds below are the errors reached, to be lowered, never raised, as rows and
-physics are added.
+median absolute decode error of 15% or less and a worst of 35% or less. The median is met; the worst is not (the
+Raspberry Pi 4 and the Apple chips' CPU cores reach a smaller share of their data-sheet bandwidth than other CPUs;
+llama.cpp reached about half the Jetson AGX Orin's bandwidth; see the README's "Estimator calibration"), so the
+worst-case bounds below are the errors reached: lower them, never raise them, as rows and physics are added.
 """
 
 from __future__ import annotations
