@@ -3,8 +3,10 @@ and what was found; and one reader for the YAML they are written in."""
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 from pydantic import ValidationError
 
@@ -68,3 +70,56 @@ def describe_validation_error(path: Path, err: ValidationError, what: str,
             found = repr(e.get("input"))
             parts.append(f"field '{name}': {e['msg']}, found {found if len(found) <= 120 else found[:117] + '...'}")
     return f"{path}: invalid {what}: " + "; ".join(parts)
+
+
+class _Named(Protocol):
+    name: str
+
+
+EntryT = TypeVar("EntryT", bound=_Named)
+
+
+class FileRegistry(Generic[EntryT]):
+    """Entries read from validated files (profiles, targets), by name, with the file each came from.
+
+    A second entry of the same name is an error naming both files, never a silent override; an unknown name is an
+    error with the closest names. Subclasses set ``what`` (the entry's noun), ``error`` (the exception) and may
+    override :meth:`unknown_hint` (what to do instead).
+    """
+
+    what = "entry"
+    error: type[Exception] = ValueError
+
+    def __init__(self) -> None:
+        self._entries: dict[str, EntryT] = {}
+        self._origin: dict[str, Path | None] = {}
+
+    def register(self, entry: EntryT, origin: Path | None) -> None:
+        if entry.name in self._entries:
+            raise self.error(f"{origin}: {self.what} name '{entry.name}' is already defined by "
+                             f"{self._origin[entry.name]}; rename one of them")
+        self._entries[entry.name] = entry
+        self._origin[entry.name] = origin
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def origin(self, name: str) -> Path | None:
+        return self._origin[name]
+
+    def unknown_hint(self) -> str:
+        return f"known: {', '.join(self.names())}"
+
+    def get(self, name: str) -> EntryT:
+        try:
+            return self._entries[name]
+        except KeyError:
+            close = difflib.get_close_matches(name, self.names(), n=4, cutoff=0.4)
+            hint = f" Did you mean: {', '.join(close)}?" if close else ""
+            raise self.error(f"unknown {self.what} '{name}'.{hint} ({self.unknown_hint()})") from None
+
+    def __iter__(self) -> Iterator[EntryT]:
+        return iter(self._entries[n] for n in self.names())
+
+    def __len__(self) -> int:
+        return len(self._entries)

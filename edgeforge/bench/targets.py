@@ -15,7 +15,6 @@ The targets are reached through the shells of edgeforge.bench.transport (``shell
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
 import shlex
@@ -32,7 +31,7 @@ from edgeforge.bench.errors import (
 )
 from edgeforge.bench.transport import AdbShell, Cancel, SshShell, adb_address, remote_path_expr, run_process, tail
 from edgeforge.paths import builtin_dir, device_bench_package, yaml_files
-from edgeforge.validation import describe_validation_error, read_yaml_file
+from edgeforge.validation import FileRegistry, describe_validation_error, read_yaml_file
 
 BUILTIN_TARGETS_DIR = builtin_dir("targets")
 #: The on-device agent: a stdlib-only package pushed next to the artifact.
@@ -144,43 +143,14 @@ def target_search_path(extra: Iterable[str | os.PathLike[str]] = ()) -> list[Pat
     return [BUILTIN_TARGETS_DIR, *env, *(Path(p) for p in extra)]
 
 
-class TargetRegistry:
+class TargetRegistry(FileRegistry[Target]):
     """Targets by name. A second target of the same name is an error, not a silent override."""
 
-    def __init__(self) -> None:
-        self._targets: dict[str, Target] = {}
-        self._origin: dict[str, Path | None] = {}
+    what = "target"
+    error = TargetConfigError
 
-    def register(self, target: Target, origin: Path | None) -> None:
-        if target.name in self._targets:
-            raise TargetConfigError(
-                f"{origin}: target name '{target.name}' is already defined by {self._origin[target.name]}; "
-                "rename one of them"
-            )
-        self._targets[target.name] = target
-        self._origin[target.name] = origin
-
-    def names(self) -> list[str]:
-        return sorted(self._targets)
-
-    def origin(self, name: str) -> Path | None:
-        return self._origin[name]
-
-    def get(self, name: str) -> Target:
-        try:
-            return self._targets[name]
-        except KeyError:
-            close = difflib.get_close_matches(name, self.names(), n=4, cutoff=0.4)
-            hint = f" Did you mean: {', '.join(close)}?" if close else ""
-            raise TargetConfigError(
-                f"unknown target '{name}'.{hint} (known: {', '.join(self.names())}; or pass a target YAML path)"
-            ) from None
-
-    def __iter__(self):
-        return iter(self._targets[n] for n in self.names())
-
-    def __len__(self) -> int:
-        return len(self._targets)
+    def unknown_hint(self) -> str:
+        return f"known: {', '.join(self.names())}; or pass a target YAML path"
 
 
 def load_target_registry(extra: Iterable[str | os.PathLike[str]] = ()) -> TargetRegistry:

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edgeforge.build.cache import StageCache, path_identity, write_json_atomic
+from edgeforge.build.cache import StageCache
 from edgeforge.build.config import PipelineConfig
 from edgeforge.build.layout import layout
 from edgeforge.build.runner import StageRunner
@@ -22,6 +22,7 @@ from edgeforge.build.stages.export import export_formats
 from edgeforge.build.stages.ship import ship_folder
 from edgeforge.build.summary import headline
 from edgeforge.errors import BadInputError, QualityGateError
+from edgeforge.fileio import content_identity, write_json_atomic
 
 if TYPE_CHECKING:
     from edgeforge.distill.config import DistillConfig
@@ -58,9 +59,9 @@ class Builder:
         self.plan = build_plan(cfg, self.profile, self.teacher_ref)
         self.cache = StageCache(self.out / ".stages")
         self.state = BuildState()
-        self.teacher_identity = path_identity(self.teacher_ref.path)
-        self.data_identity = [path_identity(p) for p in self.data_files]
-        self.task_identity = path_identity(self.task_path) if self.task_path else cfg.task
+        self.teacher_identity = content_identity(self.teacher_ref.path)
+        self.data_identity = [content_identity(p) for p in self.data_files]
+        self.task_identity = content_identity(self.task_path) if self.task_path else cfg.task
 
     def student_shape(self) -> dict[str, Any]:
         """The student's layers and hidden size: the pipeline's, else the plan's (hidden None: the teacher's)."""

@@ -9,39 +9,15 @@ so a stage killed half-way (even by SIGKILL) is never taken as done: the next ru
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from edgeforge import __version__
-from edgeforge.fileio import sha256_file, write_text_atomic
+from edgeforge.fileio import stable_hash, write_json_atomic
 
 MARKER = "stage.json"
-
-
-def stable_hash(obj: Any) -> str:
-    """sha256 of the canonical JSON of ``obj`` (sorted keys; Paths as strings)."""
-    text = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"))
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def path_identity(path: Path) -> dict[str, Any]:
-    """What identifies an input file or directory: the sha256 of each file (data files are small; model weights
-    are hashed once per build, which costs about a second per 500 MB)."""
-    path = Path(path)
-    if path.is_file():
-        return {"name": path.name, "sha256": sha256_file(path), "size_bytes": path.stat().st_size}
-    files = sorted(p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in
-                                                                           p.relative_to(path).parts))
-    return {"name": path.name, "files": {str(p.relative_to(path)): sha256_file(p) for p in files}}
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """JSON written so that a reader (or a rerun after SIGKILL) never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, json.dumps(obj, indent=2, default=str))
 
 
 def stage_key(name: str, settings: dict[str, Any], inputs: dict[str, Any]) -> str:

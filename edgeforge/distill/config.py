@@ -15,10 +15,6 @@ from pydantic import Field, PositiveInt, model_validator
 from edgeforge.errors import BadInputError
 from edgeforge.settings import FlagErrors, StageSettings, flag_of, shown
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
-
-
 CHECKPOINT_DIR = ".checkpoint"
 STATE_FILE = ".distill-state.json"
 

@@ -13,10 +13,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from edgeforge.distill.config import TOKENIZER_FILES, DistillConfig
+from edgeforge.distill.config import DistillConfig
 from edgeforge.distill.context import RunContext
-from edgeforge.distill.teacher import Teacher, read_model_config
+from edgeforge.distill.teacher import Teacher
 from edgeforge.errors import BadInputError
+from edgeforge.models.files import read_model_config, tokenizer_files
 
 
 class StudentForKD(nn.Module):
@@ -185,7 +186,5 @@ def save_student(student: nn.Module, out: Path, tokenizer_dir: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     student.config.use_cache = True
     student.save_pretrained(out, safe_serialization=True)
-    for name in TOKENIZER_FILES:
-        src = tokenizer_dir / name
-        if src.is_file():
-            shutil.copyfile(src, out / name)
+    for src in tokenizer_files(tokenizer_dir):
+        shutil.copyfile(src, out / src.name)

@@ -3,7 +3,6 @@ that a student or an extra teacher shares its vocabulary, and the precision it c
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ from torch import nn
 
 from edgeforge.distill.parallel import barrier
 from edgeforge.errors import BadInputError, EdgeforgeError
+from edgeforge.models.files import read_model_config
 
 
 @dataclass
@@ -48,14 +48,6 @@ def resolve_teacher(name: str | None, main: bool) -> Teacher:
         barrier()
         return Teacher(ref.name, "gguf", ref.path, hf_dir, ref.path, model_identity(ref.path))
     return Teacher(ref.name, "hf", ref.path, ref.path, None, model_identity(ref.path))
-
-
-def read_model_config(path: Path) -> dict[str, Any]:
-    """The ``config.json`` of the HF model directory ``path``; BadInputError when it cannot be read."""
-    try:
-        return json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise BadInputError(f"{path}: expected an HF model directory with a readable config.json ({e})") from None
 
 
 def has_tokenizer(path: Path) -> bool:

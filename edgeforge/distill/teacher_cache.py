@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 from torch import Tensor
 
 from edgeforge.errors import EdgeforgeError
+from edgeforge.fileio import content_identity, stable_hash, write_text_atomic
 from edgeforge.progress import progress
 
 CACHE_FORMAT = 1
@@ -101,29 +101,20 @@ MAX_NEW_TOKENS = 64
 
 
 def sha256_of(obj: Any) -> str:
-    """A stable hash of a JSON-serialisable object (tensors: their bytes)."""
-    h = hashlib.sha256()
+    """A stable hash of a JSON-serialisable object (edgeforge.fileio.stable_hash), or of a tensor's shape and values."""
     if isinstance(obj, Tensor):
+        h = hashlib.sha256()
         h.update(str(tuple(obj.shape)).encode())
         h.update(obj.detach().cpu().contiguous().to(torch.int64).numpy().tobytes())
-    else:
-        h.update(json.dumps(obj, sort_keys=True, default=str).encode())
-    return h.hexdigest()
+        return h.hexdigest()
+    return stable_hash(obj)
 
 
 def model_identity(path: Path) -> dict[str, Any]:
-    """What identifies a model's weights cheaply: file names, sizes and modification times."""
-    files = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")) if path.is_dir() else [path]
-    return {"path": str(path.resolve()),
-            "files": [(f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in files]}
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    """What identifies a teacher: the content of every file of its directory (config.json and the tokenizer
+    included: they change the logits as surely as the weights do), or of its GGUF file; never modification times,
+    so a touched teacher still hits its cache and a changed one never does."""
+    return {"path": str(path.resolve()), "content": content_identity(path)}
 
 
 class TopKCache:
@@ -149,7 +140,9 @@ class TopKCache:
                      "seq_len": self.seq_len, "n_sequences": self.n_rows, "teacher_dtype": teacher_dtype,
                      "values_dtype": "float16", "indices_dtype": "int32", "bytes_per_token": self.bytes_per_token}
         self._where: dict[int, tuple[Path, int]] = {}  # row -> (shard, position in it)
-        self._loaded: dict[Path, tuple[Tensor, Tensor]] = {}
+        # Open shards (memory-mapped by safetensors): a lookup reads only its rows, so resident memory stays at a
+        # batch, whatever the cache's size on disk (100M tokens at k=64 is about 38 GB).
+        self._open: dict[Path, Any] = {}
         self._scan()
 
     @property
@@ -188,7 +181,8 @@ class TopKCache:
         if not rows:
             return 0
         self.dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(self.dir / "meta.json", json.dumps(self.meta, indent=1))
+        self.dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(self.dir / "meta.json", json.dumps(self.meta, indent=1))
         passes = 0
         with progress(f"teacher top-{self.k} cache", total=len(rows), unit="seq") as shown:
             for start in range(0, len(rows), self.shard_rows):
@@ -211,8 +205,12 @@ class TopKCache:
         return passes
 
     def lookup(self, rows: Tensor) -> tuple[Tensor, Tensor]:
-        """rows: [b] sequence indices -> (log-probs [b, S, k] fp16, token ids [b, S, k] int64)."""
-        from safetensors.torch import load_file
+        """rows: [b] sequence indices -> (log-probs [b, S, k] fp16, token ids [b, S, k] int64).
+
+        Each row is sliced out of its shard on demand (a copy of ``S x k`` values and ids); nothing else of the
+        shard is read into memory.
+        """
+        from safetensors import safe_open
 
         vals, ids = [], []
         for r in rows.tolist():
@@ -220,12 +218,11 @@ class TopKCache:
                 raise EdgeforgeError(f"offline teacher cache {self.dir}: sequence {r} is not cached; rerun on one "
                                      "process to extend the cache")
             path, i = self._where[int(r)]
-            if path not in self._loaded:
-                t = load_file(str(path))
-                self._loaded[path] = (t["values"], t["indices"])
-            v, ix = self._loaded[path]
-            vals.append(v[i])
-            ids.append(ix[i])
+            if path not in self._open:
+                self._open[path] = safe_open(str(path), framework="pt")
+            shard = self._open[path]
+            vals.append(shard.get_slice("values")[i:i + 1][0])
+            ids.append(shard.get_slice("indices")[i:i + 1][0])
         return torch.stack(vals), torch.stack(ids).long()
 
 
@@ -295,7 +292,8 @@ def teacher_answers(tokenizer: Any, cache_root: Path, teacher_id: dict[str, Any]
         engine = "transformers"
         answers = _answers_transformers(load_model(), tokenizer, prompt_ids, max_new_tokens)
     rows = [{"prompt": p, "answer": a.strip()} for p, a in zip(prompts, answers, strict=True)]
-    _atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return rows, {"cache_hit": False, "path": str(path), "seconds": round(time.perf_counter() - t0, 2),
                   "engine": engine}
 

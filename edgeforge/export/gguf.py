@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeforge import __version__
-from edgeforge.errors import BadInputError, EdgeforgeError, ModelError, ResourceError
+from edgeforge.errors import BadInputError, EdgeforgeError, ResourceError
 from edgeforge.fileio import sha256_file  # noqa: F401  (re-exported: bench and tests import it from here)
 from edgeforge.models.refs import ModelRef, read_arch
 from edgeforge.outputs import ONNX_RECORD_FILE, claim_output, gguf_record_path, publish
@@ -53,13 +53,10 @@ def check_hf_exportable(model_dir: Path) -> None:
     Also refuses code shipped with the model: the converter itself calls ``trust_remote_code=True`` for some
     tokenizers (see edgeforge.models.files), so this check stays here even though model resolution makes it too.
     """
-    from edgeforge.models.files import check_no_remote_code
+    from edgeforge.models.files import check_no_remote_code, read_model_config
 
     check_no_remote_code(model_dir)
-    try:
-        cfg = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ModelError(f"{model_dir}/config.json: cannot read ({e})") from None
+    cfg = read_model_config(model_dir)
     archs = cfg.get("architectures") or []
     if not any(a in SUPPORTED_HF_ARCHITECTURES for a in archs):
         raise BadInputError(f"{model_dir}: architecture {archs or cfg.get('model_type')} cannot be exported to GGUF "

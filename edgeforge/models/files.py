@@ -24,6 +24,12 @@ from typing import Any
 
 from edgeforge.errors import ModelError
 
+#: The files of a tokenizer saved by transformers. ``tokenizer.json`` holds the whole tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "chat_template.jinja", "chat_template.json")
+#: The older formats, used only where ``tokenizer.json`` is missing: a GGUF-derived ``tokenizer.model`` is the whole
+#: GGUF (94 MB for SmolLM2) and would double the size of a shipped folder for nothing.
+LEGACY_TOKENIZER_FILES = ("tokenizer.model", "vocab.json", "merges.txt", "vocab.txt")
 PICKLE_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle")
 CODE_CONFIGS = ("config.json", "tokenizer_config.json")
 #: safetensors' reasons for refusing a header, said plainly (others are passed on as safetensors words them).
@@ -39,6 +45,13 @@ SAFETENSORS_PROBLEMS = {
 }
 
 
+def tokenizer_files(model_dir: Path) -> list[Path]:
+    """The tokenizer files of ``model_dir`` that exist: :data:`TOKENIZER_FILES`, plus the legacy ones when there is
+    no ``tokenizer.json``. What every stage copies when it writes a model or ships one."""
+    names = TOKENIZER_FILES + (() if (model_dir / "tokenizer.json").is_file() else LEGACY_TOKENIZER_FILES)
+    return [model_dir / n for n in names if (model_dir / n).is_file()]
+
+
 def read_json_object(path: Path) -> dict[str, Any]:
     """A JSON object from ``path``; ModelError naming the file otherwise."""
     try:
@@ -48,6 +61,23 @@ def read_json_object(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ModelError(f"{path}: expected a JSON object, found {type(data).__name__}")
     return data
+
+
+def read_model_config(model_dir: Path) -> dict[str, Any]:
+    """The ``config.json`` of the Hugging Face model directory ``model_dir``: the one reader every stage uses.
+
+    ModelError (bad input) naming what was expected and found: not a directory, no config.json, not a JSON object.
+    """
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        what = "a file" if model_dir.exists() else "nothing"
+        raise ModelError(f"{model_dir}: expected a Hugging Face model directory (config.json, *.safetensors, "
+                         f"tokenizer files), found {what}; pass the directory the model was saved to")
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise ModelError(f"{model_dir}: a model directory needs a config.json, found none; save the model with "
+                         "save_pretrained() or point at the directory that holds config.json")
+    return read_json_object(path)
 
 
 def check_no_remote_code(model_dir: Path) -> None:

@@ -4,9 +4,9 @@ format the profile runs? Nobody should distill for an hour into a model that can
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
+from edgeforge.models.files import read_model_config
 from edgeforge.models.refs import ModelRef
 
 # Architectures both llama.cpp's converter and optimum-onnx's exporter handle, as edgeforge drives them.
@@ -43,7 +43,7 @@ def check_exportable(ref: ModelRef) -> dict[str, dict[str, Any]]:
             "onnx": _verdict(hf_ok, why_hf),
             "training": _verdict(hf_ok, why_hf),
         }
-    cfg = json.loads((ref.path / "config.json").read_text(encoding="utf-8"))
+    cfg = read_model_config(ref.path)
     archs = cfg.get("architectures") or []
     model_type = cfg.get("model_type")
     has_tok = (ref.path / "tokenizer.json").is_file()

@@ -7,7 +7,6 @@ profiles live in the repository's ``profiles/`` folder; users add their own with
 
 from __future__ import annotations
 
-import difflib
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -17,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from edgeforge.errors import ProfileError
 from edgeforge.paths import builtin_dir, yaml_files
-from edgeforge.validation import describe_validation_error, read_yaml_file
+from edgeforge.validation import FileRegistry, describe_validation_error, read_yaml_file
 
 Backend = Literal["cpu", "cuda", "vulkan", "metal", "opencl", "npu"]
 ArtifactFormat = Literal["gguf", "onnx"]
@@ -143,43 +142,14 @@ def profile_search_path(extra: Iterable[str | os.PathLike[str]] = ()) -> list[Pa
     return [BUILTIN_PROFILES_DIR, *env, *(Path(p) for p in extra)]
 
 
-class ProfileRegistry:
+class ProfileRegistry(FileRegistry[DeviceProfile]):
     """Profiles by name. Registering a second profile of the same name is an error, not a silent override."""
 
-    def __init__(self) -> None:
-        self._profiles: dict[str, DeviceProfile] = {}
-        self._origin: dict[str, Path] = {}
+    what = "profile"
+    error = ProfileError
 
-    def register(self, profile: DeviceProfile, origin: Path) -> None:
-        if profile.name in self._profiles:
-            raise ProfileError(
-                f"{origin}: profile name '{profile.name}' is already defined by {self._origin[profile.name]}; "
-                "rename one of them"
-            )
-        self._profiles[profile.name] = profile
-        self._origin[profile.name] = origin
-
-    def names(self) -> list[str]:
-        return sorted(self._profiles)
-
-    def origin(self, name: str) -> Path:
-        return self._origin[name]
-
-    def get(self, name: str) -> DeviceProfile:
-        try:
-            return self._profiles[name]
-        except KeyError:
-            close = difflib.get_close_matches(name, self.names(), n=4, cutoff=0.4)
-            hint = f" Did you mean: {', '.join(close)}?" if close else ""
-            raise ProfileError(
-                f"unknown profile '{name}'.{hint} ('edgeforge profiles list' shows all {len(self._profiles)})"
-            ) from None
-
-    def __iter__(self):
-        return iter(self._profiles[n] for n in self.names())
-
-    def __len__(self) -> int:
-        return len(self._profiles)
+    def unknown_hint(self) -> str:
+        return f"'edgeforge profiles list' shows all {len(self)}"
 
 
 def load_registry(extra: Iterable[str | os.PathLike[str]] = ()) -> ProfileRegistry:

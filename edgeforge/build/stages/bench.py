@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgeforge.build.cache import path_identity
 from edgeforge.build.stage import BuildContext, BuildState
+from edgeforge.fileio import content_identity
 
 
 @dataclass
@@ -55,4 +55,4 @@ def bench_stage(ctx: BuildContext, state: BuildState) -> BenchStage | None:
     if not targets:
         return None
     return BenchStage(ctx, targets, [a["path"] for a in state.artifacts],
-                      [a["export"].get("sha256") or path_identity(Path(a["path"])) for a in state.artifacts])
+                      [a["export"].get("sha256") or content_identity(Path(a["path"])) for a in state.artifacts])

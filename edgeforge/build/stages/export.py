@@ -7,7 +7,6 @@ A GGUF type that fails verification falls back to the profile's next larger pref
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 
 from edgeforge.build.stage import BuildContext, BuildState
 from edgeforge.errors import BadInputError, QualityGateError
+from edgeforge.models.files import read_model_config
 
 
 @dataclass
@@ -132,7 +132,7 @@ def gguf_candidates(ctx: BuildContext, state: BuildState) -> list[str]:
     if not ctx.cfg.export.fallback:
         return [first]
     assert state.model_dir is not None
-    arch = arch_from_config(json.loads((state.model_dir / "config.json").read_text(encoding="utf-8")))
+    arch = arch_from_config(read_model_config(state.model_dir))
     ctx_tokens = ctx.plan.context_tokens
 
     def size(q: str) -> int:

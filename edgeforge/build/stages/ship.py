@@ -8,13 +8,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from edgeforge.build.cache import write_json_atomic
 from edgeforge.build.stage import BuildContext, BuildState
 from edgeforge.build.summary import bench_row, summary
+from edgeforge.fileio import write_json_atomic
+from edgeforge.models.files import tokenizer_files
 
-#: The tokenizer (and model config) files shipped next to the artifacts, in ``ship/tokenizer/``.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-                   "chat_template.jinja", "generation_config.json", "config.json")
+#: Shipped in ``ship/tokenizer/`` beside the tokenizer's own files: what a runtime needs to build its prompt.
+MODEL_SIDE_FILES = ("generation_config.json", "config.json")
 
 
 def ship_folder(ctx: BuildContext, state: BuildState) -> tuple[Path, dict[str, Any]]:
@@ -29,9 +29,9 @@ def ship_folder(ctx: BuildContext, state: BuildState) -> tuple[Path, dict[str, A
     rows = [copy_artifact(a, partial, state.bench) for a in state.artifacts]
     tok_dir = partial / "tokenizer"
     tok_dir.mkdir()
-    for f in TOKENIZER_FILES:
-        if (state.model_dir / f).is_file():
-            shutil.copy2(state.model_dir / f, tok_dir / f)
+    side = [state.model_dir / f for f in MODEL_SIDE_FILES if (state.model_dir / f).is_file()]
+    for src in [*tokenizer_files(state.model_dir), *side]:
+        shutil.copy2(src, tok_dir / src.name)
     write_records(ctx, state, partial / "records")
     build_summary = summary(ctx, state, rows)
     write_ship(partial, build_summary)

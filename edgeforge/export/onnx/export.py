@@ -36,6 +36,7 @@ from edgeforge.export.onnx.quantize import (
     quiet_logs,
     resolve_isa,
 )
+from edgeforge.models.files import LEGACY_TOKENIZER_FILES, TOKENIZER_FILES, read_model_config, tokenizer_files
 from edgeforge.outputs import ONNX_RECORD_FILE, claim_output, describe_existing, publish
 
 #: Architectures exported and checked by this project's tests; optimum may export more, unchecked.
@@ -43,12 +44,8 @@ TESTED_MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2")
 MODEL_FILE = "model.onnx"
 RECORD_FILE = ONNX_RECORD_FILE
 RUNTIME_FILE = "runtime.json"
-#: Copied from the source model directory when present. ``tokenizer.json`` holds the whole tokenizer; the legacy
-#: files below are only copied when it is missing, because a GGUF-derived ``tokenizer.model`` is the entire GGUF
-#: (94 MB for SmolLM2) and would double the size of an int8 export for nothing.
-_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-               "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json")
-_LEGACY_TOKENIZER_FILES = ("tokenizer.model", "vocab.json", "merges.txt", "vocab.txt")
+#: Copied from the source model directory beside its tokenizer files (edgeforge.models.files.tokenizer_files).
+_MODEL_SIDE_FILES = ("config.json", "generation_config.json")
 
 
 class OnnxExportError(EdgeforgeError):
@@ -60,26 +57,6 @@ class UnsupportedArchitectureError(ModelError):
 
 
 # ---------------------------------------------------------------------------------------------------------- inputs
-
-
-def read_model_config(model_dir: Path) -> dict[str, Any]:
-    """``config.json`` of a Hugging Face model directory; raises ModelError with the fix when it is unusable."""
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        what = "a file" if model_dir.exists() else "missing"
-        raise ModelError(f"{model_dir}: expected a Hugging Face model directory (config.json, *.safetensors, "
-                         f"tokenizer files), found {what}; pass the directory the model was saved to")
-    path = model_dir / "config.json"
-    if not path.is_file():
-        raise ModelError(f"{model_dir}: a model directory needs a config.json, found none; save the model with "
-                         "save_pretrained() or point at the directory that holds config.json")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ModelError(f"{path}: expected a JSON object, cannot parse it: {_one_line(err)}") from None
-    if not isinstance(config, dict):
-        raise ModelError(f"{path}: expected a JSON object, found {type(config).__name__}")
-    return config
 
 
 def _architecture(config: dict[str, Any]) -> str:
@@ -267,18 +244,15 @@ def _run_optimum(model_dir: Path, dest: Path, config: dict[str, Any]) -> None:
 
 def _copy_side_files(model_dir: Path, dest: Path) -> None:
     """Tokenizer, chat template and generation config from the source directory (config.json from optimum)."""
-    for name in _SIDE_FILES:
-        if (model_dir / name).is_file() and not (dest / name).exists():
-            shutil.copy2(model_dir / name, dest / name)
-    if not (model_dir / "tokenizer.json").is_file():
-        for name in _LEGACY_TOKENIZER_FILES:
-            if (model_dir / name).is_file():
-                shutil.copy2(model_dir / name, dest / name)
+    side = [model_dir / n for n in _MODEL_SIDE_FILES if (model_dir / n).is_file()]
+    for src in [*side, *tokenizer_files(model_dir)]:
+        if not (dest / src.name).exists():
+            shutil.copy2(src, dest / src.name)
 
 
 #: Every name an export writes into its directory: a ``.partial`` holding only these was left by a killed export.
-_EXPORT_FILE_NAMES = frozenset((MODEL_FILE, EXTERNAL_DATA_FILE, RECORD_FILE, RUNTIME_FILE, *_SIDE_FILES,
-                                *_LEGACY_TOKENIZER_FILES))
+_EXPORT_FILE_NAMES = frozenset((MODEL_FILE, EXTERNAL_DATA_FILE, RECORD_FILE, RUNTIME_FILE, *_MODEL_SIDE_FILES,
+                                *TOKENIZER_FILES, *LEGACY_TOKENIZER_FILES))
 
 
 def _remove_stale_partial(partial: Path, out_dir: Path) -> None:
@@ -311,5 +285,4 @@ def _one_line(err: BaseException) -> str:
 
 __all__ = [
     "OnnxExportError", "UnsupportedArchitectureError", "check_exportable", "export_onnx", "load_record",
-    "read_model_config",
 ]

@@ -8,7 +8,8 @@ from typing import Any
 import numpy as np
 
 from edgeforge.errors import BadInputError, ModelError
-from edgeforge.export.onnx.export import MODEL_FILE, OnnxExportError, read_model_config
+from edgeforge.export.onnx.export import MODEL_FILE, OnnxExportError
+from edgeforge.models.files import read_model_config
 
 _ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
