@@ -10,7 +10,8 @@
   is refused in one line naming what is there; ``--force`` replaces it.
 
 Commands assemble their output under a fresh name beside ``--out`` and rename it into place, so nothing the user
-keeps outside ``--out`` is touched either. Usage, one line before any work: ``claim_output(out, kind="onnx",
+keeps outside ``--out`` is touched either; the commands that resume in place (distill, finetune, build) claim with
+:func:`claim_output_in_place`. Usage, one line before any work: ``claim_output(out, kind="onnx",
 force=force)``.
 """
 
@@ -135,6 +136,19 @@ def claim_output(out: Path, kind: str, force: bool = False) -> None:
         raise BadInputError(f"--out {out}: expected a new path or {spec.what}, found {found}; choose another --out, "
                             "or pass --force to replace it (what is there is deleted)")
     _check_force_is_safe(out)
+
+
+def claim_output_in_place(out: Path, kind: str, force: bool = False) -> None:
+    """:func:`claim_output` for a command that writes into ``out`` as it goes (distill, finetune, build: their
+    checkpoints and stage cache make a rerun resume there, so they cannot assemble beside it and rename).
+
+    With ``force``, what is there and is not this kind's output is deleted first, so the new output never mixes
+    with files edgeforge did not write.
+    """
+    claim_output(out, kind, force)
+    spec = OUTPUT_KINDS[kind]
+    if force and os.path.lexists(out) and not spec.recognise(out) and any(out.iterdir()):
+        shutil.rmtree(out)
 
 
 def _check_force_is_safe(out: Path) -> None:

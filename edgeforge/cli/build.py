@@ -7,7 +7,8 @@ from typing import Any
 
 import click
 
-from edgeforge.cli.common import JSON_OPTION, PROFILES_DIR_OPTION, print_json
+from edgeforge.cli.common import FORCE_OPTION, JSON_OPTION, PROFILES_DIR_OPTION, print_json
+from edgeforge.outputs import claim_output, claim_output_in_place
 
 
 def _echo_err(msg: str) -> None:
@@ -36,11 +37,12 @@ def register(cli: click.Group) -> None:
 @click.option("--seed", type=int, default=None, help="Override seed.")
 @click.option("--no-bench", is_flag=True, help="Skip benchmarking.")
 @click.option("--dry-run", is_flag=True, help="Print the stages, their cache keys and which would be skipped.")
+@FORCE_OPTION
 @PROFILES_DIR_OPTION
 @JSON_OPTION
 def build_cmd(profile_name: str | None, teacher: str | None, data: tuple[Path, ...], task: str | None, no_task: bool,
               config_path: Path | None, target: str | None, out: Path, distill_steps: int | None,
-              finetune_steps: int | None, seed: int | None, no_bench: bool, dry_run: bool,
+              finetune_steps: int | None, seed: int | None, no_bench: bool, dry_run: bool, force: bool,
               profiles_dirs: tuple[Path, ...], as_json: bool) -> None:
     """Plan, distill and/or fine-tune, export, verify, benchmark and ship a model for a device profile.
 
@@ -61,6 +63,10 @@ def build_cmd(profile_name: str | None, teacher: str | None, data: tuple[Path, .
     })
     if no_task:
         cfg = cfg.model_copy(update={"task": None})
+    if dry_run:  # writes nothing: only refuses what a real run would refuse
+        claim_output(out, "build", force)
+    else:
+        claim_output_in_place(out, "build", force)
     # Progress goes to stderr in every mode (stdout carries the JSON summary with --json).
     builder = Builder(cfg, out, tuple(profiles_dirs), log=_echo_err)
     if dry_run:

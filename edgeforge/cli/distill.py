@@ -12,7 +12,9 @@ from typing import Any
 
 import click
 
+from edgeforge.cli.common import FORCE_OPTION
 from edgeforge.cli.options import options_from
+from edgeforge.outputs import claim_output_in_place
 
 
 def _echo_err(msg: str) -> None:
@@ -30,7 +32,8 @@ def register(cli: click.Group) -> None:
     @options_from(DistillConfig, skip=("out",))
     @click.option("--out", type=click.Path(path_type=Path), required=True, help="The student's HF directory.")
     @click.option("--json", "as_json", is_flag=True, help="Print distill.json's headline as JSON.")
-    def distill_cmd(out: Path, as_json: bool, **settings: Any) -> None:
+    @FORCE_OPTION
+    def distill_cmd(out: Path, as_json: bool, force: bool, **settings: Any) -> None:
         """Distill a teacher into a smaller student and write it as an HF directory (+ distill.json).
 
         The student comes from --profile (the planner's shape), --student-layers N (pruned from the teacher), or
@@ -45,6 +48,8 @@ def register(cli: click.Group) -> None:
         from edgeforge.distill.run import run_distill
         from edgeforge.train.loop import is_main_process
 
+        if is_main_process():  # under torchrun the main process alone checks (and with --force clears) --out
+            claim_output_in_place(out, "distill", force)
         record = run_distill(DistillConfig(out=out, **settings), log=None if as_json else _echo_err)
         if not is_main_process():
             return

@@ -7,8 +7,10 @@ from typing import Any
 
 import click
 
+from edgeforge.cli.common import FORCE_OPTION
 from edgeforge.cli.options import options_from
 from edgeforge.finetune.config import FinetuneConfig
+from edgeforge.outputs import claim_output_in_place
 
 
 @click.command("finetune")
@@ -22,8 +24,9 @@ from edgeforge.finetune.config import FinetuneConfig
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint in --out.")
 @click.option("--out", type=click.Path(path_type=Path), required=True)
 @click.option("--json", "as_json", is_flag=True)
+@FORCE_OPTION
 def finetune_cmd(model: str, task: str | None, data: Path | None, merge: bool, resume: bool, out: Path,
-                 as_json: bool, **settings: Any) -> None:
+                 as_json: bool, force: bool, **settings: Any) -> None:
     """Fine-tune MODEL on a task with LoRA, DoRA or QLoRA; report task accuracy and forgetting before/after."""
     import json
 
@@ -33,6 +36,7 @@ def finetune_cmd(model: str, task: str | None, data: Path | None, merge: bool, r
     if (task is None) == (data is None):
         raise BadInputError("give exactly one of --task NAME and --data PATH")
     cfg = FinetuneConfig(**settings)
+    claim_output_in_place(out, "finetune", force)
 
     def log(msg: str) -> None:
         click.echo(msg, err=True)

@@ -21,8 +21,6 @@ from edgeforge.outputs import OUTPUT_KINDS, OutputKind, claim_output, publish, r
 
 from .helpers import assert_one_error_line, invoke
 
-PENDING_WIRING = pytest.mark.xfail(strict=True, reason="wired after the distill/finetune/build refactor lands")
-
 
 def tree(root: Path) -> dict[str, str]:
     """Every path under ``root``: a file -> its sha256, a directory -> "dir"."""
@@ -250,7 +248,6 @@ def _refused_keeping_every_byte(args: list[object], root: Path, mine: Path) -> N
     assert tree(root) == before
 
 
-@PENDING_WIRING
 def test_distill_refuses_a_user_directory(tiny: Path, text_data: Path, tmp_path: Path) -> None:
     mine = user_dir(tmp_path / "root" / "mine")
     _refused_keeping_every_byte(["distill", "--teacher", tiny, "--student-layers", "1", "--data", text_data,
@@ -258,14 +255,12 @@ def test_distill_refuses_a_user_directory(tiny: Path, text_data: Path, tmp_path:
                                  "--out", mine], tmp_path / "root", mine)
 
 
-@PENDING_WIRING
 def test_finetune_refuses_a_user_directory(tiny: Path, task_jsonl: Path, tmp_path: Path) -> None:
     mine = user_dir(tmp_path / "root" / "mine")
     _refused_keeping_every_byte(["finetune", tiny, "--data", task_jsonl, "--steps", "1", "--out", mine],
                                 tmp_path / "root", mine)
 
 
-@PENDING_WIRING
 def test_build_refuses_a_user_directory(tiny: Path, tmp_path: Path) -> None:
     pipeline = tmp_path / "p.yaml"
     pipeline.write_text("task: null\ndistill: {enabled: false}\nfinetune: {enabled: false}\nbench: {enabled: false}\n"
@@ -273,3 +268,13 @@ def test_build_refuses_a_user_directory(tiny: Path, tmp_path: Path) -> None:
     mine = user_dir(tmp_path / "root" / "mine")
     _refused_keeping_every_byte(["build", "--config", pipeline, "--teacher", tiny, "--profile", "raspberry-pi-5-8gb",
                                  "--out", mine], tmp_path / "root", mine)
+
+
+def test_distill_with_force_replaces_the_directory_without_mixing(tiny: Path, text_data: Path, tmp_path: Path) -> None:
+    """--force deletes what was there first: the new student never sits among the user's files."""
+    mine = user_dir(tmp_path / "mine")
+    r = invoke("distill", "--teacher", tiny, "--student-layers", "1", "--data", text_data, "--steps", "1",
+               "--seq-len", "16", "--eval-sequences", "1", "--eval-seq-len", "16", "--out", mine, "--force")
+    assert r.exit_code == 0, r.stderr
+    names = {p.name for p in mine.iterdir()}
+    assert "distill.json" in names and not names & {"notes.txt", ".config", "photos"}, names
