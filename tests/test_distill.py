@@ -297,6 +297,8 @@ def test_cli_distill_json_and_eval_table(teacher_dir: Path, data_file: Path, tmp
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     config = json.loads((out / "config.json").read_text())
     assert (config["num_hidden_layers"], config["hidden_size"]) == (2, 48)
+    training = json.loads((out / "distill.json").read_text())["training"]
+    assert 0 < training["training_peak_rss_bytes"] <= training["process_peak_rss_bytes"]
     r = CliRunner().invoke(cli, ["eval", str(out), "--reference", str(teacher_dir), "--data", str(data_file),
                                  "--tokens", "64"])
     assert r.exit_code == 0, r.stderr

@@ -59,3 +59,38 @@ def test_warmup_then_cosine():
     assert lr_at(10, cfg) == pytest.approx(1.0)
     assert lr_at(99, cfg) == pytest.approx(0.1, abs=1e-3)
     assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(10, 99))
+
+
+def test_tokens_exclude_padding(tmp_path: Path):
+    """A padded batch counts its attention mask's ones, not its shape (padding inflated tokens/s and FLOPs/token)."""
+    model = _model()
+    ids = torch.randint(0, 50, (4, 8))
+    mask = torch.zeros(4, 8, dtype=torch.int64)
+    mask[:, :3] = 1  # 12 real tokens of 32
+
+    def step_fn(batch):
+        logits = model(batch["input_ids"][:, :-1])
+        return nn.functional.cross_entropy(logits.reshape(-1, 50), batch["input_ids"][:, 1:].reshape(-1)), {}
+
+    def batches(_skip: int):
+        while True:
+            yield {"input_ids": ids, "attention_mask": mask}
+
+    state = train(model, step_fn, batches, TrainConfig(steps=3, lr=1e-3, warmup_steps=0, checkpoint_every=0, seed=0),
+                  tmp_path / "ckpt")
+    assert state.tokens == 3 * 12
+
+
+def test_rss_sampler_sees_a_peak_inside_its_span_only():
+    """A span's peak is sampled inside it: an allocation made and freed inside the span shows in its peak."""
+    import time
+
+    from edgeforge.distill.memory import RssSampler
+
+    with RssSampler(interval_s=0.01) as idle:
+        time.sleep(0.05)
+    with RssSampler(interval_s=0.01) as busy:
+        block = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MiB, touched
+        time.sleep(0.05)
+        del block
+    assert busy.peak_bytes - idle.peak_bytes > 48 << 20

@@ -45,7 +45,7 @@ from edgeforge.distill.context import Log, OnLog, RunContext
 from edgeforge.distill.data import DistillData, rows_for_run
 from edgeforge.distill.evaluate import evaluate, student_against_teacher, task_accuracy
 from edgeforge.distill.inputs import RunInputs, load_inputs
-from edgeforge.distill.memory import peak_rss_bytes, release_freed_memory
+from edgeforge.distill.memory import RssSampler, peak_rss_bytes, release_freed_memory
 from edgeforge.distill.parallel import barrier, check_world, trained_student
 from edgeforge.distill.record import core_record, stopped_by, technique_records
 from edgeforge.distill.resume import check_out_dir, read_state, write_state
@@ -78,7 +78,9 @@ def run_distill(cfg: DistillConfig, log: Log | None = None, on_log: OnLog | None
     del t_model  # online, the signal holds the teacher now; offline, nothing needs it any more
     release_freed_memory()
     align = hidden_alignment_setup(cfg, start, inputs.teacher.hf_dir, ctx.device)
-    trained = train_stages(ctx, inputs, stages, start, signal, state, order, align)
+    with RssSampler() as training_rss:
+        trained = train_stages(ctx, inputs, stages, start, signal, state, order, align)
+    trained.training_peak_rss_bytes = training_rss.peak_bytes
     signal.release()
     student = trained_student(cfg, trained.kd_module, trained.student, ctx.world, ctx.main)
     if not ctx.main:
@@ -172,7 +174,10 @@ def final_record(ctx: RunContext, inputs: RunInputs, student: nn.Module, init: d
     training = {"steps": int(totals["steps"]), "tokens": tokens_all, "seconds": round(totals["seconds"], 2),
                 "tokens_per_s": round(tokens_all / max(totals["seconds"], 1e-9), 1), "world_size": ctx.world,
                 "parallel": cfg.parallel if ctx.world > 1 else "none",
-                "device": ctx.device.type, "peak_rss_bytes": peak_rss_bytes(),
+                "device": ctx.device.type,
+                # sampled over the training steps alone, and the process's high-water mark (data and evaluation too)
+                "training_peak_rss_bytes": trained.training_peak_rss_bytes,
+                "process_peak_rss_bytes": max(peak_rss_bytes(), trained.training_peak_rss_bytes),
                 "stopped_by": stopped_by(trained.train_state, trained.train_config)}
     record = core_record(cfg, teacher, state, init, inputs.data.info, signal.info, ctx.passes, training,
                          progress.curve, after, totals["flops"] + (curriculum or {}).get("scoring_flops", 0.0))

@@ -70,6 +70,7 @@ class TrainedStudent:
     train_state: Any  # edgeforge.train.loop.TrainState of the last stage
     train_config: Any  # edgeforge.train.loop.TrainConfig of the last stage
     progress: StageProgress
+    training_peak_rss_bytes: int = 0  # set by run_distill, which samples the resident memory around training
 
 
 def train_stages(ctx: RunContext, inputs: RunInputs, stages: list[tuple[Any, int]], start: StudentStart,

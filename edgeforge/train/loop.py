@@ -307,10 +307,20 @@ class _MicroBatches:
             with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
                 loss, metrics = self.step_fn(batch)
             (loss / self.grad_accum).backward()
-            step_tokens += int(batch["input_ids"].numel())
+            step_tokens += batch_tokens(batch)
             for k, v in {"loss": float(loss.detach()), **metrics}.items():
                 sums[k] = sums.get(k, 0.0) + v / self.grad_accum
         return sums, step_tokens
+
+
+def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """The tokens a batch trains on: its attention mask's ones (padding excluded), else every id (packed rows).
+
+    batch: input_ids [b, S] int64, optionally attention_mask [b, S] (1 = a real token, 0 = padding). tokens/s, the
+    ``max_tokens`` budget and FLOPs per token are counted from this, so padding never inflates them.
+    """
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
 
 
 def _optimizer_step(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], micro: _MicroBatches,
