@@ -61,3 +61,33 @@ def test_lookup_reads_rows_on_demand_and_matches_what_was_cached(tmp_path: Path)
     want = torch.log_softmax(table[seqs[rows]].float(), dim=-1).topk(k, dim=-1)
     assert torch.equal(ids, want.indices)
     assert torch.allclose(values.float(), want.values, atol=1e-2)
+
+
+def _rss_bytes() -> int:
+    """This process's resident memory now: heap and tensors, and the pages of memory-mapped files it touched."""
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+def test_reading_a_cache_larger_than_the_limit_keeps_memory_bounded(tmp_path: Path):
+    """Every row of a ~150 MB cache is read back; the process's resident memory grows by far less than the cache
+    (the old lookup loaded each shard whole and kept it: the growth was the cache's size)."""
+    vocab, k, seq_len, n_rows = 128, 64, 256, 1600
+    seqs = torch.randint(0, vocab, (n_rows, seq_len), generator=torch.Generator().manual_seed(0))
+    table = torch.randn(vocab, vocab)
+    cache = TopKCache(tmp_path / "c", {"t": "big"}, seqs, k, "float32", shard_rows=200)
+    cache.fill(cache.missing(range(n_rows)), lambda ids: table[ids], batch_size=50)
+    cache_bytes = cache.disk_bytes()
+    assert cache_bytes > 140e6
+    limit_bytes = 40 << 20
+    fresh = TopKCache(tmp_path / "c", {"t": "big"}, seqs, k, "float32", shard_rows=200)
+    before = _rss_bytes()
+    peak = before
+    for start in range(0, n_rows, 16):
+        values, ids = fresh.lookup(torch.arange(start, start + 16))
+        assert values.shape == (16, seq_len, k)
+        del values, ids
+        peak = max(peak, _rss_bytes())
+    grown_mib, cache_mib = (peak - before) / 2**20, cache_bytes / 2**20
+    assert peak - before < limit_bytes, f"grew {grown_mib:.0f} MiB reading a {cache_mib:.0f} MiB cache"

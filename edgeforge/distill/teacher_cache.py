@@ -140,9 +140,6 @@ class TopKCache:
                      "seq_len": self.seq_len, "n_sequences": self.n_rows, "teacher_dtype": teacher_dtype,
                      "values_dtype": "float16", "indices_dtype": "int32", "bytes_per_token": self.bytes_per_token}
         self._where: dict[int, tuple[Path, int]] = {}  # row -> (shard, position in it)
-        # Open shards (memory-mapped by safetensors): a lookup reads only its rows, so resident memory stays at a
-        # batch, whatever the cache's size on disk (100M tokens at k=64 is about 38 GB).
-        self._open: dict[Path, Any] = {}
         self._scan()
 
     @property
@@ -207,23 +204,27 @@ class TopKCache:
     def lookup(self, rows: Tensor) -> tuple[Tensor, Tensor]:
         """rows: [b] sequence indices -> (log-probs [b, S, k] fp16, token ids [b, S, k] int64).
 
-        Each row is sliced out of its shard on demand (a copy of ``S x k`` values and ids); nothing else of the
-        shard is read into memory.
+        Each row is copied out of its shard on demand and the shard is closed again: resident memory stays at one
+        batch whatever the cache's size on disk (100M tokens at k=64 is about 38 GB). Keeping shards loaded (or
+        even mapped: the pages a lookup touched stay resident while the mapping lives) grew with every shard read.
         """
         from safetensors import safe_open
 
-        vals, ids = [], []
+        where = []
         for r in rows.tolist():
             if int(r) not in self._where:
                 raise EdgeforgeError(f"offline teacher cache {self.dir}: sequence {r} is not cached; rerun on one "
                                      "process to extend the cache")
-            path, i = self._where[int(r)]
-            if path not in self._open:
-                self._open[path] = safe_open(str(path), framework="pt")
-            shard = self._open[path]
-            vals.append(shard.get_slice("values")[i:i + 1][0])
-            ids.append(shard.get_slice("indices")[i:i + 1][0])
-        return torch.stack(vals), torch.stack(ids).long()
+            where.append(self._where[int(r)])
+        vals: list[Tensor | None] = [None] * len(where)
+        ids: list[Tensor | None] = [None] * len(where)
+        for path in dict.fromkeys(p for p, _ in where):  # each shard opened once per lookup, in first-use order
+            with safe_open(str(path), framework="pt") as shard:
+                values, indices = shard.get_slice("values"), shard.get_slice("indices")
+                for n, (p, i) in enumerate(where):
+                    if p == path:
+                        vals[n], ids[n] = values[i:i + 1][0].clone(), indices[i:i + 1][0].clone()
+        return torch.stack(vals), torch.stack(ids).long()  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------- sequence level: the teacher's answers
