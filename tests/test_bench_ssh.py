@@ -17,6 +17,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -265,6 +266,8 @@ def test_setup_installs_only_when_asked_and_reports_pip_failure(sshd: SshServer,
     line = assert_one_error_line(edgeforge("bench", str(gguf), "--target", str(target), "--setup", *TINY, timeout=120),
                                  "--setup could not install llama-cpp-python")
     assert "externally-managed-environment" in line
+    # pinned to the version that verified the artifact (the one installed here: the fixture's GGUF has no record)
+    assert f"llama-cpp-python=={metadata.version('llama-cpp-python')}" in line
     assert not workdir.exists() or not list(workdir.iterdir())
 
 

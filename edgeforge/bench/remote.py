@@ -20,13 +20,13 @@ from typing import Any
 
 from edgeforge.bench.artifact import LocalArtifact
 from edgeforge.bench.errors import RemoteRunError, RuntimeMissingError, TargetError, TransferCorruptedError
+from edgeforge.bench.setup import RUNTIME_MODULES, pip_install_command, runtime_requirement
 from edgeforge.bench.targets import DEVICE_BENCH_PACKAGE, AdbTarget, SshTarget
 from edgeforge.bench.transport import Cancel, RemoteShell, remote_path_expr, tail
 from edgeforge.errors import EdgeforgeError
 from edgeforge.fileio import sha256_file
 
 #: Python module of each artifact format's runtime, and the pip package ``--setup`` installs for it.
-RUNTIME_MODULES = {"gguf": ("llama_cpp", "llama-cpp-python"), "onnx": ("onnxruntime", "onnxruntime")}
 
 
 @dataclass
@@ -128,7 +128,7 @@ def run_remote(shell: RemoteShell, target: SshTarget | AdbTarget, artifact: Loca
     run = RemoteRun(remote_path_expr(target.workdir))
     label = f"target '{target.name}'"
     py = shlex.quote(target.python)
-    _probe_runtime(shell, target, artifact.format, request.setup, log, cancel)
+    _probe_runtime(shell, target, artifact, request.setup, log, cancel)
     try:  # the device answers: from here on, whatever happens, the run dir is removed
         done = shell.run(f"umask 077 && mkdir -p {run.workdir_expr} && mkdir {run.rundir_expr} && "
                          f"mkdir {run.rundir_expr}/agent {run.rundir_expr}/artifact",
@@ -188,28 +188,33 @@ _PROBE_RUNTIME_PY = (
 )
 
 
-def _probe_runtime(shell: RemoteShell, target: SshTarget | AdbTarget, fmt: str, setup: bool,
+def _probe_runtime(shell: RemoteShell, target: SshTarget | AdbTarget, artifact: LocalArtifact, setup: bool,
                    log: Callable[[str], None], cancel: Cancel | None) -> None:
     """Before anything is copied: the device's Python runs and has the runtime; with ``setup``, install it
-    (``pip install --user``) when missing."""
-    module, package = RUNTIME_MODULES[fmt]
+    (``pip install --user``, pinned to the version the artifact was verified with) when missing."""
+    req = runtime_requirement(artifact)
+    module, package = req.module, req.package
     py = shlex.quote(target.python)
     label = f"target '{target.name}'"
     probe = f"{py} -c {shlex.quote(_PROBE_RUNTIME_PY)} {shlex.quote(module)}"
     done = shell.run(probe, timeout_s=120, cancel=cancel, what="probe")
     if done.returncode == 4 and setup:
-        log(f"{target.name}: --setup: installing {package} with pip --user (llama-cpp-python compiles llama.cpp: "
-            "minutes on a small board)")
-        install = shell.run(f"{py} -m pip install --user -q {shlex.quote(package)}", timeout_s=target.run_timeout_s,
+        if req.version is None:
+            raise RuntimeMissingError(f"{label}: --setup cannot pin {package}: the artifact's record names no version "
+                                      f"and none is installed here; install {package}==VERSION on the device")
+        log(f"{target.name}: --setup: installing {req.describe()} with pip --user (llama-cpp-python compiles "
+            "llama.cpp: minutes on a small board)")
+        install = shell.run(pip_install_command(target.python, req, user=True), timeout_s=target.run_timeout_s,
                             cancel=cancel, what="pip install")
         if install.returncode != 0:
-            raise RuntimeMissingError(f"{label}: --setup could not install {package} with "
+            raise RuntimeMissingError(f"{label}: --setup could not install {req.requirement} with "
                                       f"'{target.python} -m pip install --user': {pip_error(install)}")
+        log(f"{target.name}: --setup: installed {req.requirement}")
         done = shell.run(probe, timeout_s=120, cancel=cancel, what="probe")
     if done.returncode == 4:
         raise RuntimeMissingError(
-            f"{label}: the device's Python ({target.python}) has no {module}: install {package} there "
-            f"('{target.python} -m pip install --user {package}') or rerun with --setup"
+            f"{label}: the device's Python ({target.python}) has no {module}: install {req.requirement} there "
+            f"('{target.python} -m pip install --user {req.requirement}') or rerun with --setup"
         )
     if done.returncode != 0:
         raise RemoteRunError(f"{label}: cannot run '{target.python}' on the device: "

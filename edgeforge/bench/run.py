@@ -21,7 +21,6 @@ from typing import Any
 from edgeforge.bench.artifact import LocalArtifact, local_artifact
 from edgeforge.bench.errors import Interrupted, RuntimeMissingError
 from edgeforge.bench.remote import (
-    RUNTIME_MODULES,
     BenchRequest,
     RemoteRun,
     device_bench_error,
@@ -30,6 +29,7 @@ from edgeforge.bench.remote import (
     run_remote,
 )
 from edgeforge.bench.results import estimate_for, make_result, save_result
+from edgeforge.bench.setup import RuntimeRequirement, pip_install_command, runtime_requirement
 from edgeforge.bench.targets import DEVICE_BENCH_PACKAGE, LocalTarget, Target, shell_for
 from edgeforge.bench.transport import Cancel, run_process
 from edgeforge.errors import BadInputError, EdgeforgeError
@@ -47,20 +47,32 @@ def run_local(target: LocalTarget, artifact: LocalArtifact, request: BenchReques
     env["DEVICE_BENCH_PARENT_PID"] = str(os.getpid())  # dies with edgeforge, even when edgeforge is SIGKILLed
     label = f"target '{target.name}'"
     if request.setup:
-        module, package = RUNTIME_MODULES[artifact.format]
-        probe = run_process([python, "-c", f"import {module}"], timeout_s=120, cancel=cancel, what="probe", env=env)
+        req = runtime_requirement(artifact)
+        probe = run_process([python, "-c", f"import {req.module}"], timeout_s=120, cancel=cancel, what="probe",
+                            env=env)
         if probe.returncode != 0:
-            log(f"{target.name}: --setup: installing {package}")
-            done = run_process([python, "-m", "pip", "install", "-q", package], timeout_s=target.run_timeout_s,
-                               cancel=cancel, what="pip install", env=env)
-            if done.returncode != 0:
-                raise RuntimeMissingError(f"{label}: --setup could not install {package}: {pip_error(done)}")
+            install_runtime_here(target.name, python, req, env, target.run_timeout_s, log, cancel)
     log(f"{target.name}: running device_bench on {artifact.name}")
     argv = [python, "-m", "device_bench", str(artifact.path.absolute()), *request.device_bench_args, "--quiet"]
     done = run_process(argv, timeout_s=target.run_timeout_s, cancel=cancel, what=f"{label}: benchmark", env=env)
     if done.returncode != 0:
         raise device_bench_error(done, label, python, artifact.format)
     return parse_report(done.stdout, label)
+
+
+def install_runtime_here(name: str, python: str, req: RuntimeRequirement, env: dict[str, str], timeout_s: float,
+                         log: Callable[[str], None], cancel: Cancel | None) -> None:
+    """``--setup`` on this machine: pip-install the pinned runtime into ``python``'s environment."""
+    if req.version is None:
+        raise RuntimeMissingError(f"target '{name}': --setup cannot pin {req.package}: the artifact's record names "
+                                  f"no version and none is installed here; install it with '{python} -m pip install "
+                                  f"{req.package}==VERSION'")
+    log(f"{name}: --setup: installing {req.describe()}")
+    done = run_process(["/bin/sh", "-c", pip_install_command(python, req, user=False)], timeout_s=timeout_s,
+                       cancel=cancel, what="pip install", env=env)
+    if done.returncode != 0:
+        raise RuntimeMissingError(f"target '{name}': --setup could not install {req.requirement}: {pip_error(done)}")
+    log(f"{name}: --setup: installed {req.requirement}")
 
 
 def run_on_target(target: Target, artifact: LocalArtifact, request: BenchRequest, *,

@@ -252,6 +252,8 @@ def export_gguf(
                 "source_path": str(model.path),
                 "lineage": lineage,
                 "seconds": {**seconds, "total": time.perf_counter() - t0},
+                # what verifies the file here, and what ``bench --setup`` pins on a device (edgeforge.bench.setup)
+                "runtime_versions": {"llama-cpp-python": _installed_version("llama-cpp-python")},
             }
             # The record first, then the file: a .gguf at ``out`` always has its record beside it, which is how a
             # rerun knows the file is edgeforge's own to replace (a kill between the two leaves only a record).
@@ -264,6 +266,15 @@ def export_gguf(
                                 f"partial file is left at {out} and the temporary files are removed: free some space "
                                 "or pass another --out") from None
     return record
+
+
+def _installed_version(dist: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not installed"
 
 
 def _disk_is_full(err: BaseException, where: Path) -> bool:
