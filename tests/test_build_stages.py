@@ -132,3 +132,36 @@ def test_no_gguf_type_passing_is_a_quality_gate_error(builder: Builder) -> None:
     assert "tried Q4_K_M, Q5_K_M, Q8_0" in str(e.value) and "Q8_0 mean KL too high" in str(e.value)
     assert "artifacts kept in /kept/Q8_0" in str(e.value)
     assert logs[-1] == "[export-gguf] Q8_0 failed verification (Q8_0 mean KL too high)"
+
+
+@pytest.mark.integration  # three real exports, each verified twice and scored through llama.cpp: about 90 s
+def test_an_artifact_that_loses_task_accuracy_fails_and_the_build_falls_back(tmp_path: Path) -> None:
+    """Real GGUF exports of a tiny random model, scored through llama.cpp on the fixed task set, against a source
+    whose fine-tuning record says it got every example right: each type loses the task (random weights answer
+    nothing correctly), so each fails the task gate, the build falls back through the larger types, and the
+    quality-gate error names the task drop. KL alone would have passed Q8_0."""
+    from tiny_models import make_tiny_model
+
+    from edgeforge.build.task_set import held_out_task_examples
+
+    model = make_tiny_model(tmp_path / "tiny")
+    cfg = validate_pipeline({"teacher": str(model), "profile": "raspberry-pi-5-8gb", "task": "home-commands",
+                             "export": {"formats": ["gguf"], "gguf_quant": "Q5_K_M"},
+                             "verify": {"tokens": 64, "task_examples": 12}}, "test")
+    logs: list[str] = []
+    builder = Builder(cfg, tmp_path / "out", log=logs.append)
+    n = len(held_out_task_examples(builder))
+    assert n == 12
+    state = BuildState(model_dir=model, finetune={"merge": {"correct": [True] * n, "task_accuracy": 1.0}})
+    runner = StageRunner(builder.cache, state, logs.append)
+    with pytest.raises(QualityGateError) as err:
+        for stage in export_with_fallback(builder, state, "gguf", "model-key"):
+            runner.take(stage)
+    tried = state.exports["gguf"]
+    assert [r["quant"] for r in tried][0] == "Q5_K_M" and len(tried) == 3  # fell back through the larger types
+    for r in tried:
+        gate = r["task"]["versus_source"]
+        assert not gate["passed"] and gate["accuracy_b"] == 1.0 and gate["n_examples"] == n
+        assert any("task exact match" in f for f in r["verify"]["failures"])
+    assert "task exact match" in str(err.value)
+    assert any("trying the next larger type" in line for line in logs)

@@ -103,3 +103,22 @@ def test_task_metrics_reports_per_example_correctness_of_a_real_model(tiny: Path
     m = task_metrics(model, tok, examples)
     assert m["correct"] == [True, False, True, False] and m["n_examples"] == 4
     assert m["task_accuracy_ci95"] == pytest.approx(list(wilson_interval(2, 4)))
+
+
+def test_task_gate_fails_a_significant_or_large_drop_and_passes_noise():
+    from edgeforge.tasks.metrics import task_gate
+
+    source = [True] * 60 + [False] * 40
+    same = task_gate(list(source), source, max_drop=0.05)
+    assert same["passed"] and same["difference"] == 0 and same["reason"] == ""
+    # 3 of 100 lost: within 5 points and not significant (3 discordant pairs)
+    noise = task_gate([False] * 3 + source[3:], source, max_drop=0.05)
+    assert noise["passed"], noise["reason"]
+    # 8 lost: more than 5 points below, and significant (McNemar p = 2 / 2**8)
+    big = task_gate([False] * 8 + source[8:], source, max_drop=0.05)
+    assert not big["passed"] and "8.0% below" in big["reason"] and "significantly below" in big["reason"]
+    # a configurable drop: 10 points allowed, the 8-point loss still fails on significance alone
+    lax = task_gate([False] * 8 + source[8:], source, max_drop=0.10)
+    assert not lax["passed"] and "allowed" not in lax["reason"] and "McNemar" in lax["reason"]
+    # an artifact better than its source never fails
+    assert task_gate([True] * 100, source, max_drop=0.0)["passed"]

@@ -21,6 +21,7 @@ from edgeforge.build.stage import BuildState, Log
 from edgeforge.build.stages.export import export_formats
 from edgeforge.build.stages.ship import ship_folder
 from edgeforge.build.summary import headline
+from edgeforge.build.task_set import held_out_task_examples
 from edgeforge.errors import BadInputError, QualityGateError
 from edgeforge.fileio import content_identity, write_json_atomic
 
@@ -96,7 +97,11 @@ class Builder:
         """The fine-tune stage's FinetuneConfig from the pipeline's ``finetune:`` section."""
         from edgeforge.finetune.config import FinetuneConfig
 
-        return FinetuneConfig(**self.cfg.finetune.model_dump(exclude={"enabled"}), seed=self.cfg.seed)
+        settings = self.cfg.finetune.model_dump(exclude={"enabled"})
+        # The fine-tuning record (base, adapter, merged model) is scored on the build's fixed task set, the one every
+        # artifact is scored on, so they compare example by example.
+        settings["eval_examples"] = len(held_out_task_examples(self)) or settings["eval_examples"]
+        return FinetuneConfig(**settings, seed=self.cfg.seed)
 
 
 def data_files(paths: list[str]) -> list[Path]:

@@ -72,8 +72,13 @@ class VerifySettings(_Strict):
     """How every artifact is checked against its source model."""
 
     tokens: int = Field(1000, ge=16, description="Held-out prose tokens for KL / top-1 against the source model.")
-    task_examples: int = Field(50, ge=1, description="Held-out task examples run through each artifact's own "
-                               "engine.")
+    task_examples: int | None = Field(None, ge=1, description="The fixed task evaluation set: the first N held-out "
+                                      "examples, the same for the fine-tuning record, the merged model and every "
+                                      "artifact; null: all of them (300 for home-commands).")
+    task_max_drop: float = Field(0.05, ge=0, le=1, description="With a task, an artifact whose exact match is more "
+                                 "than this fraction below its source model's on the fixed set fails verification.")
+    task_alpha: float = Field(0.05, gt=0, lt=1, description="With a task, an artifact whose exact match is below its "
+                              "source's with a paired (McNemar) p-value under this fails verification.")
 
 
 class BenchSettings(_Strict):

@@ -195,4 +195,5 @@ def merge_adapter(model: Any, base_dir: Path, adapter_dir: Path, out: Path, toke
     log(f"merged: max |logit difference| vs the adapter model {check['logit_max_abs_diff']:.2e} (tolerance "
         f"{MERGE_TOLERANCE:g}); task accuracy {metrics['task_accuracy']:.1%}")
     return {**check, "task_accuracy": metrics["task_accuracy"], "valid_json_rate": metrics["valid_json_rate"],
-            "task_accuracy_ci95": metrics["task_accuracy_ci95"], "correct": metrics["correct"]}
+            "task_accuracy_ci95": metrics["task_accuracy_ci95"], "n_examples": metrics["n_examples"],
+            "correct": metrics["correct"]}

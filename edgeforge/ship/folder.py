@@ -187,8 +187,10 @@ def _quality_md(summary: dict) -> list[str]:
                    f"{_pct(_get(d, 'after', 'top1_agreement'))}.")
     f = summary.get("finetune")
     if f:
-        out.append(f"- Task accuracy: {_pct(_get(f, 'before', 'task_accuracy'))} before fine-tuning, "
-                   f"{_pct(_get(f, 'after', 'task_accuracy'))} after.")
+        n = _get(f, "after", "n_examples")
+        out.append(f"- Task exact match on {n or '?'} held-out examples (95% Wilson interval): "
+                   f"{_acc(f.get('before'))} before fine-tuning, {_acc(f.get('after'))} after, "
+                   f"{_acc(f.get('merge'))} merged.")
         delta = _get(f, "forgetting", "general_perplexity_delta_pct")
         if delta is not None:
             out.append(f"- Forgetting: general perplexity changed by {delta:+.1f}% "
@@ -199,8 +201,9 @@ def _quality_md(summary: dict) -> list[str]:
         if out:
             out.append("")
         out += ["Each artifact against the model it was exported from:", "",
-                "| file | format | quant | size | mean KL | top-1 | verified | task accuracy |",
-                "|---|---|---|---|---|---|---|---|"]
+                "| file | format | quant | size | mean KL | top-1 | verified | task exact match (95% CI) "
+                "| vs its source (paired, 95% CI) |",
+                "|---|---|---|---|---|---|---|---|---|"]
         for a in arts:
             v = a.get("verify") or {}
             passed = v.get("passed")
@@ -208,8 +211,27 @@ def _quality_md(summary: dict) -> list[str]:
                        f"{_mb(a.get('size_bytes'))} | {_num(v.get('mean_kl'), '{:.4f}')} | "
                        f"{_pct(v.get('top1_agreement'))} | "
                        f"{'not verified' if passed is None else ('passed' if passed else 'FAILED')} | "
-                       f"{_pct(a.get('task_accuracy'), 'n/a')} |")
+                       f"{_acc(a.get('task'))} | {_paired(a.get('task'))} |")
     return out or ["No quality measurement was recorded."]
+
+
+def _acc(scores: Any) -> str:
+    """``58.0% (52.3-63.5%)``: an accuracy with its 95% interval, or n/a."""
+    if not isinstance(scores, dict) or scores.get("task_accuracy") is None:
+        return "n/a"
+    ci = scores.get("task_accuracy_ci95")
+    tail = f" ({ci[0]:.1%}-{ci[1]:.1%})" if isinstance(ci, list) and len(ci) == 2 else ""
+    return f"{scores['task_accuracy']:.1%}{tail}"
+
+
+def _paired(task: Any) -> str:
+    """The artifact minus its source on the same examples, with the paired 95% interval and McNemar p."""
+    vs = task.get("versus_source") if isinstance(task, dict) else None
+    if not isinstance(vs, dict) or vs.get("difference") is None:
+        return "n/a"
+    lo, hi = vs.get("difference_ci95") or (None, None)
+    ci = f" ({lo:+.1%} to {hi:+.1%})" if lo is not None else ""
+    return f"{vs['difference']:+.1%}{ci}, p {vs.get('mcnemar_exact_p', float('nan')):.2g}"
 
 
 def _speed_md(summary: dict) -> list[str]:

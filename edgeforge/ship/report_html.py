@@ -213,12 +213,26 @@ def _artifacts_table(summary: dict) -> str:
                      _num(None if a.get("size_bytes") is None else a["size_bytes"] / 1e6, "{:,.1f}"),
                      _num(v.get("mean_kl"), "{:.4f}"), _num(v.get("top1_agreement"), "{:.1%}"),
                      "not verified" if passed is None else ("passed" if passed else "FAILED"),
-                     _num(a.get("task_accuracy"), "{:.1%}"),
+                     _task_cell(a.get("task")),
                      _per_target(a, "prefill_tokens_per_s"), _per_target(a, "decode_tokens_per_s")])
     if not rows:
         return '<p class="note">No artifacts were recorded.</p>'
-    return _table(["file", "format", "quant", "size MB", "mean KL", "top-1", "verify", "task accuracy",
+    return _table(["file", "format", "quant", "size MB", "mean KL", "top-1", "verify",
+                   "task exact match (95% CI; vs source, paired)",
                    "prefill tok/s (target)", "decode tok/s (target)"], rows, (3, 4, 5, 7))
+
+
+def _task_cell(task: Any) -> str:
+    """Exact match with its Wilson interval, and the paired difference to the source model on the same examples."""
+    if not isinstance(task, dict) or task.get("task_accuracy") is None:
+        return "n/a"
+    lo, hi = task.get("task_accuracy_ci95") or (None, None)
+    cell = f"{task['task_accuracy']:.1%}" + (f" ({lo:.1%}-{hi:.1%})" if lo is not None else "")
+    vs = task.get("versus_source")
+    if isinstance(vs, dict) and vs.get("difference") is not None:
+        dlo, dhi = vs.get("difference_ci95") or (0.0, 0.0)
+        cell += f"; {vs['difference']:+.1%} ({dlo:+.1%} to {dhi:+.1%}) vs source on {vs.get('n_examples')} examples"
+    return cell
 
 
 def _plan_html(summary: dict) -> str:

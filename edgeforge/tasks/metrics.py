@@ -156,3 +156,26 @@ def artifact_task_metrics(artifact: Path, tokenizer: Any, examples: list[dict],
                           max_new_tokens: int = 48) -> dict[str, Any]:
     """``score_answers`` of an exported artifact's greedy answers (``artifact_answers``)."""
     return score_answers(examples, artifact_answers(artifact, tokenizer, examples, max_new_tokens))
+
+
+def task_gate(artifact_correct: list[bool], source_correct: list[bool], max_drop: float,
+              alpha: float = 0.05) -> dict[str, Any]:
+    """Does an artifact keep its source model's task skill? Both scorings cover the same examples in the same order.
+
+    It fails when its exact match is significantly below the source's (two-sided exact McNemar p < ``alpha`` on the
+    discordant pairs, with the artifact the worse one) or more than ``max_drop`` (a fraction: 0.05 is 5 points)
+    below it whatever the test says. Returns :func:`paired_comparison` (a = artifact, b = source) with ``passed``,
+    ``reason``, ``max_drop`` and ``alpha``.
+    """
+    cmp = paired_comparison(artifact_correct, source_correct)
+    drop = -cmp["difference"]
+    significant = drop > 0 and cmp["mcnemar_exact_p"] < alpha
+    reasons = []
+    if significant:
+        reasons.append(f"task exact match {cmp['accuracy_a']:.1%} is significantly below its source's "
+                       f"{cmp['accuracy_b']:.1%} (paired, McNemar p = {cmp['mcnemar_exact_p']:.3g} < {alpha:g}, "
+                       f"{cmp['n_examples']} examples)")
+    if drop > max_drop + 1e-12:
+        reasons.append(f"task exact match {cmp['accuracy_a']:.1%} is {drop:.1%} below its source's "
+                       f"{cmp['accuracy_b']:.1%} (at most {max_drop:.0%} allowed)")
+    return {**cmp, "passed": not reasons, "reason": "; ".join(reasons), "max_drop": max_drop, "alpha": alpha}

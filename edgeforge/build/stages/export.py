@@ -1,7 +1,10 @@
 """The export stages: the build's model as a GGUF file (llama.cpp) or an ONNX folder (onnxruntime), each verified
-against that model (KL, top-1 agreement) and scored on held-out task examples through the artifact's own engine.
+against that model (KL, top-1 agreement) and scored on the build's fixed task set through the artifact's own engine.
 
-A GGUF type that fails verification falls back to the profile's next larger preferred type that still fits
+With a task, an artifact fails verification when its exact match on the fixed set is significantly below its source
+model's (paired, McNemar) or more than ``verify.task_max_drop`` below it (edgeforge.tasks.metrics.task_gate), and
+its KL / top-1 are gated on the task set's text, general prose being measured beside. A GGUF type that fails
+verification falls back to the profile's next larger preferred type that still fits
 (``export_with_fallback``); every type tried is recorded with the artifact that passed.
 """
 
@@ -13,8 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from edgeforge.build.stage import BuildContext, BuildState
+from edgeforge.build.task_set import held_out_task_examples, source_task_scores, task_text
 from edgeforge.errors import BadInputError, QualityGateError
 from edgeforge.models.files import read_model_config
+from edgeforge.tasks.metrics import task_gate
 
 
 @dataclass
@@ -43,17 +48,46 @@ class ExportStage:
 
     def run(self, stage_dir: Path, state: BuildState) -> dict[str, Any]:
         from edgeforge.models.refs import ModelRef
-        from edgeforge.verify.artifact import Reference, verify_artifact
+        from edgeforge.verify.artifact import Reference
 
         assert state.model_dir is not None
         ctx = self.ctx
         ref = ModelRef(name=f"{ctx.teacher_ref.name}-{ctx.profile.name}", path=state.model_dir, format="hf")
         path, record = self._export(ref, stage_dir, state)
-        ctx.log(f"[{self.name}] verifying {path.name} against {state.model_dir.name} ({ctx.cfg.verify.tokens} tokens)")
-        verify = verify_artifact(path, Reference(ref), self.quant, n_tokens=ctx.cfg.verify.tokens, enforce=False)
-        return {"path": str(path), "format": self.fmt, "quant": self.quant, "verify": verify,
-                "task": self._task_metrics(path, state.model_dir), "size_bytes": size_bytes(path),
-                "export": {k: record.get(k) for k in ("seconds", "sha256", "lineage")}}
+        reference = Reference(ref)
+        examples = held_out_task_examples(ctx)
+        verify = self._verify(path, reference, examples)
+        task = None
+        if examples:
+            task = self._task_metrics(path, reference.tokenizer, examples)
+            source = source_task_scores(state, examples, ctx.log)
+            v = ctx.cfg.verify
+            gate = task_gate(task["correct"], source["correct"], v.task_max_drop, v.task_alpha)
+            task["versus_source"] = {**gate, "source": source["model"]}
+            ctx.log(f"[{self.name}] task exact match {gate['accuracy_a']:.1%} vs its source's {gate['accuracy_b']:.1%} "
+                    f"(difference {gate['difference']:+.1%}, 95% CI {gate['difference_ci95'][0]:+.1%} .. "
+                    f"{gate['difference_ci95'][1]:+.1%}, McNemar p {gate['mcnemar_exact_p']:.3g})")
+            if not gate["passed"]:
+                verify = {**verify, "passed": False, "failures": [*verify["failures"], gate["reason"]]}
+        return {"path": str(path), "format": self.fmt, "quant": self.quant, "verify": verify, "task": task,
+                "size_bytes": size_bytes(path), "export": {k: record.get(k) for k in ("seconds", "sha256", "lineage")}}
+
+    def _verify(self, path: Path, reference: Any, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        """KL / top-1 against the source. With a task, gated on the fixed task set's text (the job the model was
+        specialised for) and measured on general prose beside it (``general_prose``, not gated); without one, on
+        general prose."""
+        from edgeforge.verify.artifact import verify_artifact
+
+        ctx, n = self.ctx, self.ctx.cfg.verify.tokens
+        where = f"{len(examples)} task examples" if examples else "held-out prose"
+        ctx.log(f"[{self.name}] verifying {path.name} against {reference.ref.path.name} ({n} tokens of {where})")
+        if not examples:
+            return verify_artifact(path, reference, self.quant, n_tokens=n, enforce=False)
+        verify = verify_artifact(path, reference, self.quant, task_text(reference.tokenizer, examples), n_tokens=n,
+                                 enforce=False)
+        prose = verify_artifact(path, reference, self.quant, n_tokens=n, enforce=False)
+        return {**verify, "text": "task", "general_prose": {k: prose[k] for k in (
+            "mean_kl", "top1_agreement", "perplexity_reference", "perplexity_artifact", "passed", "failures")}}
 
     def _export(self, ref: Any, stage_dir: Path, state: BuildState) -> tuple[Path, dict[str, Any]]:
         """Write the artifact into ``stage_dir``; returns its path and the exporter's record."""
@@ -73,18 +107,12 @@ class ExportStage:
         path = stage_dir / "onnx"
         return path, export_onnx(state.model_dir, path, quantize=self.quant)  # type: ignore[arg-type]
 
-    def _task_metrics(self, path: Path, model_dir: Path) -> dict[str, Any] | None:
-        """Task accuracy of the artifact on the held-out task examples (None without a task)."""
-        examples = held_out_task_examples(self.ctx)
-        if not examples:
-            return None
-        from transformers import AutoTokenizer
-
+    def _task_metrics(self, path: Path, tokenizer: Any, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        """Exact match of the artifact, through its own engine, on the fixed task set."""
         from edgeforge.tasks.metrics import artifact_task_metrics
 
-        tok = AutoTokenizer.from_pretrained(str(model_dir))
         self.ctx.log(f"[{self.name}] task accuracy of {path.name} on {len(examples)} held-out examples")
-        return artifact_task_metrics(path, tok, examples)
+        return artifact_task_metrics(path, tokenizer, examples)
 
     def absorb(self, record: dict[str, Any], state: BuildState) -> None:
         tried = state.exports.setdefault(self.fmt, [])
@@ -168,16 +196,6 @@ def export_with_fallback(ctx: BuildContext, state: BuildState, fmt: str, upstrea
 
 def why_failed(verify: dict[str, Any]) -> str:
     return "; ".join(verify.get("failures") or []) or "passed"
-
-
-def held_out_task_examples(ctx: BuildContext) -> list[dict[str, Any]]:
-    """The held-out task examples each artifact is scored on (none without a task)."""
-    if ctx.cfg.task is None:
-        return []
-    from edgeforge.tasks.examples import load_task_examples
-
-    _, held, _ = load_task_examples(None if ctx.task_path else ctx.cfg.task, ctx.task_path, ctx.cfg.seed)
-    return held[: ctx.cfg.verify.task_examples]
 
 
 def build_slug(ctx: BuildContext) -> str:

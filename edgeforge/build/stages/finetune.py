@@ -34,7 +34,7 @@ class FinetuneStage:
     def settings(self) -> dict[str, Any]:
         ctx = self.ctx
         return {**ctx.cfg.finetune.model_dump(exclude={"enabled"}), "task": ctx.task_identity, "seed": ctx.cfg.seed,
-                "base": self.base}
+                "base": self.base, "eval_examples": ctx.finetune_config().eval_examples}
 
     def inputs(self) -> dict[str, Any]:
         return self.upstream

@@ -1,0 +1,52 @@
+"""The build's fixed task evaluation set: one list of held-out examples that the fine-tuning record (base, adapter,
+merged model), every exported artifact and the source model of each export are scored on, in the same order, so
+any two scores compare example by example (``edgeforge.tasks.metrics.paired_comparison``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from edgeforge.build.stage import BuildContext, BuildState
+
+
+def held_out_task_examples(ctx: BuildContext) -> list[dict[str, Any]]:
+    """The fixed set: the first ``verify.task_examples`` held-out examples (all by default); none without a task.
+
+    The held-out split is by content (edgeforge.data.text.split_by_content), with the build's seed, exactly as
+    ``edgeforge finetune`` splits, so the fine-tuning record's examples are these."""
+    if ctx.cfg.task is None:
+        return []
+    from edgeforge.tasks.examples import load_task_examples
+
+    _, held, _ = load_task_examples(None if ctx.task_path else ctx.cfg.task, ctx.task_path, ctx.cfg.seed)
+    n = ctx.cfg.verify.task_examples
+    return held if n is None else held[:n]
+
+
+def task_text(tokenizer: Any, examples: list[dict[str, Any]]) -> str:
+    """The fixed set as one text, each example as the chat template renders prompt and answer: what a
+    task-specialised artifact is verified on (KL, top-1), general prose being reported beside it."""
+    return "\n".join(tokenizer.apply_chat_template(e["messages"], tokenize=False) for e in examples)
+
+
+def source_task_scores(state: BuildState, examples: list[dict[str, Any]], log: Any) -> dict[str, Any]:
+    """The export source's scores on the fixed set: the merged model's from the fine-tuning record when it covers
+    exactly these examples, else measured now with transformers (greedy, the same scoring)."""
+    merge = (state.finetune or {}).get("merge") or {}
+    correct = merge.get("correct")
+    if isinstance(correct, list) and len(correct) == len(examples):
+        return {"model": "merged model (fine-tuning record)", "correct": correct,
+                "task_accuracy": merge.get("task_accuracy")}
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from edgeforge.tasks.metrics import task_metrics
+
+    assert state.model_dir is not None
+    log(f"scoring the source model {Path(state.model_dir).name} on the {len(examples)} fixed task examples")
+    tok = AutoTokenizer.from_pretrained(str(state.model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(state.model_dir), dtype=torch.float32).eval()
+    metrics = task_metrics(model, tok, examples)
+    return {"model": str(state.model_dir), "correct": metrics["correct"], "task_accuracy": metrics["task_accuracy"]}
