@@ -10,7 +10,9 @@ Changes so far: the keys were first pinned on the builder before its restructuri
 They then changed once, deliberately, when every distill/finetune setting got a single declaration
 (edgeforge.distill.config / edgeforge.finetune.config): the pipeline sections now carry every setting (jsd_beta,
 hidden_loss, grad_accum, warmup_steps, max_tokens, ...), and a stage's key covers all of them, so a build cache made
-before that change is rebuilt once.
+before that change is rebuilt once. The export keys changed once more, deliberately, when the task gate came
+(issue #14): ``verify`` gained ``task_max_drop`` and ``task_alpha`` and its ``task_examples`` became the fixed task
+set the fine-tuning record shares (the fine-tune key of a task file changed with its ``eval_examples``).
 
 The edgeforge version enters every key (a new release starts a fresh cache on purpose); it is fixed here so that a
 version bump does not read as a change of the key layout.
@@ -114,10 +116,10 @@ def test_distill_then_finetune_keys(inputs: dict[str, Path]) -> None:
     assert laid_out_keys(builder) == {
         "distill": "07ff26f8ff63cbe890e4945d204f9a18d50cbff616efe4081cd728c3bdf7093d",
         "finetune": "a7365bdec44c96e4c76d94ec91683ec4f32d28cf9295294545a0974992e2662b",
-        "export-gguf-Q4_K_M": "91cc4b61e74980eec971d6ec0b55bdc97edce68cf12b22f519ce03cfa6ad7476",
-        "export-gguf-Q5_K_M": "b717438313aacc11414444d59f704f3a6fcafe4ad487aa5f710e42b1e5020590",
-        "export-gguf-Q8_0": "9f3e4d30e6057086fc79e7e6c2fc287491223b86479e72da41c09c0c33e7b946",
-        "export-onnx-int8": "a863ad4a29a0a67a01720acf252543b272b398a525599f1f10f97ad8cd91d9e3",
+        "export-gguf-Q4_K_M": "c2838185cf9ec066220c27b25126a7cbcbfbd1af3e7de72a406527131fd4e8c5",
+        "export-gguf-Q5_K_M": "d25bdf9e78acd58fc94b80e641f9c0421ce84401adc2a6e547f76dfa9c3201ca",
+        "export-gguf-Q8_0": "b36bb986d0a527a959f396c32dc872525522511c6b45139489e9ecb24c0124d7",
+        "export-onnx-int8": "17320a5aa4fcacc69a2ecae906759f7e42da50b4d968c5997146ef256c55e356",
         "bench": "09b31cd9d2b411e69a82f04b3a0a4dcc29e08ed1b47dee7b67e8465fd8729949",
     }
 
@@ -128,7 +130,7 @@ def test_finetune_then_distill_keys(inputs: dict[str, Path]) -> None:
     assert laid_out_keys(builder) == {
         "finetune-teacher": "a3e431d737b472d9ef5af83e332a78954f4e9689ae9b7ed828a640dcfbe8dc2b",
         "distill": "d7af2881fb4d8c8329dbecfeb8761e44a2751aa9355092d4cffaa0fa5df44c11",
-        "export-gguf-Q8_0": "1790f77d279e80c285b44b194d06b6b4ce9c468c6bf1f576ae788b3df4b618a0",
+        "export-gguf-Q8_0": "61897a2ce69ea3a441c77dbd3897ac5890275e99ab1927ae60e282496f1f50a9",
     }
 
 
@@ -136,10 +138,10 @@ def test_finetune_only_on_a_task_file_keys(inputs: dict[str, Path]) -> None:
     builder = make_builder(inputs, task=str(inputs["task"]), distill={"enabled": False},
                            export={"formats": ["gguf"], "gguf_quant": "Q4_K_M"})
     assert laid_out_keys(builder) == {
-        "finetune": "41cc8bf101d300dc839554f04169c618349a74dc1c7fe3324f054b4f45c76f71",
-        "export-gguf-Q4_K_M": "421adb8b2c0627a9e65cc4f58154a8f21b827e6e7cf488ccb9d33fe61eb480d7",
-        "export-gguf-Q5_K_M": "4db11f4e461914d5c2fd92312b7edc486afb6f83ee426eda33bcf89f6ab3de3f",
-        "export-gguf-Q8_0": "fa8b9eeefd615eeb79d4b10354b2b8b00470a13f67b650ec42f814890553f846",
+        "finetune": "cb8a5a337668abda7cccf4d0542ea62eaf0e0246003d733c23895d94fa2980e9",
+        "export-gguf-Q4_K_M": "5cffafbbde8ab565df4bdead27eb7b85f2012e6ecb2b41c684d801bc4d78d72e",
+        "export-gguf-Q5_K_M": "7ffc9c9c57a9834ddec92fbf423c41e254bd9117e30413075330701919a41ef2",
+        "export-gguf-Q8_0": "ba0875adee4937269941182dc3312815aaf32d645a68186c1ea9a667386882e0",
         # over the one GGUF artifact (computed with the builder before its restructuring, like every value here)
         "bench": "2ef8929fcb6dfcc2fb40f46e8c5b7a587beac676041d009ce15a979956659f03",
     }
@@ -150,7 +152,7 @@ def test_export_straight_from_the_teacher_keys(inputs: dict[str, Path]) -> None:
     builder = make_builder(inputs, task=None, distill={"enabled": False}, export={"formats": ["onnx"]},
                            bench={"local": False})
     assert laid_out_keys(builder) == {
-        "export-onnx-int8": "d1d25e8a802cfd23713cccb99ad9fc0c40a22e659a58c8979134e901700b221d",
+        "export-onnx-int8": "5a0b9bb9e8e097360351aa746e5ca6b1edef0bf1ad8c7da3ef8d4e615304273e",
     }
 
 
@@ -182,7 +184,7 @@ def test_dry_run_shows_the_pinned_keys_and_finds_cached_stages(inputs: dict[str,
     assert [(s["stage"], s["key"], s["state"]) for s in rows][:3] == [
         ("distill", "07ff26f8ff63cbe8", "cached"),
         ("finetune", "a7365bdec44c96e4", "cached"),
-        ("export-gguf", "9f3e4d30e6057086", "run"),  # the Q8_0 export of test_distill_then_finetune_keys
+        ("export-gguf", "b36bb986d0a527a9", "run"),  # the Q8_0 export of test_distill_then_finetune_keys
     ]
     assert Path(rows[2]["dir"]).name == f"export-gguf-{rows[2]['key']}"
     # With the export finished and verified too, the bench stage is laid out over it. (Before the build became one

@@ -77,7 +77,7 @@ def test_the_cli_builds_the_same_config_as_the_library():
           "checkpoint_every": 0}),
     ):
         params, _ = _cli_defaults("distill", ["--out", "s", *args])
-        from_cli = DistillConfig(**{k: v for k, v in params.items() if k != "as_json"})
+        from_cli = DistillConfig(**{k: v for k, v in params.items() if k not in ("as_json", "force")})
         assert from_cli == DistillConfig(out=Path("s"), **direct) and from_cli.steps == 150
     params, _ = _cli_defaults("finetune", ["m", "--task", "t", "--out", "f", "--rank-sweep", "16,4,8,4",
                                            "--target-modules", "q_proj, v_proj", "--checkpoint-every", "0"])
