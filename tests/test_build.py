@@ -212,3 +212,46 @@ def test_short_build_on_the_bundled_teacher_for_a_pi_zero(tmp_path: Path):
     gguf = next(ship.glob("*.gguf"))
     Llama(str(gguf), n_ctx=256, verbose=False)
     assert result["artifacts"][0]["measured_decode_tokens_per_s"] > 0
+
+
+def test_build_distills_the_planned_shape_mlp_width_included(tmp_path: Path):
+    """The Pi Zero 2 W plan of the bundled teacher prunes the MLP width; the distill stage gets that width (it used
+    to get only layers and hidden size, distilling a width-pruned plan at full width), as distill --profile does."""
+    from edgeforge.build.builder import Builder
+    from edgeforge.build.config import validate_pipeline
+
+    builder = Builder(validate_pipeline({"profile": "raspberry-pi-zero-2w"}, "test"), tmp_path / "o")
+    planned = builder.plan.student
+    assert planned is not None and planned["intermediate_size"] < builder.plan.teacher_arch["intermediate_size"]
+    cfg = builder.distill_config(tmp_path / "s", str(builder.teacher_ref.path), (), resume=False)
+    assert (cfg.student_layers, cfg.student_intermediate) == (planned["layers"], planned["intermediate_size"])
+
+
+def test_the_distill_key_covers_the_task_and_extra_teachers_by_content(tmp_path: Path):
+    """Changing the task file's content (with a task loss on) or an extra teacher's files changes the distill key;
+    the same content under the same names keeps it (a stale student was reused before)."""
+    from edgeforge.build.builder import Builder
+    from edgeforge.build.config import validate_pipeline
+    from edgeforge.build.stage import key_of
+    from edgeforge.build.stages.distill import DistillStage
+
+    task = tmp_path / "lights.jsonl"
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    config = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 49152}
+
+    def key(answer: str, extra_layers: int) -> str:
+        task.write_text("".join(json.dumps({"prompt": f"light {i}", "completion": answer + str(i)}) + "\n"
+                                for i in range(8)), encoding="utf-8")
+        (extra / "config.json").write_text(json.dumps({**config, "num_hidden_layers": extra_layers}))
+        cfg = validate_pipeline({"profile": "raspberry-pi-zero-2w", "task": str(task),
+                                 "distill": {"task_loss": "answer", "extra_teachers": [str(extra)],
+                                             "teacher_weights": [1.0, 1.0]}}, "test")
+        builder = Builder(cfg, tmp_path / "o")
+        return key_of(DistillStage(builder, {"teacher": builder.teacher_identity}))
+
+    first = key("on ", 2)
+    assert key("on ", 2) == first
+    assert key("off ", 2) != first
+    assert key("on ", 3) != first

@@ -12,7 +12,9 @@ They then changed once, deliberately, when every distill/finetune setting got a 
 hidden_loss, grad_accum, warmup_steps, max_tokens, ...), and a stage's key covers all of them, so a build cache made
 before that change is rebuilt once. The export keys changed once more, deliberately, when the task gate came
 (issue #14): ``verify`` gained ``task_max_drop`` and ``task_alpha`` and its ``task_examples`` became the fixed task
-set the fine-tuning record shares (the fine-tune key of a task file changed with its ``eval_examples``).
+set the fine-tuning record shares (the fine-tune key of a task file changed with its ``eval_examples``); and the
+distill key, when the build began passing the plan's whole student shape (MLP width and KV heads besides layers and
+hidden size), which every key downstream of it follows.
 
 The edgeforge version enters every key (a new release starts a fresh cache on purpose); it is fixed here so that a
 version bump does not read as a change of the key layout.
@@ -114,12 +116,12 @@ def make_builder(inputs: dict[str, Path], **over: object) -> Builder:
 def test_distill_then_finetune_keys(inputs: dict[str, Path]) -> None:
     builder = make_builder(inputs, target=str(inputs["target"]))
     assert laid_out_keys(builder) == {
-        "distill": "07ff26f8ff63cbe890e4945d204f9a18d50cbff616efe4081cd728c3bdf7093d",
-        "finetune": "a7365bdec44c96e4c76d94ec91683ec4f32d28cf9295294545a0974992e2662b",
-        "export-gguf-Q4_K_M": "c2838185cf9ec066220c27b25126a7cbcbfbd1af3e7de72a406527131fd4e8c5",
-        "export-gguf-Q5_K_M": "d25bdf9e78acd58fc94b80e641f9c0421ce84401adc2a6e547f76dfa9c3201ca",
-        "export-gguf-Q8_0": "b36bb986d0a527a959f396c32dc872525522511c6b45139489e9ecb24c0124d7",
-        "export-onnx-int8": "17320a5aa4fcacc69a2ecae906759f7e42da50b4d968c5997146ef256c55e356",
+        "distill": "d4d702920b2f49e32fa01701edff95f95e17f6da50d5c048501c6559c97ea8c6",
+        "finetune": "291e167f274927f70d6e92ba39b50c5ac6cf36fad50ce17122c7304f39c80373",
+        "export-gguf-Q4_K_M": "fcb6535f9d895b07d5f78f77902a3817eaa6de860d6622ffbc0b725dc8d4718c",
+        "export-gguf-Q5_K_M": "993ff34bc0359f69985b61800888f5a4077990f34a331bdde33fac85e071301b",
+        "export-gguf-Q8_0": "b8db0443b5683de4663fafbc3919c6493d7770ef8ad7b9eabe7e32765fb9d61b",
+        "export-onnx-int8": "935e19a769057a9f11a08248d1024ae5627738ef1e01aabc2b4e98d2623e97f8",
         "bench": "09b31cd9d2b411e69a82f04b3a0a4dcc29e08ed1b47dee7b67e8465fd8729949",
     }
 
@@ -129,8 +131,8 @@ def test_finetune_then_distill_keys(inputs: dict[str, Path]) -> None:
                            bench={"enabled": False})
     assert laid_out_keys(builder) == {
         "finetune-teacher": "a3e431d737b472d9ef5af83e332a78954f4e9689ae9b7ed828a640dcfbe8dc2b",
-        "distill": "d7af2881fb4d8c8329dbecfeb8761e44a2751aa9355092d4cffaa0fa5df44c11",
-        "export-gguf-Q8_0": "61897a2ce69ea3a441c77dbd3897ac5890275e99ab1927ae60e282496f1f50a9",
+        "distill": "04840226d2d74decf580251405375f7b5443453c271ff5b4005eee28d3166b46",
+        "export-gguf-Q8_0": "2c8ccc5a1ab98a8c901efdebacc74abfc125a36532db49e9573e5f5190c71e85",
     }
 
 
@@ -167,8 +169,8 @@ def test_dry_run_shows_the_pinned_keys_and_finds_cached_stages(inputs: dict[str,
     assert r.exit_code == 0, r.stderr
     rows = json.loads(r.stdout)["stages"]
     assert [(s["stage"], s["key"], s["state"]) for s in rows] == [
-        ("distill", "07ff26f8ff63cbe8", "run"),
-        ("finetune", "a7365bdec44c96e4", "run"),
+        ("distill", "d4d702920b2f49e3", "run"),
+        ("finetune", "291e167f274927f7", "run"),
         ("export-gguf", "(after the model stages)", "run"),
         ("bench", "(after export)", "run"),
         ("ship", "-", "run"),
@@ -182,9 +184,9 @@ def test_dry_run_shows_the_pinned_keys_and_finds_cached_stages(inputs: dict[str,
     assert r.exit_code == 0, r.stderr
     rows = json.loads(r.stdout)["stages"]
     assert [(s["stage"], s["key"], s["state"]) for s in rows][:3] == [
-        ("distill", "07ff26f8ff63cbe8", "cached"),
-        ("finetune", "a7365bdec44c96e4", "cached"),
-        ("export-gguf", "b36bb986d0a527a9", "run"),  # the Q8_0 export of test_distill_then_finetune_keys
+        ("distill", "d4d702920b2f49e3", "cached"),
+        ("finetune", "291e167f274927f7", "cached"),
+        ("export-gguf", "b8db0443b5683de4", "run"),  # the Q8_0 export of test_distill_then_finetune_keys
     ]
     assert Path(rows[2]["dir"]).name == f"export-gguf-{rows[2]['key']}"
     # With the export finished and verified too, the bench stage is laid out over it. (Before the build became one

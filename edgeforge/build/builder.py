@@ -65,13 +65,18 @@ class Builder:
         self.task_identity = content_identity(self.task_path) if self.task_path else cfg.task
 
     def student_shape(self) -> dict[str, Any]:
-        """The student's layers and hidden size: the pipeline's, else the plan's (hidden None: the teacher's)."""
+        """The student's layers, hidden size, MLP width and KV heads: the pipeline's, else the plan's (None: the
+        teacher's), so ``build`` distills the shape ``plan`` printed and ``distill --profile`` would make."""
         s = self.plan.student or {}
-        layers = self.cfg.distill.student_layers or s.get("layers")
-        hidden = self.cfg.distill.student_hidden or s.get("hidden_size")
-        if hidden == self.plan.teacher_arch.get("hidden_size"):
-            hidden = None
-        return {"layers": layers, "hidden": hidden}
+        d, teacher = self.cfg.distill, self.plan.teacher_arch
+        layers = d.student_layers or s.get("layers")
+        hidden = d.student_hidden or s.get("hidden_size")
+        intermediate = d.student_intermediate or s.get("intermediate_size")
+        kv_heads = d.student_kv_heads or s.get("n_kv_heads")
+        return {"layers": layers,
+                "hidden": None if hidden == teacher.get("hidden_size") else hidden,
+                "intermediate": None if intermediate == teacher.get("intermediate_size") else intermediate,
+                "kv_heads": None if kv_heads == teacher.get("n_kv_heads") else kv_heads}
 
     def teacher_hf_dir(self) -> Path:
         """The teacher as an HF directory (a GGUF teacher is dequantized into the cache once)."""
@@ -88,7 +93,8 @@ class Builder:
         shape = self.student_shape()
         # Every distill: setting as it is, the plan's shape where the section leaves it unset (student_shape).
         settings = {**d.model_dump(exclude={"enabled"}), "student_layers": shape["layers"],
-                    "student_hidden": shape["hidden"]}
+                    "student_hidden": shape["hidden"], "student_intermediate": shape["intermediate"],
+                    "student_kv_heads": shape["kv_heads"]}
         task = (str(self.task_path) if self.task_path else self.cfg.task) if d.task_loss != "none" else None
         return DistillConfig(**settings, out=out, teacher=teacher, data=data, task=task, seed=self.cfg.seed,
                              resume=resume, profiles_dirs=self.profiles_dirs)

@@ -28,10 +28,16 @@ class DistillStage:
                 + (", teacher = the fine-tuned teacher, task data" if self.teacher_from else ""))
 
     def settings(self) -> dict[str, Any]:
-        ctx = self.ctx
-        return {**ctx.cfg.distill.model_dump(exclude={"enabled"}), "student": ctx.student_shape(),
-                "seed": ctx.cfg.seed, "data": ctx.data_identity,
-                "task_data": ctx.task_identity if self.teacher_from else None}
+        """Every setting, and the content of every input the run reads: the data, the task (as training data after
+        a fine-tuned teacher, or for a task loss), each extra teacher (by content, not by path)."""
+        ctx, d = self.ctx, self.ctx.cfg.distill
+        reads_task = self.teacher_from is not None or d.task_loss != "none"
+        settings = {**d.model_dump(exclude={"enabled"}), "student": ctx.student_shape(),
+                    "seed": ctx.cfg.seed, "data": ctx.data_identity,
+                    "task_data": ctx.task_identity if reads_task else None}
+        if d.extra_teachers:
+            settings["extra_teacher_identities"] = [extra_teacher_identity(t) for t in d.extra_teachers]
+        return settings
 
     def inputs(self) -> dict[str, Any]:
         return self.upstream
@@ -58,6 +64,14 @@ class DistillStage:
         state.model_dir = Path(record["model_dir"])
         state.lineage_stages.append(self.name)
         state.distill = {**record["record"], "loss_curve": record["loss_curve"]}
+
+
+def extra_teacher_identity(name: str) -> dict[str, Any]:
+    """An extra teacher by content (the files of its directory, or its GGUF), as the build's teacher is."""
+    from edgeforge.fileio import content_identity
+    from edgeforge.models.refs import resolve_model
+
+    return content_identity(resolve_model(name).path)
 
 
 def task_chat_jsonl(ctx: BuildContext, path: Path) -> Path:
