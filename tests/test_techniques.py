@@ -506,3 +506,18 @@ def test_cli_progressive_and_weights_errors_are_one_line(teacher_dir: Path, data
     assert r.exit_code == 2 and "--progressive" in r.stderr and "strictly decreasing" in r.stderr
     r = CliRunner().invoke(cli, [*base, "--student-layers", "2", "--teacher-weights", "a,b"])
     assert r.exit_code == 2 and "--teacher-weights" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_progressive_stages_continue_the_data_stream():
+    """Stage 2 of a progressive run (offset by stage 1's steps) takes the batches an unsplit run takes at those
+    steps: it continues the stream. Before, every stage restarted at step 0 and replayed stage 1's batches."""
+    from edgeforge.distill.data import micro_batch_stream
+
+    cfg = DistillConfig(student_layers=2, steps=8, batch_size=2)
+    train = torch.arange(40)[:, None].repeat(1, 4)
+    whole = [b["rows"].tolist() for _, b in zip(range(8), micro_batch_stream(train, cfg, 0, 1)(0), strict=False)]
+    second = [b["rows"].tolist() for _, b in zip(range(4), micro_batch_stream(train, cfg, 0, 1, steps=4,
+                                                                              step_offset=4)(0), strict=False)]
+    assert second == whole[4:] and second != whole[:4]
+    resumed = next(micro_batch_stream(train, cfg, 0, 1, steps=4, step_offset=4)(2))  # a resume inside stage 2
+    assert resumed["rows"].tolist() == whole[6] and int(resumed["micro"]) == 6

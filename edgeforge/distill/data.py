@@ -116,11 +116,15 @@ def rows_for_run(n_rows: int, cfg: DistillConfig, world: int) -> set[int]:
 
 
 def micro_batch_stream(train: Tensor, cfg: DistillConfig, rank: int, world: int, steps: int | None = None,
-                       order: Tensor | None = None, task: Any = None,
-                       pad_id: int = 0) -> Callable[[int], Iterator[dict[str, Tensor]]]:
+                       order: Tensor | None = None, task: Any = None, pad_id: int = 0,
+                       step_offset: int = 0) -> Callable[[int], Iterator[dict[str, Tensor]]]:
     """The micro-batches of a run from optimizer step ``start_step`` on: ``input_ids`` [B, S], their sequence
     indices ``rows`` [B] and the global micro-batch index ``micro`` (a 0-d tensor: seeds on-policy sampling and
     the draws below, identically after a resume).
+
+    ``step_offset``: the optimizer steps of the stages before this one (progressive distillation). A stage's step
+    ``s`` takes the stream's step ``step_offset + s``, so each stage continues where the previous one stopped
+    instead of replaying its batches; the curriculum's pacing runs over the whole run (``cfg.steps``).
 
     Plain: edgeforge.data.text.batch_iterator's exact order. With a curriculum ``order`` [N] (easy -> hard): the paced
     draws of techniques.curriculum over ``steps``. With a ``task`` (techniques.rationale.DistillTask) that has a
@@ -132,11 +136,12 @@ def micro_batch_stream(train: Tensor, cfg: DistillConfig, rank: int, world: int,
 
     idx = torch.arange(len(train))[:, None]
     per_step = cfg.grad_accum * world
-    total = steps if steps is not None else cfg.steps
+    total = cfg.steps if step_offset or steps is None else steps
 
     def make(start_step: int) -> Iterator[dict[str, Tensor]]:
-        micro = start_step * per_step + rank  # this process's micro-batches are every world-th one
-        plain = None if order is not None else batch_iterator(idx, cfg.batch_size, cfg.seed, start_step,
+        step = step_offset + start_step
+        micro = step * per_step + rank  # this process's micro-batches are every world-th one
+        plain = None if order is not None else batch_iterator(idx, cfg.batch_size, cfg.seed, step,
                                                                cfg.grad_accum, rank, world)
         while True:
             if plain is not None:

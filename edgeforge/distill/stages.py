@@ -97,7 +97,7 @@ def train_stages(ctx: RunContext, inputs: RunInputs, stages: list[tuple[Any, int
         before_forwards, before_gen = progress.counters.teacher_forwards, progress.counters.generated_tokens
         stage_ckpt = ctx.checkpoint_dir / f"stage-{i}" if progressive else ctx.checkpoint_dir
         st, tcfg, kd_module = train_stage(ctx, inputs, stage, signal, order, steps, stage_ckpt, align,
-                                          progress.counters, label)
+                                          progress.counters, label, step_offset=sum(n for _, n in stages[:i]))
         ctx.passes["training"] += progress.counters.teacher_forwards - before_forwards
         flops = _count_stage(ctx, progress, stage, signal, st, progress.counters.generated_tokens - before_gen,
                              i + 1 if progressive else None)
@@ -152,9 +152,9 @@ def _train_config(cfg: DistillConfig, steps: int, world: int) -> Any:
 
 def train_stage(ctx: RunContext, inputs: RunInputs, stage: Stage, signal: TrainingSignal, order: Tensor | None,
                 steps: int, ckpt_dir: Path, align: HiddenAlignment, counters: StepCounters,
-                label: str) -> tuple[Any, Any, nn.Module]:
-    """Train the stage's student for ``steps`` optimizer steps; returns (TrainState, TrainConfig, the trained
-    module)."""
+                label: str, step_offset: int = 0) -> tuple[Any, Any, nn.Module]:
+    """Train the stage's student for ``steps`` optimizer steps, on the data stream from ``step_offset`` (the steps
+    of earlier stages) on; returns (TrainState, TrainConfig, the trained module)."""
     from edgeforge.train.loop import train
 
     cfg, world, tokenizer = ctx.cfg, ctx.world, inputs.tokenizer
@@ -169,7 +169,8 @@ def train_stage(ctx: RunContext, inputs: RunInputs, stage: Stage, signal: Traini
             f"{cfg.batch_size * cfg.grad_accum * world} sequences x {cfg.seq_len} tokens on {ctx.device.type}"
             + (f" x {world} processes ({cfg.parallel})" if world > 1 else ""))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    batches = micro_batch_stream(inputs.data.train, cfg, ctx.rank, world, steps, order, inputs.task, pad)
+    batches = micro_batch_stream(inputs.data.train, cfg, ctx.rank, world, steps, order, inputs.task, pad,
+                                 step_offset=step_offset)
     st = train(kd_module, step_fn, batches, tcfg, ckpt_dir if cfg.checkpoint_every else None, resume=cfg.resume,
                desc="distill", on_log=ctx.on_log)
     return st, tcfg, kd_module
