@@ -116,6 +116,31 @@ def test_progressive_run_resumes_inside_its_second_stage(teacher_dir: Path, data
     assert not (tmp_path / "b" / ".checkpoint").exists()
 
 
+def test_three_stage_run_resumed_twice_keeps_every_stage_curve(teacher_dir: Path, data_file: Path, tmp_path: Path):
+    """Interrupted in stage 2 and again in stage 3, then resumed: the loss curve still has every step of every
+    stage (the first resume used to drop stage 1's curve from the state file, so the second lost it)."""
+    kw = dict(progressive=(3, 2, 1), student_layers=1, steps=6, checkpoint_every=1)
+    straight = run_distill(_cfg(teacher_dir, data_file, tmp_path / "a", **kw))
+    out = tmp_path / "b"
+
+    def stop_after(n: int):
+        calls: list[int] = []
+
+        def stop(_entry: dict[str, float]) -> None:
+            calls.append(1)
+            if len(calls) == n:
+                raise KeyboardInterrupt
+        return stop
+
+    with pytest.raises(KeyboardInterrupt):  # stage 2, step 1 (stage 1 on disk)
+        run_distill(_cfg(teacher_dir, data_file, out, **kw), on_log=stop_after(3))
+    with pytest.raises(KeyboardInterrupt):  # stage 3, step 1 (stages 1 and 2 on disk)
+        run_distill(_cfg(teacher_dir, data_file, out, resume=True, **kw), on_log=stop_after(2))
+    resumed = run_distill(_cfg(teacher_dir, data_file, out, resume=True, **kw))
+    assert [e["stage"] for e in resumed["loss_curve"]] == [1, 1, 2, 2, 3, 3]
+    assert [e["loss"] for e in resumed["loss_curve"]] == pytest.approx([e["loss"] for e in straight["loss_curve"]])
+
+
 # ------------------------------------------------------------------ curriculum
 def test_pacing_schedules_start_grow_and_reach_the_whole_pool():
     from edgeforge.distill.techniques.curriculum import FULL_AT, STEP_LEVELS, pacing_fraction

@@ -39,17 +39,26 @@ class StageProgress:
     curve: list[dict[str, Any]]  # the loss curve of all stages
     totals: dict[str, float]  # steps, tokens (all processes), seconds, flops
     counters: StepCounters = field(default_factory=StepCounters)
+    # each finished stage's own loss curve, written back with its record whenever the state file is rewritten
+    stage_curves: list[list[dict[str, Any]]] = field(default_factory=list)
 
     @classmethod
     def resumed(cls, state: dict[str, Any] | None) -> StageProgress:
-        records: list[dict[str, Any]] = list((state or {}).get("stages", []))
-        curve = [e for r in records for e in r.pop("loss_curve", [])]
+        saved: list[dict[str, Any]] = list((state or {}).get("stages", []))
+        # Copies without the curve: the state's own dicts keep theirs, so a second resume still has every stage's.
+        records = [{k: v for k, v in r.items() if k != "loss_curve"} for r in saved]
+        stage_curves = [list(r.get("loss_curve", [])) for r in saved]
+        curve = [e for c in stage_curves for e in c]
         totals = {"steps": 0, "tokens": 0, "seconds": 0.0, "flops": 0.0}
         for r in records:
             for k in ("steps", "tokens", "seconds"):
                 totals[k] += r["training"][k]
             totals["flops"] += r["training_flops"]
-        return cls(records, curve, totals)
+        return cls(records, curve, totals, stage_curves=stage_curves)
+
+    def saved_stages(self) -> list[dict[str, Any]]:
+        """The finished stages as the state file keeps them: each record with its own loss curve."""
+        return [{**r, "loss_curve": c} for r, c in zip(self.records, self.stage_curves, strict=True)]
 
 
 @dataclass
@@ -106,9 +115,15 @@ def train_stages(ctx: RunContext, inputs: RunInputs, stages: list[tuple[Any, int
             if i + 1 < len(stages):  # the last stage's "after" is the run's (measured by the caller)
                 _finish_intermediate_stage(ctx, inputs, stage, rec, st, state, progress, i, len(stages))
             progress.records.append(rec)
+            progress.stage_curves.append(labeled_curve(st.loss_curve, i + 1))
         del stage  # a previous student serving as this stage's teacher is not needed by the next one
     assert st is not None and tcfg is not None
     return TrainedStudent(student, kd_module, st, tcfg, progress)
+
+
+def labeled_curve(curve: list[dict[str, Any]], stage_number: int | None) -> list[dict[str, Any]]:
+    """A stage's loss curve entries with their 1-based ``stage`` (progressive runs; unchanged for one stage)."""
+    return [{**e, "stage": stage_number} if stage_number else e for e in curve]
 
 
 def _pruned_stage(ctx: RunContext, inputs: RunInputs, previous: nn.Module, shape: Any,
@@ -188,7 +203,7 @@ def _count_stage(ctx: RunContext, progress: StageProgress, stage: Stage, signal:
                         progress.counters.task_tokens)
     for k, v in (("steps", st.step), ("tokens", st.tokens * world), ("seconds", st.seconds), ("flops", flops)):
         progress.totals[k] += v
-    progress.curve += [{**e, "stage": stage_number} if stage_number else e for e in st.loss_curve]
+    progress.curve += labeled_curve(st.loss_curve, stage_number)
     return flops
 
 
@@ -210,7 +225,7 @@ def _finish_intermediate_stage(ctx: RunContext, inputs: RunInputs, stage: Stage,
     ctx.passes["evaluation"] += len(inputs.data.heldout)
     save_student(stage.student, ctx.checkpoint_dir / f"stage-{i}-student", inputs.teacher.hf_dir)
     assert state is not None
-    state["stages"] = [*progress.records, {**rec, "loss_curve": st.loss_curve}]
+    state["stages"] = [*progress.saved_stages(), {**rec, "loss_curve": labeled_curve(st.loss_curve, i + 1)}]
     write_state(ctx.state_path, state)
     ctx.say(f"stage {i + 1}/{n_stages} ({rec['layers']} layers) after: KL "
             f"{rec['after']['kl_to_teacher']:.3f}, perplexity {rec['after']['perplexity']:.2f}")
