@@ -141,10 +141,12 @@ def test_bundled_teacher_q4_k_m_within_thresholds(tmp_path: Path):
 
 @pytest.mark.integration
 def test_depth_pruned_student_exports_to_q4_k_m(tmp_path: Path):
-    """A student depth-pruned from the bundled teacher by block influence (distill.prune, 24 of 30 layers kept,
+    """A student depth-pruned from the bundled teacher by block influence (distill.prune, 26 of 30 layers kept,
     nothing trained) exports to Q4_K_M within the Q4_K_M thresholds of its own fp32 model.
 
-    Measured: 26 layers KL 0.056 / top-1 86.1%, 24 layers 0.067 / 85.2% (held-out perplexity 22.5), while a student
+    Measured on the clean held-out prose: 28 layers KL
+    0.062 / top-1 85.3% (perplexity 22.5), 26 layers 0.060 / 86.4% (27.9), 24 layers 0.091 / 82.0% (39.6, fails
+    the 0.08 / 84% thresholds: on the earlier, contaminated held-out text it measured 0.067 / 85.2%), while a student
     cut to 10 layers without training is degenerate (perplexity ~5e4) and every quantization error moves its
     near-uniform logits a lot (Q4_K_M KL ~1.2): that one has to be distilled first (edgeforge distill / build).
     """
@@ -157,9 +159,9 @@ def test_depth_pruned_student_exports_to_q4_k_m(tmp_path: Path):
     tok = AutoTokenizer.from_pretrained(str(teacher.hf_dir))
     calib = torch.tensor(tok(training_prose(40_000), add_special_tokens=False)["input_ids"][: 8 * 256]).view(8, 256)
     model = AutoModelForCausalLM.from_pretrained(str(teacher.hf_dir), dtype=torch.float32).eval()
-    keep = choose_layers([s.block_influence for s in collect_stats(model, calib)], 24)
+    keep = choose_layers([s.block_influence for s in collect_stats(model, calib)], 26)
     prune_depth(model, keep)
-    assert model.config.num_hidden_layers == 24
+    assert model.config.num_hidden_layers == 26
     student = tmp_path / "student"
     model.save_pretrained(student, safe_serialization=True)
     tok.save_pretrained(student)
