@@ -186,7 +186,7 @@ def test_quant_auto_picks_the_smallest_type_within_the_kl_budget(tiny: Path, tmp
     tried = rec["auto"]["tried"]
     assert rec["quant"] == tried[0]["quant"] == "Q4_0"  # the smallest preferred type, measured first
     assert read_lineage(out)["quant"] == "Q4_0"
-    r = CliRunner().invoke(cli, [*args, "--max-kl", "0"])
-    assert r.exit_code == 1  # a failed quality gate (README: 2 bad input, 1 quality gate)
-    assert "no candidate type keeps mean KL" in r.stderr
-    assert not list(tmp_path.glob(".auto.auto-*")), "candidate files left behind"
+    assert not list(tmp_path.glob(".auto*")), "candidate files left behind"
+    # No type within --max-kl (exit 1, nothing left beside --out): R/test_outputs.py::
+    # test_quant_auto_without_a_type_under_max_kl_is_a_failed_gate_and_keeps_neighbours, on a one-type profile
+    # (here every one of the five types would be exported and measured: 2.5 minutes).

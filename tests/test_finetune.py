@@ -137,10 +137,12 @@ def test_answer_loss_equals_the_masked_full_loss(tiny: Path, tokenizer):
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("method", ["lora", "dora", "qlora"])
+@pytest.mark.parametrize("method", ["lora", "qlora"])
 def test_each_method_runs_end_to_end_on_the_bundled_teacher(tmp_path: Path, method: str):
-    """LoRA, DoRA and QLoRA on the real 135M teacher (a few steps): train, evaluate, merge, and the merged model
-    is a plain full-precision HF directory equal to the adapter model within the stated tolerance."""
+    """LoRA and QLoRA (4-bit base weights) on the real 135M teacher (a few steps): train, evaluate, merge, and the
+    merged model is a plain full-precision HF directory equal to the adapter model within the stated tolerance.
+    DoRA's merge is checked on tiny models (test_merge_equals_the_adapter_model[dora]); on the teacher it took four
+    minutes of the integration suite's time and exercised no other code path."""
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / method
