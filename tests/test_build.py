@@ -35,7 +35,7 @@ def tiny_pipeline(tmp_path: Path, teacher: Path, **over: dict) -> Path:
                     "checkpoint_every": 2, "generate_answers": False},
         "finetune": {"steps": 2, "batch_size": 2, "eval_examples": 2, "checkpoint_every": 1},
         "export": {"formats": ["gguf", "onnx"], "gguf_quant": "Q8_0", "onnx_quantize": "int8"},
-        "verify": {"tokens": 64, "task_examples": 2},
+        "verify": {"tokens": 256, "task_examples": 2},
         "bench": {"prompt_tokens": 16, "gen_tokens": 8, "repeats": 1},
     }
     for k, v in over.items():

@@ -11,8 +11,9 @@ from typing import Any
 from edgeforge.build.stage import BuildContext, BuildState
 
 
-def held_out_task_examples(ctx: BuildContext) -> list[dict[str, Any]]:
-    """The fixed set: the first ``verify.task_examples`` held-out examples (all by default); none without a task.
+def held_out_task_examples(ctx: BuildContext, every: bool = False) -> list[dict[str, Any]]:
+    """The fixed set: the first ``verify.task_examples`` held-out examples (all by default; ``every``: all of them
+    whatever the setting); none without a task.
 
     The held-out split is by content (edgeforge.data.text.split_by_content), with the build's seed, exactly as
     ``edgeforge finetune`` splits, so the fine-tuning record's examples are these."""
@@ -22,12 +23,13 @@ def held_out_task_examples(ctx: BuildContext) -> list[dict[str, Any]]:
 
     _, held, _ = load_task_examples(None if ctx.task_path else ctx.cfg.task, ctx.task_path, ctx.cfg.seed)
     n = ctx.cfg.verify.task_examples
-    return held if n is None else held[:n]
+    return held if n is None or every else held[:n]
 
 
 def task_text(tokenizer: Any, examples: list[dict[str, Any]]) -> str:
-    """The fixed set as one text, each example as the chat template renders prompt and answer: what a
-    task-specialised artifact is verified on (KL, top-1), general prose being reported beside it."""
+    """Held-out task examples as one text, each as the chat template renders prompt and answer: what a
+    task-specialised artifact is verified on (KL, top-1; the first ``verify.tokens`` tokens of every held-out
+    example, however few the scored set has), general prose being reported beside it."""
     return "\n".join(tokenizer.apply_chat_template(e["messages"], tokenize=False) for e in examples)
 
 

@@ -79,12 +79,12 @@ class ExportStage:
         from edgeforge.verify.artifact import verify_artifact
 
         ctx, n = self.ctx, self.ctx.cfg.verify.tokens
-        where = f"{len(examples)} task examples" if examples else "held-out prose"
+        where = "held-out task examples" if examples else "held-out prose"
         ctx.log(f"[{self.name}] verifying {path.name} against {reference.ref.path.name} ({n} tokens of {where})")
         if not examples:
             return verify_artifact(path, reference, self.quant, n_tokens=n, enforce=False)
-        verify = verify_artifact(path, reference, self.quant, task_text(reference.tokenizer, examples), n_tokens=n,
-                                 enforce=False)
+        text = task_text(reference.tokenizer, held_out_task_examples(ctx, every=True))
+        verify = verify_artifact(path, reference, self.quant, text, n_tokens=n, enforce=False)
         prose = verify_artifact(path, reference, self.quant, n_tokens=n, enforce=False)
         return {**verify, "text": "task", "general_prose": {k: prose[k] for k in (
             "mean_kl", "top1_agreement", "perplexity_reference", "perplexity_artifact", "passed", "failures")}}
