@@ -32,6 +32,14 @@ class EdgeforgeGroup(click.Group):
             set_style("lines")
         try:
             return super().invoke(ctx)
+        except click.UsageError as e:
+            if debug:
+                raise
+            # click's own refusals (a bad number, a choice not offered, a missing option) as one line too, not its
+            # usage block: the same contract as every other bad input (exit 2)
+            where = e.ctx.command_path if e.ctx is not None else "edgeforge"
+            click.echo(f"edgeforge: error: {' '.join(e.format_message().split())} (see '{where} --help')", err=True)
+            ctx.exit(2)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
         except EdgeforgeError as e:
