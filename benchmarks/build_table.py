@@ -29,21 +29,24 @@ def acc(scores: dict[str, Any] | None) -> str:
 
 def main(folder: Path) -> None:
     build = json.loads((folder / "build.json").read_text(encoding="utf-8"))
-    manifest = json.loads((folder / "ship" / "manifest.json").read_text(encoding="utf-8"))
+    ship = folder / "ship"
+    manifest = json.loads((ship / "manifest.json").read_text(encoding="utf-8"))
+    records = {p.stem: json.loads(p.read_text(encoding="utf-8")) for p in (ship / "records").glob("*.json")}
     seconds = {s["name"]: s.get("seconds") for s in build["stages"]}
     plan = manifest["plan"]
-    rows = [("plan", f"{plan['decision']}: {plan['reason']}", None)]
-    d = manifest.get("distill")
+    rows: list[tuple[str, str, float | None]] = [("plan", f"{plan['decision']}: {plan['reason']}", None)]
+    d = records.get("distill")
     if d:
         ret = d.get("retention") or {}
-        s = d["student"]
-        rows.append(("distill", f"{s.get('layers', '?')} layers, {s.get('params', 0) / 1e6:.0f}M params; KL to the "
+        shape = plan.get("student") or {}
+        rows.append(("distill", f"{shape.get('layers', '?')} layers, MLP {shape.get('intermediate_size', '?')}, "
+                     f"{(shape.get('params') or 0) / 1e6:.0f}M params; KL to the "
                      f"teacher {d['before']['kl_to_teacher']:.3f} -> {d['after']['kl_to_teacher']:.3f}, "
                      f"held-out perplexity {d['before']['perplexity']:.2f} -> {d['after']['perplexity']:.2f} (teacher "
                      f"{d['teacher']['perplexity']:.2f}), top-1 {pct(d['before']['top1_agreement'])} -> "
                      f"{pct(d['after']['top1_agreement'])}, retention {ret.get('after', 0):.3f}",
                      seconds.get("distill")))
-    f = manifest.get("finetune")
+    f = records.get("finetune")
     if f:
         n = (f.get("after") or {}).get("n_examples")
         rows.append(("fine-tune", f"exact match on the {n} fixed held-out examples: base {acc(f.get('before'))}, "
@@ -51,20 +54,21 @@ def main(folder: Path) -> None:
                      f"{pct(f['before'].get('valid_json_rate'))} -> {pct(f['after'].get('valid_json_rate'))}; general "
                      f"perplexity {f['before']['general_perplexity']:.2f} -> {f['after']['general_perplexity']:.2f}",
                      seconds.get("finetune")))
-    for a in manifest["artifacts"]:
-        v, task = a.get("verify") or {}, a.get("task") or {}
+    arts = {a["file"]: a for a in build["artifacts"]}
+    for path, v in manifest["quality"]["artifacts"].items():
+        a = next((x for f, x in arts.items() if Path(f).name == path), {})
+        task = v.get("task") or {}
         vs = task.get("versus_source") or {}
         prose = v.get("general_prose") or {}
         lo, hi = vs.get("difference_ci95") or (0.0, 0.0)
-        tried = ", ".join(f"{t['quant']} {'passed' if t['passed'] else 'failed'}" for t in a.get("tried") or [])
-        rows.append((f"export {a['format']}", f"{a['quant']}, {a['size_bytes'] / 1e6:.1f} MB: on task text mean KL "
+        rows.append((f"export {a.get('format')}", f"{a.get('quant')}, {a.get('size_bytes', 0) / 1e6:.1f} MB: on task "
+                     f"text mean KL "
                      f"{v.get('mean_kl', 0):.4f}, top-1 {pct(v.get('top1_agreement'))} (general prose "
                      f"{prose.get('mean_kl', 0):.4f} / {pct(prose.get('top1_agreement'))}); exact match {acc(task)}, "
                      f"{vs.get('difference', 0):+.1%} ({lo:+.1%} to {hi:+.1%}) vs the merged model, McNemar p "
-                     f"{vs.get('mcnemar_exact_p', 1):.2g}" + (f"; tried {tried}" if tried else ""),
-                     seconds.get(f"export-{a['format']}")))
-    speeds = [f"{a['format']} {b.get('prefill_tokens_per_s', 0):,.0f} prefill / {b.get('decode_tokens_per_s', 0):,.0f} "
-              f"decode tokens/s" for a in manifest["artifacts"] for b in a.get("bench") or []]
+                     f"{vs.get('mcnemar_exact_p', 1):.2g}", seconds.get(f"export-{a.get('format')}")))
+    speeds = [f"{a['format']} {a.get('measured_prefill_tokens_per_s') or 0:,.0f} prefill / "
+              f"{a.get('measured_decode_tokens_per_s') or 0:,.0f} decode tokens/s" for a in build["artifacts"]]
     if speeds:
         rows.append(("bench (this machine, 2 cores)", "; ".join(speeds), seconds.get("bench")))
     print(f"Build of {manifest['name']} in {build['seconds']:.0f} s end to end.\n")

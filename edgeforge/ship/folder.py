@@ -360,12 +360,22 @@ def file_entries(ship_dir: Path) -> dict[str, dict]:
     return out
 
 
+def _scores(scores: Any) -> dict | None:
+    """A task scoring as the manifest keeps it: accuracy, interval, example count, paired comparison; not the
+    per-example list (records/ keeps that)."""
+    return {k: v for k, v in scores.items() if k not in ("correct", "samples")} if isinstance(scores, dict) else None
+
+
 def _quality(summary: dict) -> dict:
+    """Every task score of the build, on the same fixed examples: the base, the adapter and the merged model of the
+    fine-tuning record, and each artifact (with its paired difference to the merged model)."""
     d, f = summary.get("distill") or {}, summary.get("finetune") or {}
     return {
         "distill_retention": d.get("retention"),
-        "finetune": {"before": f.get("before"), "after": f.get("after")} if f else None,
-        "artifacts": {a.get("path"): {**(a.get("verify") or {}), "task_accuracy": a.get("task_accuracy")}
+        "finetune": {"before": _scores(f.get("before")), "after": _scores(f.get("after")),
+                     "merged": _scores(f.get("merge"))} if f else None,
+        "artifacts": {a.get("path"): {**(a.get("verify") or {}), "task_accuracy": a.get("task_accuracy"),
+                                      "task": _scores(a.get("task"))}
                       for a in _artifacts(summary)},
     }
 
