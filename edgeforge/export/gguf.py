@@ -253,7 +253,7 @@ def export_gguf(
                 "lineage": lineage,
                 "seconds": {**seconds, "total": time.perf_counter() - t0},
                 # what verifies the file here, and what ``bench --setup`` pins on a device (edgeforge.bench.setup)
-                "runtime_versions": {"llama-cpp-python": _installed_version("llama-cpp-python")},
+                "runtime_versions": {"llama-cpp-python": installed_version("llama-cpp-python")},
             }
             # The record first, then the file: a .gguf at ``out`` always has its record beside it, which is how a
             # rerun knows the file is edgeforge's own to replace (a kill between the two leaves only a record).
@@ -268,7 +268,8 @@ def export_gguf(
     return record
 
 
-def _installed_version(dist: str) -> str:
+def installed_version(dist: str) -> str:
+    """The installed version of distribution ``dist`` (what an export record names), or "not installed"."""
     from importlib import metadata
 
     try:

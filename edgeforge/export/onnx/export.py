@@ -21,11 +21,11 @@ import shutil
 import tempfile
 import time
 import warnings
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from edgeforge.errors import BadInputError, EdgeforgeError, ModelError
+from edgeforge.export.gguf import installed_version
 from edgeforge.export.onnx.quantize import (
     EXTERNAL_DATA_FILE,
     QUANTIZE_MODES,
@@ -81,7 +81,7 @@ def check_exportable(config: dict[str, Any]) -> None:
 def _unsupported_message(config: dict[str, Any], detail: str = "") -> str:
     tail = f" ({detail})" if detail else ""
     return (f"architecture {_architecture(config)} cannot be exported to ONNX with a KV cache by optimum "
-            f"{_version('optimum-onnx')}{tail}; supported and tested: {', '.join(TESTED_MODEL_TYPES)}")
+            f"{installed_version('optimum-onnx')}{tail}; supported and tested: {', '.join(TESTED_MODEL_TYPES)}")
 
 
 # ---------------------------------------------------------------------------------------------------------- export
@@ -177,7 +177,7 @@ def _export_record(partial: Path, model_dir: Path, config: dict[str, Any], quant
         "quantize_seconds": round(seconds["quantize"], 3),
         "source_model_dir": str(model_dir),
         "runtime": runtime,
-        "versions": {name: _version(name) for name in
+        "versions": {name: installed_version(name) for name in
                      ("onnxruntime", "optimum", "optimum-onnx", "onnx", "transformers", "torch")},
     }
 
@@ -270,13 +270,6 @@ def _remove_stale_partial(partial: Path, out_dir: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------- helpers
-
-
-def _version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "not installed"
 
 
 def _one_line(err: BaseException) -> str:
