@@ -1,12 +1,15 @@
 """Tiny random models made in-test, sharing the bundled teacher's real tokenizer (49,152 tokens).
 
-An embedding of 49,152 x 64 is only 3M parameters, so export and tokenizer paths run for Llama, Qwen2 and Mistral
-configurations in seconds with no download.
+An embedding of 49,152 x 64 is only 3M parameters, so export and tokenizer paths run for every supported family in
+seconds with no download. Each family keeps what sets it apart from Llama, at a tiny size: Qwen3's q/k norms,
+Gemma 3's sliding-window and full layers with pre/post norms and scaled embeddings, Phi-3's fused projections with
+partial rotary, SmolLM3's layers without RoPE, Granite's multipliers, Qwen2's q/k/v biases.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -14,23 +17,49 @@ from edgeforge.models.gguf_hf import write_canonical_tokenizer
 from edgeforge.models.refs import resolve_model
 
 VOCAB = 49152
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3", "smollm3", "granite")
+
+
+def tiny_config(arch: str = "llama", layers: int = 2) -> Any:
+    """A transformers config of family ``arch`` (a ``model_type`` in FAMILIES) at a tiny size."""
+    import transformers as tf
+
+    common: dict[str, Any] = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
+                                  max_position_embeddings=2048, bos_token_id=1, eos_token_id=2,
+                                  tie_word_embeddings=True)
+    if arch == "llama":
+        return tf.LlamaConfig(**common)
+    if arch == "mistral":
+        return tf.MistralConfig(**common)
+    if arch == "qwen2":
+        return tf.Qwen2Config(**common)
+    if arch == "qwen3":
+        return tf.Qwen3Config(**common, head_dim=16)
+    if arch == "gemma3_text":
+        # layer 0 slides over 16 positions, layer 1 attends fully: both kinds in two layers.
+        return tf.Gemma3TextConfig(**common, head_dim=16, sliding_window=16, query_pre_attn_scalar=16,
+                                   layer_types=["sliding_attention", "full_attention"] * (layers // 2)
+                                   + ["sliding_attention"] * (layers % 2), pad_token_id=0)
+    if arch == "phi3":
+        return tf.Phi3Config(**{**common, "tie_word_embeddings": False}, partial_rotary_factor=0.5,
+                             pad_token_id=0)
+    if arch == "smollm3":
+        # RoPE off in every 4th layer: the rule llama.cpp hard-codes for SmolLM3 (and SmolLM3-3B's own).
+        return tf.SmolLM3Config(**common, no_rope_layers=[int((i + 1) % 4 != 0) for i in range(layers)],
+                                pad_token_id=0)
+    if arch == "granite":
+        return tf.GraniteConfig(**common, embedding_multiplier=2.0, residual_multiplier=0.5,
+                                attention_multiplier=0.25, logits_scaling=2.0)
+    raise ValueError(f"unknown tiny family '{arch}': expected one of {FAMILIES}")
 
 
 def make_tiny_model(out: Path, arch: str = "llama", seed: int = 0, layers: int = 2) -> Path:
-    """Save a random decoder of ``arch`` (llama, qwen2, mistral) with the bundled teacher's tokenizer to ``out``."""
-    from transformers import (
-        AutoModelForCausalLM,
-        LlamaConfig,
-        MistralConfig,
-        Qwen2Config,
-    )
+    """Save a random decoder of family ``arch`` (see FAMILIES) with the bundled teacher's tokenizer to ``out``."""
+    from transformers import AutoModelForCausalLM
 
-    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=2048, bos_token_id=1,
-                  eos_token_id=2, tie_word_embeddings=True)
-    config = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[arch](**common)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, layers), dtype=torch.float32)
     with torch.no_grad():  # larger weights than the default init give peaked, testable distributions
         for p in model.parameters():
             if p.dim() == 2:

@@ -13,7 +13,7 @@ One calibration pass through the teacher records, with forward hooks:
 
 Width choices use the teacher's statistics of the kept layers, so depth and width pruning combine in one pass.
 Pruning copies the teacher and slices its weights: with nothing pruned the student equals the teacher exactly.
-Supported: decoder models with the Llama layout (llama, mistral, qwen2).
+Supported: every family in edgeforge.distill.layouts (fused Phi-3 projections are split, sliced and re-fused).
 """
 
 from __future__ import annotations
@@ -26,11 +26,18 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from edgeforge.distill.layouts import (
+    attention_projections,
+    layout_for,
+    linear_from,
+    mlp_projections,
+    set_attention_projections,
+    set_mlp_projections,
+)
 from edgeforge.errors import BadInputError
 
 InitMethod = Literal["auto", "depth", "width", "random"]
 INIT_METHODS: tuple[str, ...] = ("auto", "depth", "width", "random")
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
 @dataclass(frozen=True)
@@ -80,20 +87,6 @@ def _layers(model: nn.Module) -> nn.ModuleList:
     return model.model.layers  # type: ignore[no-any-return]
 
 
-def check_supported(model: nn.Module) -> None:
-    """Raise BadInputError unless ``model`` has the Llama decoder layout pruning knows how to slice."""
-    mt = getattr(model.config, "model_type", "?")
-    ok = hasattr(model, "model") and hasattr(model.model, "layers") and hasattr(model.model, "embed_tokens")
-    if ok and len(model.model.layers):
-        layer = model.model.layers[0]
-        ok = all(hasattr(layer, a) for a in ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")) \
-            and all(hasattr(layer.mlp, a) for a in ("gate_proj", "up_proj", "down_proj")) \
-            and all(hasattr(layer.self_attn, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj"))
-    if mt not in SUPPORTED_MODEL_TYPES or not ok:
-        raise BadInputError(f"cannot prune a '{mt}' model: expected a decoder with the Llama layout "
-                            f"({', '.join(SUPPORTED_MODEL_TYPES)}); give --student DIR or --init random instead")
-
-
 def _first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
     if args and isinstance(args[0], Tensor):
         return args[0]
@@ -110,7 +103,7 @@ def collect_stats(model: nn.Module, calib_ids: Tensor, batch_size: int = 4) -> l
 
     Returns one LayerStats per decoder layer. Costs ceil(n_seq / batch_size) forward passes.
     """
-    check_supported(model)
+    layout = layout_for(model)
     cfg = model.config
     n_heads = cfg.num_attention_heads
     layers = _layers(model)
@@ -151,8 +144,7 @@ def collect_stats(model: nn.Module, calib_ids: Tensor, batch_size: int = 4) -> l
                     layer.register_forward_hook(post_layer(i), with_kwargs=True),
                     layer.mlp.down_proj.register_forward_pre_hook(pre_down(i)),
                     layer.self_attn.o_proj.register_forward_pre_hook(pre_o(i)),
-                    layer.input_layernorm.register_forward_hook(post_norm(i)),
-                    layer.post_attention_layernorm.register_forward_hook(post_norm(i))]
+                    *(getattr(layer, n).register_forward_hook(post_norm(i)) for n in layout.input_norms)]
     was_training = model.training
     model.eval()
     try:
@@ -183,16 +175,6 @@ def _top(importance: Tensor, n: int) -> Tensor:
     return torch.sort(torch.topk(importance, n, sorted=False).indices).values
 
 
-def _linear(weight: Tensor, bias: Tensor | None) -> nn.Linear:
-    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
-                    dtype=weight.dtype)
-    with torch.no_grad():
-        lin.weight.copy_(weight)
-        if bias is not None:
-            lin.bias.copy_(bias)
-    return lin
-
-
 def _slice(lin: nn.Linear, rows: Tensor | None = None, cols: Tensor | None = None) -> nn.Linear:
     """A new Linear keeping output ``rows`` and input ``cols`` of ``lin`` (None keeps all)."""
     w = lin.weight.detach()
@@ -202,7 +184,7 @@ def _slice(lin: nn.Linear, rows: Tensor | None = None, cols: Tensor | None = Non
         b = b[rows.to(w.device)] if b is not None else None
     if cols is not None:
         w = w[:, cols.to(w.device)]
-    return _linear(w.contiguous(), b)
+    return linear_from(w.contiguous(), b)
 
 
 # ---------------------------------------------------------------- the pruning operations (in place)
@@ -216,18 +198,34 @@ def prune_depth(model: nn.Module, keep: list[int]) -> None:
             layer.layer_idx = new_idx
     model.model.layers = nn.ModuleList(kept)
     cfg = model.config
-    if getattr(cfg, "layer_types", None) is not None:
-        cfg.layer_types = [cfg.layer_types[i] for i in keep]
+    # Per-layer lists of the config follow their layers: Gemma 3's sliding/full attention, SmolLM3's RoPE on/off.
+    for per_layer in ("layer_types", "no_rope_layers"):
+        if getattr(cfg, per_layer, None) is not None:
+            setattr(cfg, per_layer, [getattr(cfg, per_layer)[i] for i in keep])
+    if getattr(cfg, "no_rope_layers", None) is not None and len(keep) < cfg.num_hidden_layers:
+        # llama.cpp runs SmolLM3 with a fixed rule, RoPE off in every 4th layer (src/models/smollm3.cpp), and no
+        # GGUF key can say otherwise: a student keeping the teacher's flags of other positions would run wrong
+        # there. So the pruned student follows the rule; distillation then retrains the layers whose flag moved.
+        cfg.no_rope_layers = smollm3_rope_rule(len(keep))
+        for layer, use_rope in zip(kept, cfg.no_rope_layers, strict=True):
+            layer.self_attn.use_rope = use_rope
     cfg.num_hidden_layers = len(keep)
+
+
+def smollm3_rope_rule(n_layers: int) -> list[int]:
+    """llama.cpp's SmolLM3 RoPE flags: 1 (RoPE) except in every 4th layer."""
+    return [int((i + 1) % 4 != 0) for i in range(n_layers)]
 
 
 def prune_mlp(model: nn.Module, keep_per_layer: list[Tensor]) -> None:
     """Keep the MLP channels ``keep_per_layer[l]`` ([intermediate'] ascending) of every layer."""
+    layout = layout_for(model)
     for layer, keep in zip(_layers(model), keep_per_layer, strict=True):
         mlp = layer.mlp
-        mlp.gate_proj = _slice(mlp.gate_proj, rows=keep)
-        mlp.up_proj = _slice(mlp.up_proj, rows=keep)
-        mlp.down_proj = _slice(mlp.down_proj, cols=keep)
+        p = mlp_projections(layout, mlp)
+        set_mlp_projections(layout, mlp, {"gate_proj": _slice(p["gate_proj"], rows=keep),
+                                          "up_proj": _slice(p["up_proj"], rows=keep),
+                                          "down_proj": _slice(p["down_proj"], cols=keep)})
         if hasattr(mlp, "intermediate_size"):
             mlp.intermediate_size = len(keep)
     model.config.intermediate_size = len(keep_per_layer[0])
@@ -236,17 +234,19 @@ def prune_mlp(model: nn.Module, keep_per_layer: list[Tensor]) -> None:
 def prune_kv_groups(model: nn.Module, keep_groups_per_layer: list[Tensor]) -> None:
     """Keep whole KV groups: group g = KV head g with query heads g*r .. g*r + r - 1 (r = heads per group)."""
     cfg = model.config
+    layout = layout_for(model)
     head_dim = _head_dim(cfg)
-    r = cfg.num_attention_heads // cfg.num_key_value_heads
+    n_heads, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    r = n_heads // n_kv
     for layer, groups in zip(_layers(model), keep_groups_per_layer, strict=True):
         attn = layer.self_attn
         q_heads = (groups[:, None] * r + torch.arange(r)[None, :]).reshape(-1)
         q_rows = (q_heads[:, None] * head_dim + torch.arange(head_dim)[None, :]).reshape(-1)
         kv_rows = (groups[:, None] * head_dim + torch.arange(head_dim)[None, :]).reshape(-1)
-        attn.q_proj = _slice(attn.q_proj, rows=q_rows)
-        attn.k_proj = _slice(attn.k_proj, rows=kv_rows)
-        attn.v_proj = _slice(attn.v_proj, rows=kv_rows)
-        attn.o_proj = _slice(attn.o_proj, cols=q_rows)
+        p = attention_projections(layout, attn, n_heads, n_kv, head_dim)
+        set_attention_projections(layout, attn, {
+            "q_proj": _slice(p["q_proj"], rows=q_rows), "k_proj": _slice(p["k_proj"], rows=kv_rows),
+            "v_proj": _slice(p["v_proj"], rows=kv_rows), "o_proj": _slice(p["o_proj"], cols=q_rows)})
         for name, value in (("num_heads", len(q_heads)), ("num_key_value_heads", len(groups))):
             if hasattr(attn, name):
                 setattr(attn, name, value)
@@ -259,6 +259,10 @@ def prune_kv_groups(model: nn.Module, keep_groups_per_layer: list[Tensor]) -> No
 def prune_hidden(model: nn.Module, keep: Tensor) -> None:
     """Keep hidden (residual stream) channels ``keep`` everywhere: embeddings, norms, projections, head."""
     cfg = model.config
+    layout = layout_for(model)
+    if layout.hidden_pruning_blocked:
+        raise BadInputError(f"cannot prune the hidden size of a '{cfg.model_type}' model: "
+                            f"{layout.hidden_pruning_blocked}")
     cfg.head_dim = _head_dim(cfg)
     emb = model.model.embed_tokens
     new_emb = nn.Embedding(emb.num_embeddings, len(keep), padding_idx=emb.padding_idx, device=emb.weight.device,
@@ -272,14 +276,16 @@ def prune_hidden(model: nn.Module, keep: Tensor) -> None:
             m.weight = nn.Parameter(m.weight.detach()[keep.to(m.weight.device)].clone())
 
     for layer in _layers(model):
-        norm(layer.input_layernorm)
-        norm(layer.post_attention_layernorm)
+        for name in layout.hidden_norms:
+            norm(getattr(layer, name))
         a, f = layer.self_attn, layer.mlp
-        a.q_proj, a.k_proj, a.v_proj = (_slice(a.q_proj, cols=keep), _slice(a.k_proj, cols=keep),
-                                        _slice(a.v_proj, cols=keep))
-        a.o_proj = _slice(a.o_proj, rows=keep)
-        f.gate_proj, f.up_proj = _slice(f.gate_proj, cols=keep), _slice(f.up_proj, cols=keep)
-        f.down_proj = _slice(f.down_proj, rows=keep)
+        pa = attention_projections(layout, a, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
+        set_attention_projections(layout, a, {**{n: _slice(pa[n], cols=keep) for n in ("q_proj", "k_proj", "v_proj")},
+                                              "o_proj": _slice(pa["o_proj"], rows=keep)})
+        pf = mlp_projections(layout, f)
+        set_mlp_projections(layout, f, {"gate_proj": _slice(pf["gate_proj"], cols=keep),
+                                        "up_proj": _slice(pf["up_proj"], cols=keep),
+                                        "down_proj": _slice(pf["down_proj"], rows=keep)})
         if hasattr(f, "hidden_size"):
             f.hidden_size = len(keep)
     norm(model.model.norm)
@@ -335,6 +341,8 @@ def random_student(teacher_config: Any, shape: StudentShape, seed: int = 0) -> n
     cfg.num_hidden_layers = shape.layers
     if getattr(cfg, "layer_types", None) is not None:
         cfg.layer_types = cfg.layer_types[: shape.layers]
+    if getattr(cfg, "no_rope_layers", None) is not None:
+        cfg.no_rope_layers = smollm3_rope_rule(shape.layers)
     if shape.hidden_size is not None:
         cfg.hidden_size = shape.hidden_size
     if shape.intermediate_size is not None:
@@ -364,7 +372,10 @@ def init_student(teacher: nn.Module, shape: StudentShape, method: InitMethod, ca
     else:
         if method not in INIT_METHODS:
             raise BadInputError(f"--init: expected one of {', '.join(INIT_METHODS)}, found '{method}'")
-        check_supported(teacher)
+        layout = layout_for(teacher)
+        if layout.hidden_pruning_blocked and shape.hidden_size not in (None, cfg.hidden_size):
+            raise BadInputError(f"cannot prune the hidden size of a '{cfg.model_type}' model: "
+                                f"{layout.hidden_pruning_blocked}")
         if method == "depth" and _changes_width(cfg, shape):
             raise BadInputError("--init depth drops whole layers only, but a narrower width was asked for; use "
                                 "--init auto (depth and width) or --init width")

@@ -18,10 +18,10 @@ import sys
 import tarfile
 import tempfile
 from collections.abc import Callable
-from importlib.metadata import version
 from pathlib import Path
 
 from edgeforge.errors import EdgeforgeError
+from edgeforge.models.support import binding_version, llama_tree_dir
 from edgeforge.paths import edgeforge_home
 from edgeforge.progress import ProgressStep, progress
 
@@ -43,13 +43,9 @@ class ToolsError(EdgeforgeError):
     """llama.cpp's tools could not be fetched or built."""
 
 
-def binding_version() -> str:
-    return version("llama_cpp_python")
-
-
 def tree_dir() -> Path:
     """Where the llama.cpp tree of the installed binding lives once fetched."""
-    return edgeforge_home() / f"llama.cpp-{binding_version()}"
+    return llama_tree_dir()
 
 
 def run_logged(cmd: list[str], log: Path, on_poll: Callable[[], None] | None = None,

@@ -20,6 +20,8 @@ from typing import Any
 from edgeforge.errors import ModelError
 from edgeforge.progress import progress
 
+#: Pre-tokenizers (``tokenizer.ggml.pre``) whose canonical HF form edgeforge writes.
+CANONICAL_PRE_TOKENIZERS = frozenset({"smollm", "qwen2", "llama-bpe", "default", "gpt-2"})
 # llama.cpp token types (gguf.TokenType): 3 = CONTROL, 4 = USER_DEFINED; both are special (added) tokens.
 _SPECIAL_TOKEN_TYPES = {3, 4}
 
@@ -56,7 +58,7 @@ def canonical_tokenizer_files(gguf_path: Path) -> dict[str, Any]:
         for i, (t, ty) in enumerate(zip(tokens, types, strict=True)) if ty in _SPECIAL_TOKEN_TYPES
     ]
     pretokenizers: list[dict[str, Any]] = []
-    if pre in ("smollm", "qwen2", "llama-bpe", "default", "gpt-2"):
+    if pre in CANONICAL_PRE_TOKENIZERS:
         # SmolLM's own tokenizer.json splits digits individually before the byte-level regex.
         if pre == "smollm":
             pretokenizers.append({"type": "Digits", "individual_digits": True})

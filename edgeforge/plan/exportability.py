@@ -1,59 +1,99 @@
 """The exportability gate: before any training, can this model's architecture and tokenizer be shipped in each
 format the profile runs? Nobody should distill for an hour into a model that cannot be exported.
+
+The answers come from the installed tools (edgeforge.models.support): the architectures llama.cpp's converter
+registers, the model types optimum-onnx exports with a KV cache, the GGUF architectures transformers can load.
+A missing tokenizer is its own sentence, so an architecture the tools take never reads as unsupported.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from edgeforge.models import support
 from edgeforge.models.files import read_model_config
+from edgeforge.models.gguf_hf import CANONICAL_PRE_TOKENIZERS
 from edgeforge.models.refs import ModelRef
 
-# Architectures both llama.cpp's converter and optimum-onnx's exporter handle, as edgeforge drives them.
-GGUF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
-ONNX_MODEL_TYPES = {"llama", "mistral", "qwen2"}
-GGUF_FILE_ARCHITECTURES = {"llama", "qwen2"}
-# Pre-tokenizers whose canonical HF form edgeforge can write (edgeforge.models.gguf_hf).
-CANONICAL_PRE_TOKENIZERS = {"smollm", "qwen2", "llama-bpe", "default", "gpt-2"}
+NO_TOKENIZER = "No tokenizer.json beside the model: save it with tokenizer.save_pretrained(DIR) and plan again."
 
 
 def _verdict(ok: bool, reason: str) -> dict[str, Any]:
     return {"ok": ok, "reason": reason}
 
 
-def check_exportable(ref: ModelRef) -> dict[str, dict[str, Any]]:
-    """Per format ('gguf', 'onnx'): whether ``ref`` can be exported, and why (not)."""
-    if ref.format == "gguf":
-        from gguf import GGUFReader
+def _tested_note() -> str:
+    return f"families tested end to end: {', '.join(support.TESTED_FAMILIES)}"
 
-        reader = GGUFReader(str(ref.path), "r")
 
-        def field(k: str) -> Any:
-            f = reader.fields.get(k)
-            return None if f is None else f.contents()
+def gguf_verdict(archs: list[str]) -> tuple[bool, str]:
+    """Whether llama.cpp's converter registers one of ``archs`` (config.json's ``architectures``), and why."""
+    known = support.converter_architectures()
+    tree = f"llama.cpp's converter (binding {support.binding_version()})"
+    if known is None:
+        return False, (f"architectures {archs}: {tree} is not fetched yet, so nobody can say; run "
+                       "'python -m edgeforge.export.llama_tools' (the Makefile's set-up does)")
+    if any(a in known for a in archs):
+        return True, f"architectures {archs} are registered by {tree}"
+    return False, (f"architectures {archs} are not among the {len(known)} {tree} registers (list them: python "
+                   f"{support.llama_tree_dir() / 'convert_hf_to_gguf.py'} --print-supported-models); "
+                   + _tested_note())
 
-        arch, tok, pre = field("general.architecture"), field("tokenizer.ggml.model"), field("tokenizer.ggml.pre")
-        hf_ok = arch in GGUF_FILE_ARCHITECTURES and tok == "gpt2" and pre in CANONICAL_PRE_TOKENIZERS
-        why_hf = (f"architecture '{arch}', tokenizer '{tok}' with pre-tokenizer '{pre}': "
-                  + ("converts to an HF model with a canonical tokenizer" if hf_ok else
-                     f"cannot be converted to an HF model here (supported: {sorted(GGUF_FILE_ARCHITECTURES)} with "
-                     f"gpt2 tokenizers, pre-tokenizers {sorted(CANONICAL_PRE_TOKENIZERS)})"))
-        return {
-            "gguf": _verdict(True, "a GGUF model is re-quantized directly, its tokenizer kept as is"),
-            "onnx": _verdict(hf_ok, why_hf),
-            "training": _verdict(hf_ok, why_hf),
-        }
-    cfg = read_model_config(ref.path)
-    archs = cfg.get("architectures") or []
-    model_type = cfg.get("model_type")
-    has_tok = (ref.path / "tokenizer.json").is_file()
-    tok_note = "" if has_tok else "; no tokenizer.json: save the tokenizer with the model"
-    gguf_ok = any(a in GGUF_ARCHITECTURES for a in archs) and has_tok
-    onnx_ok = model_type in ONNX_MODEL_TYPES and has_tok
+
+def onnx_verdict(model_type: str) -> tuple[bool, str]:
+    """Whether optimum-onnx exports ``model_type`` as a decoder with a KV cache, and why."""
+    ok = support.onnx_supports(model_type)
+    tool = f"optimum-onnx {support.installed_version('optimum-onnx')}"
+    if ok is None:
+        return False, f"model_type '{model_type}': optimum-onnx is not installed (pip install optimum-onnx)"
+    if ok:
+        return True, f"model_type '{model_type}' is exported with a KV cache by {tool}"
+    types = sorted(t for t in support.onnx_model_types() or () if "-" not in t)
+    return False, (f"model_type '{model_type}' has no '{support.ONNX_TASK}' export in {tool}; it supports "
+                   f"{', '.join(types)}")
+
+
+def _gguf_file(ref: ModelRef) -> dict[str, dict[str, Any]]:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(ref.path), "r")
+
+    def field(k: str) -> Any:
+        f = reader.fields.get(k)
+        return None if f is None else f.contents()
+
+    arch, tok, pre = field("general.architecture"), field("tokenizer.ggml.model"), field("tokenizer.ggml.pre")
+    loadable = support.gguf_loader_architectures() or frozenset()
+    reasons = []
+    if arch not in loadable:
+        reasons.append(f"transformers {support.installed_version('transformers')} cannot load GGUF architecture "
+                       f"'{arch}' into torch (it loads {', '.join(sorted(loadable))})")
+    if tok != "gpt2" or pre not in CANONICAL_PRE_TOKENIZERS:
+        reasons.append(f"its tokenizer ('{tok}', pre-tokenizer '{pre}') has no canonical HF form here (byte-level "
+                       f"BPE with pre-tokenizers {', '.join(sorted(CANONICAL_PRE_TOKENIZERS))})")
+    hf_ok = not reasons
+    why_hf = (f"architecture '{arch}', tokenizer '{tok}' with pre-tokenizer '{pre}': "
+              + ("converts to an HF model with a canonical tokenizer" if hf_ok else
+                 "cannot be converted to an HF model here: " + "; ".join(reasons)))
     return {
-        "gguf": _verdict(gguf_ok, f"architectures {archs}" + (" are supported by llama.cpp's converter" if gguf_ok
-                         else f": supported are {sorted(GGUF_ARCHITECTURES)}") + tok_note),
-        "onnx": _verdict(onnx_ok, f"model_type '{model_type}'" + (" is supported by optimum-onnx" if onnx_ok
-                         else f": supported are {sorted(ONNX_MODEL_TYPES)}") + tok_note),
+        "gguf": _verdict(True, "a GGUF model is re-quantized directly, its tokenizer kept as is"),
+        "onnx": _verdict(hf_ok, why_hf),
+        "training": _verdict(hf_ok, why_hf),
+    }
+
+
+def check_exportable(ref: ModelRef) -> dict[str, dict[str, Any]]:
+    """Per format ('gguf', 'onnx', 'training'): whether ``ref`` can go there, and why (not)."""
+    if ref.format == "gguf":
+        return _gguf_file(ref)
+    cfg = read_model_config(ref.path)
+    archs = [str(a) for a in cfg.get("architectures") or []]
+    has_tok = (ref.path / "tokenizer.json").is_file()
+    gguf_ok, gguf_why = gguf_verdict(archs)
+    onnx_ok, onnx_why = onnx_verdict(str(cfg.get("model_type")))
+    tail = "" if has_tok else f". {NO_TOKENIZER}"
+    return {
+        "gguf": _verdict(gguf_ok and has_tok, gguf_why + tail),
+        "onnx": _verdict(onnx_ok and has_tok, onnx_why + tail),
         "training": _verdict(True, "an HF model trains in torch"),
     }

@@ -37,10 +37,11 @@ from edgeforge.export.onnx.quantize import (
     resolve_isa,
 )
 from edgeforge.models.files import LEGACY_TOKENIZER_FILES, TOKENIZER_FILES, read_model_config, tokenizer_files
+from edgeforge.models.support import TESTED_FAMILIES
 from edgeforge.outputs import ONNX_RECORD_FILE, claim_output, describe_existing, publish
 
 #: Architectures exported and checked by this project's tests; optimum may export more, unchecked.
-TESTED_MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2")
+TESTED_MODEL_TYPES: tuple[str, ...] = tuple(TESTED_FAMILIES)
 MODEL_FILE = "model.onnx"
 RECORD_FILE = ONNX_RECORD_FILE
 RUNTIME_FILE = "runtime.json"

@@ -1,0 +1,152 @@
+"""Every supported family, as tiny random models: the gate asks the tools, pruning slices each layout exactly,
+LoRA's default targets reach each family's projections (fused ones included), GGUF and ONNX exports verify."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import FAMILIES, make_tiny_model, tiny_config
+
+from edgeforge.models import support
+from edgeforge.models.refs import resolve_model
+
+CALIB = torch.randint(0, 49152, (4, 24), generator=torch.Generator().manual_seed(0))
+IDS = torch.randint(0, 49152, (2, 20), generator=torch.Generator().manual_seed(1))
+
+
+def _model(family: str, layers: int = 4):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, layers), dtype=torch.float32).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+    return model
+
+
+def test_the_tested_families_are_the_tiny_ones() -> None:
+    assert tuple(support.TESTED_FAMILIES) == FAMILIES
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_installed_tools_take_every_family(family: str) -> None:
+    converter = support.converter_architectures()
+    assert converter is not None and support.TESTED_FAMILIES[family] in converter
+    assert support.onnx_supports(family) is True
+
+
+def test_the_gate_names_each_reason_in_its_own_sentence(config_dir) -> None:
+    from edgeforge.plan.exportability import check_exportable
+
+    qwen3 = config_dir({"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3"}, "qwen3")
+    verdict = check_exportable(resolve_model(str(qwen3)))
+    assert not verdict["gguf"]["ok"] and not verdict["onnx"]["ok"]  # no tokenizer
+    reason = verdict["gguf"]["reason"]
+    assert "are registered by llama.cpp's converter" in reason and "No tokenizer.json" in reason
+    assert "supported" not in reason.split("No tokenizer.json")[0].replace("registered", "")
+    made_up = config_dir({"architectures": ["NopeForCausalLM"], "model_type": "nope"}, "nope")
+    (made_up / "tokenizer.json").write_text("{}")
+    verdict = check_exportable(resolve_model(str(made_up)))
+    assert "are not among the" in verdict["gguf"]["reason"] and "--print-supported-models" in verdict["gguf"]["reason"]
+    assert "has no 'text-generation-with-past' export" in verdict["onnx"]["reason"]
+    assert "qwen3" in verdict["onnx"]["reason"] and "No tokenizer" not in verdict["onnx"]["reason"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pruning_nothing_gives_the_teacher(family: str) -> None:
+    from edgeforge.distill.prune import StudentShape, init_student
+
+    teacher = _model(family)
+    cfg = teacher.config
+    student, _ = init_student(teacher, StudentShape(layers=4, hidden_size=cfg.hidden_size,
+                                                    intermediate_size=cfg.intermediate_size, kv_heads=2),
+                              "auto", CALIB)
+    with torch.no_grad():
+        assert torch.equal(student(IDS).logits, teacher(IDS).logits)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pruned_student_runs_and_survives_a_reload(family: str, tmp_path: Path) -> None:
+    """Depth, MLP width and KV groups (and the hidden size where the family allows it) pruned at once; the saved
+    student reloads to the same logits, so the config describes the sliced (and re-fused) weights."""
+    from transformers import AutoModelForCausalLM
+
+    from edgeforge.distill.layouts import LAYOUTS
+    from edgeforge.distill.prune import StudentShape, init_student, smollm3_rope_rule
+
+    teacher = _model(family)
+    hidden = None if LAYOUTS[family].hidden_pruning_blocked else 48
+    student, report = init_student(teacher, StudentShape(layers=3, hidden_size=hidden, intermediate_size=64,
+                                                         kv_heads=1), "auto", CALIB)
+    assert (report.layers, report.intermediate_size, report.n_kv_heads) == (3, 64, 1)
+    assert report.hidden_size == (hidden or 64)
+    student.eval()
+    with torch.no_grad():
+        logits = student(IDS).logits
+    assert logits.shape == (2, 20, 49152) and torch.isfinite(logits).all()
+    student.save_pretrained(tmp_path / "s", safe_serialization=True)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "s", dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert torch.allclose(reloaded(IDS).logits, logits, atol=1e-5)
+    if getattr(teacher.config, "layer_types", None) is not None:
+        assert reloaded.config.layer_types == [teacher.config.layer_types[i] for i in report.kept_layers]
+    if family == "smollm3":  # llama.cpp's fixed rule, not the kept layers' flags (see prune_depth)
+        assert reloaded.config.no_rope_layers == smollm3_rope_rule(3) == [1, 1, 1]
+
+
+def test_a_smollm3_off_the_llama_cpp_rope_rule_is_refused_for_gguf(tmp_path: Path) -> None:
+    from edgeforge.errors import BadInputError
+    from edgeforge.export.gguf import _converter_fixes
+
+    d = make_tiny_model(tmp_path / "s", "smollm3", layers=4)
+    assert _converter_fixes(d) == {}
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "no_rope_layers": [1, 0, 1, 1]}))
+    with pytest.raises(BadInputError, match="every 4th layer"):
+        _converter_fixes(d)
+
+
+def test_gemma3_refuses_hidden_pruning_before_any_work() -> None:
+    from edgeforge.distill.prune import StudentShape, init_student
+    from edgeforge.errors import BadInputError
+
+    with pytest.raises(BadInputError, match="sqrt\\(hidden_size\\)"):
+        init_student(_model("gemma3_text"), StudentShape(layers=4, hidden_size=48), "auto", calib_ids=None)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_default_lora_targets_reach_attention_and_mlp(family: str) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    from edgeforge.finetune.config import ALL_LINEAR
+
+    model = get_peft_model(_model(family, layers=2), LoraConfig(r=4, target_modules=ALL_LINEAR))
+    adapted = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if hasattr(m, "lora_A")}
+    attention = {"qkv_proj", "o_proj"} if family == "phi3" else {"q_proj", "k_proj", "v_proj", "o_proj"}
+    mlp = {"gate_up_proj", "down_proj"} if family == "phi3" else {"gate_proj", "up_proj", "down_proj"}
+    assert attention | mlp <= adapted and "lm_head" not in adapted
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("families")
+    # Not named after the family: llama.cpp keys Phi-3's special tokens on a model *name* holding "phi3" and aborts
+    # when the vocabulary (the bundled teacher's, here) lacks them; a real Phi-3 vocabulary has them.
+    return {f: make_tiny_model(root / f"tiny-{i}", f, seed=3, layers=4) for i, f in enumerate(FAMILIES)}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gguf_export_loads_in_llama_cpp_and_matches_torch(family: str, tiny_dirs: dict[str, Path],
+                                                          tmp_path: Path) -> None:
+    from edgeforge.export.gguf import export_gguf
+    from edgeforge.verify.artifact import Reference, verify_artifact
+
+    ref = resolve_model(str(tiny_dirs[family]))
+    out = Path(export_gguf(ref, "F16", tmp_path / f"{family}.gguf")["path"])
+    result = verify_artifact(out, Reference(ref), "F16", n_tokens=128)
+    assert result["top1_agreement"] >= 0.97, result
