@@ -116,13 +116,13 @@ def test_q8_0_verifies_and_scrambled_weights_fail(tiny: Path, tmp_path: Path):
 
 
 def test_unsupported_architecture_is_named(tmp_path: Path):
-    d = tmp_path / "gpt2"
+    d = tmp_path / "foo"
     d.mkdir()
-    (d / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+    (d / "config.json").write_text(json.dumps({"architectures": ["FooForCausalLM"], "model_type": "foo",
                                                "n_embd": 64, "n_head": 4, "n_layer": 2, "vocab_size": 100,
                                                "num_attention_heads": 4, "hidden_size": 64,
                                                "num_hidden_layers": 2, "intermediate_size": 128}))
-    with pytest.raises(BadInputError, match=r"GPT2LMHeadModel.*supported: LlamaForCausalLM"):
+    with pytest.raises(BadInputError, match=r"FooForCausalLM.*are not among the \d+ .*converter registers"):
         export_gguf(hf_ref(d), "F16", tmp_path / "x.gguf")
 
 

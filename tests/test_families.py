@@ -150,3 +150,43 @@ def test_gguf_export_loads_in_llama_cpp_and_matches_torch(family: str, tiny_dirs
     out = Path(export_gguf(ref, "F16", tmp_path / f"{family}.gguf")["path"])
     result = verify_artifact(out, Reference(ref), "F16", n_tokens=128)
     assert result["top1_agreement"] >= 0.97, result
+
+
+def _cli(*args: str) -> dict:
+    from click.testing import CliRunner
+
+    from edgeforge.cli.app import cli
+
+    r = CliRunner().invoke(cli, [*args, "--json"])
+    assert r.exit_code == 0, f"edgeforge {' '.join(args[:2])}: exit {r.exit_code}: {r.stderr[-600:]}"
+    return json.loads(r.stdout)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_end_to_end(family: str, tmp_path: Path) -> None:
+    """plan -> prune (depth and MLP width) -> distill a few steps -> LoRA a few steps -> merge -> GGUF Q8_0 and
+    ONNX int8, each verified against the merged student by the export's own gate."""
+    from edgeforge.data.builtin import training_prose
+
+    teacher = make_tiny_model(tmp_path / "teacher", family, seed=5, layers=4)
+    text = tmp_path / "text.txt"
+    text.write_text(training_prose(1500), encoding="utf-8")
+    task = tmp_path / "task.jsonl"
+    task.write_text("".join(json.dumps({"prompt": f"Repeat: {w}\n", "completion": f"{w}"}) + "\n"
+                            for w in ("red", "blue", "green", "cat", "dog", "sun", "moon", "tree") * 3))
+    plan = _cli("plan", "--teacher", str(teacher), "--profile", "raspberry-pi-5-4gb")
+    assert plan["exportability"]["gguf"]["ok"] and plan["exportability"]["onnx"]["ok"], plan["exportability"]
+    student = tmp_path / "student"
+    _cli("distill", "--teacher", str(teacher), "--data", str(text), "--student-layers", "3",
+                  "--student-intermediate", "96", "--init", "auto", "--steps", "3", "--batch-size", "2",
+                  "--seq-len", "32", "--eval-sequences", "2", "--calib-sequences", "2",
+                  "--cache-dir", str(tmp_path / "cache"), "--out", str(student))
+    assert json.loads((student / "config.json").read_text())["num_hidden_layers"] == 3
+    merged = tmp_path / "merged"
+    _cli("finetune", str(student), "--data", str(task), "--steps", "3", "--batch-size", "4",
+         "--eval-examples", "4", "--merge", "--out", str(merged))
+    gguf = _cli("export", "gguf", str(merged), "--quant", "Q8_0", "--out", str(tmp_path / "m.gguf"))
+    assert gguf["verification"]["passed"], gguf["verification"]
+    onnx = _cli("export", "onnx", str(merged), "--quantize", "int8", "--out", str(tmp_path / "onnx"))
+    assert onnx["verification"]["passed"], onnx["verification"]

@@ -84,7 +84,13 @@ def test_exportability_gate(config_dir):
 
     teacher = check_exportable(resolve_model(None))
     assert teacher["gguf"]["ok"] and teacher["onnx"]["ok"]
+    foo = config_dir({"architectures": ["FooForCausalLM"], "model_type": "foo"}, name="foo")
+    verdict = check_exportable(ModelRef("foo", foo, "hf"))
+    assert not verdict["gguf"]["ok"] and "are not among the" in verdict["gguf"]["reason"]
+    assert "qwen3" in verdict["gguf"]["reason"]  # the families tested end to end are named
+    assert not verdict["onnx"]["ok"] and "tokenizer.json" in verdict["onnx"]["reason"]
+    # GPT-2 is an architecture both tools take: without a tokenizer, that is the only reason given.
     gpt2 = config_dir({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}, name="gpt2")
     verdict = check_exportable(ModelRef("gpt2", gpt2, "hf"))
-    assert not verdict["gguf"]["ok"] and "LlamaForCausalLM" in verdict["gguf"]["reason"]
-    assert not verdict["onnx"]["ok"] and "tokenizer.json" in verdict["onnx"]["reason"]
+    assert verdict["gguf"]["reason"].startswith("architectures ['GPT2LMHeadModel'] are registered")
+    assert not verdict["gguf"]["ok"] and "No tokenizer.json" in verdict["gguf"]["reason"]

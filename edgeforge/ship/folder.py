@@ -272,6 +272,10 @@ def _run_md(summary: dict) -> list[str]:
                 "",
                 f'tok = AutoTokenizer.from_pretrained("{onnx["path"]}")',
                 f'model = ORTModelForCausalLM.from_pretrained("{onnx["path"]}")',
+                "# optimum-onnx 0.1.0 guesses the KV cache's heads and head size from the config, wrongly for",
+                "# some families (Phi-3 with grouped KV heads, explicit head_dim): take them from the graph.",
+                'past = next(i for i in model.session.get_inputs() if i.name.endswith(".key"))',
+                "model.num_key_value_heads, model.embed_size_per_head = past.shape[1], past.shape[3]",
                 'msgs = [{"role": "user", "content": "Hello!"}]',
                 "ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors='pt')",
                 "print(tok.decode(model.generate(ids, max_new_tokens=64)[0][ids.shape[1]:]))", "```", ""]

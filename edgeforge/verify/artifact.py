@@ -180,6 +180,25 @@ class GgufEngine:
         return out
 
 
+def match_cache_to_graph(model: Any) -> None:
+    """Make optimum's empty KV cache match the graph's own ``past_key_values`` shapes [batch, kv_heads, 0, head_dim].
+
+    optimum-onnx 0.1.0's ORTModelForCausalLM derives them from the config with per-family rules that are wrong
+    for some families it exports: Phi-3 is taken to have as many KV heads as query heads (Phi-4-mini has 24 and 8),
+    and head_dim is hidden_size / heads except for Gemma (Qwen3-0.6B has 1024 / 16 = 64, its head_dim is 128; a
+    width-pruned student has an explicit head_dim too). The first call then fails in onnxruntime ("invalid
+    dimensions for input: past_key_values.0.value"). The exported graph states both as static dimensions.
+    """
+    for node in model.session.get_inputs():
+        if node.name.startswith("past_key_values") and node.name.endswith(".key"):
+            kv_heads, head_dim = node.shape[1], node.shape[3]
+            if isinstance(kv_heads, int) and isinstance(head_dim, int):
+                model.num_key_value_heads = kv_heads
+                if hasattr(model, "embed_size_per_head"):
+                    model.embed_size_per_head = head_dim
+            return
+
+
 class OnnxEngine:
     """An optimum-exported ONNX decoder directory in onnxruntime."""
 
@@ -191,6 +210,7 @@ class OnnxEngine:
         except Exception as e:  # noqa: BLE001 - optimum/onnxruntime raise many types on a corrupt model
             raise BadInputError(f"{path}: onnxruntime cannot load this ONNX model ({type(e).__name__}: "
                                 f"{str(e).splitlines()[0][:200]})") from None
+        match_cache_to_graph(self.model)
 
     def logits(self, token_ids: list[int]) -> np.ndarray:
         import torch

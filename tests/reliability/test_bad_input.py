@@ -358,7 +358,7 @@ def test_unsupported_architecture_for_export(tmp_path: Path, tiny: Path) -> None
     cfg.update(architectures=["FooForCausalLM"], model_type="foo")
     (d / "config.json").write_text(json.dumps(cfg), encoding="utf-8")
     assert_one_error_line(invoke("export", "gguf", d, "--quant", "Q8_0", "--out", tmp_path / "o.gguf"),
-                          ["FooForCausalLM", "supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"])
+                          ["FooForCausalLM", "are not among the", "--print-supported-models", "qwen3, gemma3_text"])
     assert_one_error_line(invoke("export", "onnx", d, "--out", tmp_path / "onnx"),
-                          ["FooForCausalLM", "foo", "supported and tested: llama, mistral, qwen2"])
+                          ["FooForCausalLM", "foo", "optimum-onnx", "qwen3", "gemma3_text", "phi3"])
     assert not (tmp_path / "o.gguf").exists() and not (tmp_path / "onnx").exists()

@@ -37,7 +37,7 @@ from edgeforge.export.onnx.quantize import (
     resolve_isa,
 )
 from edgeforge.models.files import LEGACY_TOKENIZER_FILES, TOKENIZER_FILES, read_model_config, tokenizer_files
-from edgeforge.models.support import TESTED_FAMILIES
+from edgeforge.models.support import TESTED_FAMILIES, onnx_model_types, onnx_supports
 from edgeforge.outputs import ONNX_RECORD_FILE, claim_output, describe_existing, publish
 
 #: Architectures exported and checked by this project's tests; optimum may export more, unchecked.
@@ -67,22 +67,16 @@ def _architecture(config: dict[str, Any]) -> str:
 
 def check_exportable(config: dict[str, Any]) -> None:
     """Raise UnsupportedArchitectureError unless optimum can export ``config``'s model type with a KV cache."""
-    import optimum.exporters.onnx.model_configs  # noqa: F401  (registers the ONNX configs with TasksManager)
-    from optimum.exporters.tasks import TasksManager
-
-    model_type = str(config.get("model_type", "")).replace("_", "-")
-    try:
-        tasks = TasksManager.get_supported_tasks_for_model_type(model_type, "onnx", library_name="transformers")
-    except KeyError:
-        tasks = {}
-    if "text-generation-with-past" not in tasks:
+    if not onnx_supports(str(config.get("model_type", ""))):
         raise UnsupportedArchitectureError(_unsupported_message(config))
 
 
 def _unsupported_message(config: dict[str, Any], detail: str = "") -> str:
     tail = f" ({detail})" if detail else ""
-    return (f"architecture {_architecture(config)} cannot be exported to ONNX with a KV cache by optimum "
-            f"{installed_version('optimum-onnx')}{tail}; supported and tested: {', '.join(TESTED_MODEL_TYPES)}")
+    supported = ", ".join(sorted(t for t in onnx_model_types() or () if "-" not in t))
+    return (f"architecture {_architecture(config)} cannot be exported to ONNX with a KV cache by optimum-onnx "
+            f"{installed_version('optimum-onnx')}{tail}; it exports {supported}; tested end to end: "
+            f"{', '.join(TESTED_MODEL_TYPES)}")
 
 
 # ---------------------------------------------------------------------------------------------------------- export
