@@ -137,10 +137,13 @@ def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("families")
     # Not named after the family: llama.cpp keys Phi-3's special tokens on a model *name* holding "phi3" and aborts
     # when the vocabulary (the bundled teacher's, here) lacks them; a real Phi-3 vocabulary has them.
-    return {f: make_tiny_model(root / f"tiny-{i}", f, seed=3, layers=4) for i, f in enumerate(FAMILIES)}
+    return {f: make_tiny_model(root / f"tiny-{i}", f, seed=3, layers=4) for i, f in enumerate(FAMILIES)
+            if f in ("gemma3_text", "smollm3", "phi3")}
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+# The families whose GGUF needed edgeforge's own handling (Gemma 3's sliding-window pattern, SmolLM3's RoPE rule,
+# Phi-3's fused projections and name rule); every family's GGUF is checked by test_family_end_to_end as well.
+@pytest.mark.parametrize("family", ["gemma3_text", "smollm3", "phi3"])
 def test_gguf_export_loads_in_llama_cpp_and_matches_torch(family: str, tiny_dirs: dict[str, Path],
                                                           tmp_path: Path) -> None:
     from edgeforge.export.gguf import export_gguf
@@ -190,3 +193,41 @@ def test_family_end_to_end(family: str, tmp_path: Path) -> None:
     assert gguf["verification"]["passed"], gguf["verification"]
     onnx = _cli("export", "onnx", str(merged), "--quantize", "int8", "--out", str(tmp_path / "onnx"))
     assert onnx["verification"]["passed"], onnx["verification"]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("family", ["qwen3", "gemma3_text"])
+def test_a_users_own_model_builds_to_a_ship_folder(family: str, tmp_path: Path) -> None:
+    """A model the user made with transformers, their own task JSONL and text corpus, through ``edgeforge build
+    --teacher DIR --task FILE --data FILE --profile P`` (the pipeline file only shortens the stages)."""
+    import yaml
+    from click.testing import CliRunner
+
+    from edgeforge.cli.app import cli
+    from edgeforge.data.builtin import training_prose
+    from edgeforge.ship.folder import check_manifest
+
+    teacher = make_tiny_model(tmp_path / "my-model", family, seed=7, layers=2)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(training_prose(1500), encoding="utf-8")
+    task = tmp_path / "task.jsonl"
+    task.write_text("".join(json.dumps({"prompt": f"Colour of {w}?\n", "completion": c}) + "\n"
+                            for w, c in [("sky", "blue"), ("grass", "green"), ("snow", "white"),
+                                         ("coal", "black"), ("blood", "red"), ("sun", "yellow")] * 4))
+    short = {"distill": {"enabled": True, "student_layers": 1, "steps": 3, "batch_size": 2, "seq_len": 32,
+                         "generate_answers": False},
+             "finetune": {"steps": 2, "batch_size": 2, "eval_examples": 2},
+             "export": {"formats": ["gguf", "onnx"], "gguf_quant": "Q8_0", "onnx_quantize": "int8"},
+             "verify": {"tokens": 256, "task_examples": 2}}
+    pipeline = tmp_path / "short.yaml"
+    pipeline.write_text(yaml.safe_dump(short), encoding="utf-8")
+    r = CliRunner().invoke(cli, ["build", "--teacher", str(teacher), "--task", str(task), "--data", str(corpus),
+                                 "--profile", "raspberry-pi-5-8gb", "--config", str(pipeline), "--no-bench",
+                                 "--out", str(tmp_path / "out"), "--json"])
+    assert r.exit_code == 0, r.stderr[-1500:]
+    result = json.loads(r.stdout)
+    ship = Path(result["ship_dir"])
+    assert check_manifest(ship) == []
+    assert len(list(ship.glob("*.gguf"))) == 1 and (ship / "onnx-int8" / "model.onnx").is_file()
+    config = json.loads((ship / "onnx-int8" / "config.json").read_text())
+    assert config["model_type"] == family and config["num_hidden_layers"] == 1

@@ -1,11 +1,13 @@
-"""A GGUF teacher as a Hugging Face model directory, with its tokenizer written in canonical form.
+"""A GGUF teacher as a Hugging Face model directory, with its tokenizer rebuilt from the GGUF's own fields.
 
 transformers rebuilds a GGUF's tokenizer as a ``LlamaTokenizerFast`` with a mixed SentencePiece/byte-level decoder,
 a BOS post-processor and the whole GGUF copied as ``tokenizer.model``; llama.cpp's converter then mistakes it for
-SentencePiece or does not recognise its pre-tokenizer. So the tokenizer is built here directly
-from the GGUF's own fields: GPT-2 byte-level BPE (vocabulary and merges as stored), digits split one by one, a
-byte-level decoder, no BOS post-processor, no ``tokenizer.model``. In that form llama.cpp recognises it (the
-``smollm`` pre-tokenizer for the bundled teacher) and tokenizes exactly as the HF tokenizer does.
+SentencePiece or does not recognise its pre-tokenizer. So the tokenizer is built here with the ``tokenizers``
+library from the GGUF's fields: byte-level BPE with the vocabulary and merges as stored, and the pre-tokenizer that
+its ``tokenizer.ggml.pre`` means to llama.cpp: llama.cpp's own regexes, parsed from the pinned tree
+(edgeforge.models.llama_vocab), each a ``Split`` in order, then the byte-level mapping; Llama 3's "whole words skip
+the merges" as BPE's ``ignore_merges``. No ``tokenizer.model``. Tested per pre-tokenizer against llama.cpp's own
+tokenization of mixed text (tests/test_gguf_tokenizer.py).
 """
 
 from __future__ import annotations
@@ -20,8 +22,6 @@ from typing import Any
 from edgeforge.errors import ModelError
 from edgeforge.progress import progress
 
-#: Pre-tokenizers (``tokenizer.ggml.pre``) whose canonical HF form edgeforge writes.
-CANONICAL_PRE_TOKENIZERS = frozenset({"smollm", "qwen2", "llama-bpe", "default", "gpt-2"})
 # llama.cpp token types (gguf.TokenType): 3 = CONTROL, 4 = USER_DEFINED; both are special (added) tokens.
 _SPECIAL_TOKEN_TYPES = {3, 4}
 
@@ -31,59 +31,84 @@ def _field(reader: Any, key: str) -> Any:
     return None if f is None else f.contents()
 
 
-def canonical_tokenizer_files(gguf_path: Path) -> dict[str, Any]:
-    """``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json`` contents for a GGUF's vocab.
+def rebuildable_pre_tokenizers() -> frozenset[str]:
+    """The ``tokenizer.ggml.pre`` values whose tokenizer edgeforge rebuilds: every byte-level one llama.cpp knows."""
+    from edgeforge.models.llama_vocab import pre_tokenizer_rules
+    from edgeforge.models.support import llama_tree_dir
 
-    Only GPT-2-style byte-level BPE vocabularies (``tokenizer.ggml.model == "gpt2"``) are supported.
-    """
+    try:
+        rules = pre_tokenizer_rules(llama_tree_dir())
+    except ModelError:
+        return frozenset()
+    return frozenset(n for n, r in rules.items() if r.byte_encode and not r.opaque_regexes
+                     and all(_compiles(x) for x in r.regexes))
+
+
+def _compiles(regex: str) -> bool:
+    """Whether the ``tokenizers`` regex engine (Oniguruma) takes ``regex``; a few of llama.cpp's are placeholders
+    for hand-written C++ splitters (``\\p{AFMoE_digits}``) that no regex engine knows."""
+    from tokenizers import Regex
+
+    try:
+        Regex(regex)
+    except Exception:  # noqa: BLE001 - tokenizers raises a bare Exception for a bad pattern
+        return False
+    return True
+
+
+def rebuilt_tokenizer(gguf_path: Path) -> tuple[Any, dict[str, Any]]:
+    """The ``tokenizers.Tokenizer`` of a byte-level BPE GGUF, and the GGUF fields it was built from."""
     from gguf import GGUFReader
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    from edgeforge.models.llama_vocab import pre_tokenizer_rules
+    from edgeforge.models.support import llama_tree_dir
 
     reader = GGUFReader(str(gguf_path), "r")
     kind = _field(reader, "tokenizer.ggml.model")
     if kind != "gpt2":
         raise ModelError(f"{gguf_path}: tokenizer model '{kind}' is not supported for an HF conversion; expected "
-                         "'gpt2' (byte-level BPE, as in SmolLM, Llama 3, Qwen2)")
+                         "'gpt2' (byte-level BPE, as in SmolLM, Llama 3, Qwen); give the model's HF directory")
+    pre = _field(reader, "tokenizer.ggml.pre") or "default"
+    rule = pre_tokenizer_rules(llama_tree_dir()).get(pre)
+    if rule is None or pre not in rebuildable_pre_tokenizers():
+        raise ModelError(f"{gguf_path}: pre-tokenizer '{pre}' is "
+                         + ("not rebuilt here (not byte-level, or split by hand-written C++ in llama.cpp)" if rule
+                            else "unknown to the pinned llama.cpp")
+                         + "; give the model's HF directory instead of its GGUF")
     tokens: list[str] = _field(reader, "tokenizer.ggml.tokens")
     merges: list[str] = _field(reader, "tokenizer.ggml.merges") or []
     types: list[int] = _field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
-    pre = _field(reader, "tokenizer.ggml.pre") or "default"
+    bpe = models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=[tuple(m.split(" ", 1)) for m in merges],
+                     ignore_merges=rule.ignore_merges, fuse_unk=False, byte_fallback=False)
+    tok = Tokenizer(bpe)
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in rule.regexes]
+        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    # Tokens already in the vocabulary keep their ids.
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t, ty in zip(tokens, types, strict=True) if ty in _SPECIAL_TOKEN_TYPES])
+    return tok, {"reader": reader, "tokens": tokens, "pre": pre}
 
-    def tok(key: str) -> str | None:
+
+def canonical_tokenizer_files(gguf_path: Path) -> dict[str, Any]:
+    """``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json`` contents for a GGUF's vocab.
+
+    Only byte-level BPE vocabularies (``tokenizer.ggml.model == "gpt2"``) are supported.
+    """
+    tok, fields = rebuilt_tokenizer(gguf_path)
+    reader, tokens = fields["reader"], fields["tokens"]
+
+    def special_token(key: str) -> str | None:
         i = _field(reader, f"tokenizer.ggml.{key}_token_id")
         return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
 
-    added = [
-        {"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
-         "special": True}
-        for i, (t, ty) in enumerate(zip(tokens, types, strict=True)) if ty in _SPECIAL_TOKEN_TYPES
-    ]
-    pretokenizers: list[dict[str, Any]] = []
-    if pre in CANONICAL_PRE_TOKENIZERS:
-        # SmolLM's own tokenizer.json splits digits individually before the byte-level regex.
-        if pre == "smollm":
-            pretokenizers.append({"type": "Digits", "individual_digits": True})
-    else:
-        raise ModelError(f"{gguf_path}: pre-tokenizer '{pre}' has no canonical HF form here; supported: smollm, "
-                         "qwen2, llama-bpe, gpt-2")
-    pretokenizers.append({"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True})
-    tokenizer_json = {
-        "version": "1.0",
-        "truncation": None,
-        "padding": None,
-        "added_tokens": added,
-        "normalizer": None,
-        "pre_tokenizer": {"type": "Sequence", "pretokenizers": pretokenizers},
-        "post_processor": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True},
-        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
-        "model": {
-            "type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-            "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
-            "vocab": {t: i for i, t in enumerate(tokens)},
-            "merges": [m.split(" ", 1) for m in merges],
-        },
-    }
-    special = {k: v for k, v in {"bos_token": tok("bos"), "eos_token": tok("eos"), "unk_token": tok("unknown"),
-                                  "pad_token": tok("padding")}.items() if v is not None}
+    added = json.loads(tok.to_str())["added_tokens"]
+    special = {k: v for k, v in {"bos_token": special_token("bos"), "eos_token": special_token("eos"),
+                                  "unk_token": special_token("unknown"),
+                                  "pad_token": special_token("padding")}.items() if v is not None}
     config: dict[str, Any] = {
         "tokenizer_class": "GPT2Tokenizer",
         "add_bos_token": False,
@@ -96,7 +121,8 @@ def canonical_tokenizer_files(gguf_path: Path) -> dict[str, Any]:
     template = _field(reader, "tokenizer.chat_template")
     if template:
         config["chat_template"] = template
-    return {"tokenizer.json": tokenizer_json, "tokenizer_config.json": config, "special_tokens_map.json": special}
+    return {"tokenizer.json": json.loads(tok.to_str()), "tokenizer_config.json": config,
+            "special_tokens_map.json": special}
 
 
 def write_canonical_tokenizer(gguf_path: Path, out_dir: Path) -> None:

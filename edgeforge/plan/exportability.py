@@ -12,7 +12,7 @@ from typing import Any
 
 from edgeforge.models import support
 from edgeforge.models.files import read_model_config
-from edgeforge.models.gguf_hf import CANONICAL_PRE_TOKENIZERS
+from edgeforge.models.gguf_hf import rebuildable_pre_tokenizers
 from edgeforge.models.refs import ModelRef
 
 NO_TOKENIZER = "No tokenizer.json beside the model: save it with tokenizer.save_pretrained(DIR) and plan again."
@@ -35,7 +35,8 @@ def gguf_verdict(archs: list[str]) -> tuple[bool, str]:
                        "'python -m edgeforge.export.llama_tools' (the Makefile's set-up does)")
     if any(a in known for a in archs):
         return True, f"architectures {archs} are registered by {tree}"
-    return False, (f"architectures {archs} are not among the {len(known)} {tree} registers (list them: python "
+    return False, (f"architectures {archs} are not among the {len(known)} architectures llama.cpp's converter "
+                   f"registers (binding {support.binding_version()}; list them: python "
                    f"{support.llama_tree_dir() / 'convert_hf_to_gguf.py'} --print-supported-models); "
                    + _tested_note())
 
@@ -68,9 +69,9 @@ def _gguf_file(ref: ModelRef) -> dict[str, dict[str, Any]]:
     if arch not in loadable:
         reasons.append(f"transformers {support.installed_version('transformers')} cannot load GGUF architecture "
                        f"'{arch}' into torch (it loads {', '.join(sorted(loadable))})")
-    if tok != "gpt2" or pre not in CANONICAL_PRE_TOKENIZERS:
-        reasons.append(f"its tokenizer ('{tok}', pre-tokenizer '{pre}') has no canonical HF form here (byte-level "
-                       f"BPE with pre-tokenizers {', '.join(sorted(CANONICAL_PRE_TOKENIZERS))})")
+    if tok != "gpt2" or pre not in rebuildable_pre_tokenizers():
+        reasons.append(f"its tokenizer ('{tok}', pre-tokenizer '{pre}') is not rebuilt here (byte-level BPE with "
+                       "a pre-tokenizer llama.cpp knows; SentencePiece GGUFs: give the model's HF directory)")
     hf_ok = not reasons
     why_hf = (f"architecture '{arch}', tokenizer '{tok}' with pre-tokenizer '{pre}': "
               + ("converts to an HF model with a canonical tokenizer" if hf_ok else
