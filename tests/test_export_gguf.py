@@ -122,7 +122,7 @@ def test_unsupported_architecture_is_named(tmp_path: Path):
                                                "n_embd": 64, "n_head": 4, "n_layer": 2, "vocab_size": 100,
                                                "num_attention_heads": 4, "hidden_size": 64,
                                                "num_hidden_layers": 2, "intermediate_size": 128}))
-    with pytest.raises(BadInputError, match=r"FooForCausalLM.*are not among the \d+ architectures llama.cpp's converter registers"):
+    with pytest.raises(BadInputError, match=r"FooForCausalLM.*not among the \d+ architectures llama.cpp's converter"):
         export_gguf(hf_ref(d), "F16", tmp_path / "x.gguf")
 
 
