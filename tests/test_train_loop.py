@@ -83,6 +83,7 @@ def test_tokens_exclude_padding(tmp_path: Path):
 
 def test_rss_sampler_sees_a_peak_inside_its_span_only():
     """A span's peak is sampled inside it: an allocation made and freed inside the span shows in its peak."""
+    import mmap
     import time
 
     from edgeforge.distill.memory import RssSampler
@@ -90,7 +91,11 @@ def test_rss_sampler_sees_a_peak_inside_its_span_only():
     with RssSampler(interval_s=0.01) as idle:
         time.sleep(0.05)
     with RssSampler(interval_s=0.01) as busy:
-        block = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MiB, touched
+        # A fresh anonymous mapping, every page touched: a tensor could reuse pages the allocator freed earlier in
+        # the run (still resident), and then the span's peak would not move (seen after the whole fast suite).
+        block = mmap.mmap(-1, 64 << 20)
+        for offset in range(0, 64 << 20, 4096):
+            block[offset] = 1
         time.sleep(0.05)
-        del block
+        block.close()
     assert busy.peak_bytes - idle.peak_bytes > 48 << 20
