@@ -207,13 +207,13 @@ def test_a_users_own_model_builds_to_a_ship_folder(family: str, tmp_path: Path) 
     from edgeforge.data.builtin import training_prose
     from edgeforge.ship.folder import check_manifest
 
-    teacher = make_tiny_model(tmp_path / "my-model", family, seed=7, layers=2)
+    teacher = make_tiny_model(tmp_path / "my-model", family, seed=7, layers=2, embedding_std=0.3)
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(training_prose(1500), encoding="utf-8")
     task = tmp_path / "task.jsonl"
     task.write_text("".join(json.dumps({"prompt": f"Colour of {w}?\n", "completion": c}) + "\n"
                             for w, c in [("sky", "blue"), ("grass", "green"), ("snow", "white"),
-                                         ("coal", "black"), ("blood", "red"), ("sun", "yellow")] * 4))
+                                         ("coal", "black"), ("blood", "red"), ("sun", "yellow")] * 10))
     short = {"distill": {"enabled": True, "student_layers": 1, "steps": 3, "batch_size": 2, "seq_len": 32,
                          "generate_answers": False},
              "finetune": {"steps": 2, "batch_size": 2, "eval_examples": 2},
@@ -231,3 +231,26 @@ def test_a_users_own_model_builds_to_a_ship_folder(family: str, tmp_path: Path) 
     assert len(list(ship.glob("*.gguf"))) == 1 and (ship / "onnx-int8" / "model.onnx").is_file()
     config = json.loads((ship / "onnx-int8" / "config.json").read_text())
     assert config["model_type"] == family and config["num_hidden_layers"] == 1
+
+
+def test_models_show_reads_the_sliding_window_from_config_and_gguf(tmp_path: Path, config_dir) -> None:
+    from edgeforge.models.refs import arch_from_config
+
+    cfg = tiny_config("gemma3_text", layers=4).to_dict()
+    arch = arch_from_config(cfg)
+    assert (arch.sliding_window, arch.sliding_layers) == (16, 2)
+    older = {**cfg, "layer_types": None, "sliding_window_pattern": 6, "num_hidden_layers": 26}
+    assert arch_from_config(older).sliding_layers == 26 - 4  # every 6th layer full
+    assert arch_from_config(tiny_config("llama").to_dict()).sliding_window is None
+
+
+@pytest.mark.integration
+def test_gguf_metadata_gives_the_same_sliding_layers(tmp_path: Path) -> None:
+    from edgeforge.export.gguf import convert_hf
+    from edgeforge.models.refs import arch_from_config, arch_from_gguf
+
+    d = make_tiny_model(tmp_path / "g", "gemma3_text", layers=4)
+    gguf = convert_hf(d, tmp_path / "g.gguf")
+    from_gguf, from_config = arch_from_gguf(gguf), arch_from_config(json.loads((d / "config.json").read_text()))
+    assert (from_gguf.sliding_window, from_gguf.sliding_layers) == (from_config.sliding_window,
+                                                                    from_config.sliding_layers) == (16, 2)

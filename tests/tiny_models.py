@@ -54,8 +54,13 @@ def tiny_config(arch: str = "llama", layers: int = 2) -> Any:
     raise ValueError(f"unknown tiny family '{arch}': expected one of {FAMILIES}")
 
 
-def make_tiny_model(out: Path, arch: str = "llama", seed: int = 0, layers: int = 2) -> Path:
-    """Save a random decoder of family ``arch`` (see FAMILIES) with the bundled teacher's tokenizer to ``out``."""
+def make_tiny_model(out: Path, arch: str = "llama", seed: int = 0, layers: int = 2,
+                    embedding_std: float = 0.08) -> Path:
+    """Save a random decoder of family ``arch`` (see FAMILIES) with the bundled teacher's tokenizer to ``out``.
+
+    ``embedding_std`` above the other weights' 0.08 gives (tied) output logits with wider margins, so a quantized
+    artifact's top-1 agreement measures the export rather than near-ties of a flat random distribution.
+    """
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
@@ -64,6 +69,7 @@ def make_tiny_model(out: Path, arch: str = "llama", seed: int = 0, layers: int =
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.08)
+        model.get_input_embeddings().weight.normal_(0, embedding_std)
     model.save_pretrained(out, safe_serialization=True)
     write_canonical_tokenizer(resolve_model(None).path, out)
     return out

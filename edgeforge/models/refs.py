@@ -107,6 +107,11 @@ class ModelArch:
     n_params: int
     max_context: int
     qkv_bias: bool = False
+    #: Tokens a sliding-window layer attends to (None: every layer attends to the whole context).
+    sliding_window: int | None = None
+    #: Layers that attend over ``sliding_window`` only (Gemma 3: 5 of every 6). The KV cache llama-cpp-python
+    #: allocates keeps them full-size (its default ``swa_full``), so sizing does not count them smaller.
+    sliding_layers: int = 0
 
     @property
     def embedding_params(self) -> int:
@@ -176,6 +181,7 @@ def arch_from_config(config: dict[str, Any], source: str = "config.json") -> Mod
     vocab = need("vocab_size")
     tied = bool(config.get("tie_word_embeddings", False))
     qkv_bias = model_type == "qwen2" or bool(config.get("attention_bias", False))
+    window, sliding = _sliding_from_config(config, layers)
     return ModelArch(
         architecture=model_type,
         n_layers=layers,
@@ -189,7 +195,26 @@ def arch_from_config(config: dict[str, Any], source: str = "config.json") -> Mod
         n_params=count_params(layers, hidden, n_heads, n_kv, head_dim, inter, vocab, tied, qkv_bias),
         max_context=optional("max_position_embeddings", 2048),
         qkv_bias=qkv_bias,
+        sliding_window=window,
+        sliding_layers=sliding,
     )
+
+
+def _sliding_from_config(config: dict[str, Any], layers: int) -> tuple[int | None, int]:
+    """(window, number of sliding layers) from ``layer_types`` (transformers' per-layer list), or from an older
+    config's ``sliding_window_pattern`` (every n-th layer full); a window with neither is not applied by
+    llama.cpp's converters, so it is not counted."""
+    window = config.get("sliding_window")
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        return None, 0
+    types = config.get("layer_types")
+    if isinstance(types, list):
+        n = sum(1 for t in types if t == "sliding_attention")
+    elif isinstance(config.get("sliding_window_pattern"), int) and config["sliding_window_pattern"] > 0:
+        n = sum(1 for i in range(layers) if (i + 1) % config["sliding_window_pattern"] != 0)
+    else:
+        n = 0
+    return (window, n) if n else (None, 0)
 
 
 def _gguf_value(reader: Any, key: str) -> Any:
@@ -256,7 +281,24 @@ def _arch_from_reader(reader: Any, path: Path) -> ModelArch:
         n_params=int(sum(int(t.n_elements) for t in reader.tensors)),
         max_context=optional("context_length", 2048),
         qkv_bias="blk.0.attn_q.bias" in names,
+        **_sliding_from_gguf(reader, arch, need("block_count")),
     )
+
+
+def _sliding_from_gguf(reader: Any, arch: str, layers: int) -> dict[str, Any]:
+    """``sliding_window`` / ``sliding_layers`` from GGUF metadata: the per-layer pattern array when written, else
+    llama.cpp's default for Gemma 3 (5 sliding : 1 full, ``set_swa_pattern(6)``)."""
+    window = _gguf_value(reader, f"{arch}.attention.sliding_window")
+    if not isinstance(window, int) or window < 1:
+        return {}
+    pattern = _gguf_value(reader, f"{arch}.attention.sliding_window_pattern")
+    if isinstance(pattern, list):
+        n = sum(1 for p in pattern if p)
+    elif arch == "gemma3":
+        n = sum(1 for i in range(layers) if i % 6 < 5)
+    else:
+        return {}
+    return {"sliding_window": int(window), "sliding_layers": n} if n else {}
 
 
 def read_arch(ref: ModelRef) -> ModelArch:

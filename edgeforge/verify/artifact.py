@@ -26,6 +26,7 @@ GREEDY_PROMPTS = (
     "List three uses of a Raspberry Pi.",
 )
 GREEDY_NEW_TOKENS = 16
+MIN_VERIFY_TOKENS = 16  # fewer positions say nothing about an artifact's distribution
 
 
 @dataclass(frozen=True)
@@ -263,8 +264,8 @@ def verify_artifact(
     from edgeforge.data.builtin import heldout_prose
 
     ids = reference.encode(text or heldout_prose(), n_tokens)
-    if len(ids) < 16:
-        raise BadInputError(f"verification text has only {len(ids)} tokens; give at least 16")
+    if len(ids) < MIN_VERIFY_TOKENS:
+        raise BadInputError(f"verification text has only {len(ids)} tokens; give at least {MIN_VERIFY_TOKENS}")
     if len(ids) < n_tokens:
         source = "the given text" if text else "the built-in held-out prose"
         raise BadInputError(f"verification asks for {n_tokens} tokens, {source} has {len(ids)}; ask for at most "

@@ -76,15 +76,23 @@ class ExportStage:
         """KL / top-1 against the source. With a task, gated on the fixed task set's text (the job the model was
         specialised for) and measured on general prose beside it (``general_prose``, not gated); without one, on
         general prose."""
-        from edgeforge.verify.artifact import verify_artifact
+        from edgeforge.verify.artifact import MIN_VERIFY_TOKENS, verify_artifact
 
         ctx, n = self.ctx, self.ctx.cfg.verify.tokens
-        where = "held-out task examples" if examples else "held-out prose"
-        ctx.log(f"[{self.name}] verifying {path.name} against {reference.ref.path.name} ({n} tokens of {where})")
-        if not examples:
+        text = task_text(reference.tokenizer, held_out_task_examples(ctx, every=True)) if examples else ""
+        # A small task file holds out little text: verify on all of it when that is fewer than verify.tokens,
+        # and on prose alone when it is too short to measure at all (the task gate still scores every example).
+        n_task = len(reference.encode(text, n)) if text else 0
+        if n_task < MIN_VERIFY_TOKENS:
+            if examples:
+                ctx.log(f"[{self.name}] the held-out task text has {n_task} tokens (< {MIN_VERIFY_TOKENS}): "
+                        "KL and top-1 are measured on held-out prose only")
+            ctx.log(f"[{self.name}] verifying {path.name} against {reference.ref.path.name} ({n} tokens of "
+                    "held-out prose)")
             return verify_artifact(path, reference, self.quant, n_tokens=n, enforce=False)
-        text = task_text(reference.tokenizer, held_out_task_examples(ctx, every=True))
-        verify = verify_artifact(path, reference, self.quant, text, n_tokens=n, enforce=False)
+        ctx.log(f"[{self.name}] verifying {path.name} against {reference.ref.path.name} ({n_task} tokens of "
+                "held-out task examples)")
+        verify = verify_artifact(path, reference, self.quant, text, n_tokens=n_task, enforce=False)
         prose = verify_artifact(path, reference, self.quant, n_tokens=n, enforce=False)
         return {**verify, "text": "task", "general_prose": {k: prose[k] for k in (
             "mean_kl", "top1_agreement", "perplexity_reference", "perplexity_artifact", "passed", "failures")}}
