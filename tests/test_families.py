@@ -77,7 +77,8 @@ def test_pruned_student_runs_and_survives_a_reload(family: str, tmp_path: Path) 
     from transformers import AutoModelForCausalLM
 
     from edgeforge.distill.layouts import LAYOUTS
-    from edgeforge.distill.prune import StudentShape, init_student, smollm3_rope_rule
+    from edgeforge.distill.prune import StudentShape, init_student
+    from edgeforge.models.support import smollm3_rope_flags
 
     teacher = _model(family)
     hidden = None if LAYOUTS[family].hidden_pruning_blocked else 48
@@ -96,7 +97,7 @@ def test_pruned_student_runs_and_survives_a_reload(family: str, tmp_path: Path) 
     if getattr(teacher.config, "layer_types", None) is not None:
         assert reloaded.config.layer_types == [teacher.config.layer_types[i] for i in report.kept_layers]
     if family == "smollm3":  # llama.cpp's fixed rule, not the kept layers' flags (see prune_depth)
-        assert reloaded.config.no_rope_layers == smollm3_rope_rule(3) == [1, 1, 1]
+        assert reloaded.config.no_rope_layers == smollm3_rope_flags(3) == [1, 1, 1]
 
 
 def test_a_smollm3_off_the_llama_cpp_rope_rule_is_refused_for_gguf(tmp_path: Path) -> None:

@@ -35,6 +35,7 @@ from edgeforge.distill.layouts import (
     set_mlp_projections,
 )
 from edgeforge.errors import BadInputError
+from edgeforge.models.support import smollm3_rope_flags
 
 InitMethod = Literal["auto", "depth", "width", "random"]
 INIT_METHODS: tuple[str, ...] = ("auto", "depth", "width", "random")
@@ -206,15 +207,10 @@ def prune_depth(model: nn.Module, keep: list[int]) -> None:
         # llama.cpp runs SmolLM3 with a fixed rule, RoPE off in every 4th layer (src/models/smollm3.cpp), and no
         # GGUF key can say otherwise: a student keeping the teacher's flags of other positions would run wrong
         # there. So the pruned student follows the rule; distillation then retrains the layers whose flag moved.
-        cfg.no_rope_layers = smollm3_rope_rule(len(keep))
+        cfg.no_rope_layers = smollm3_rope_flags(len(keep))
         for layer, use_rope in zip(kept, cfg.no_rope_layers, strict=True):
             layer.self_attn.use_rope = use_rope
     cfg.num_hidden_layers = len(keep)
-
-
-def smollm3_rope_rule(n_layers: int) -> list[int]:
-    """llama.cpp's SmolLM3 RoPE flags: 1 (RoPE) except in every 4th layer."""
-    return [int((i + 1) % 4 != 0) for i in range(n_layers)]
 
 
 def prune_mlp(model: nn.Module, keep_per_layer: list[Tensor]) -> None:
@@ -342,7 +338,7 @@ def random_student(teacher_config: Any, shape: StudentShape, seed: int = 0) -> n
     if getattr(cfg, "layer_types", None) is not None:
         cfg.layer_types = cfg.layer_types[: shape.layers]
     if getattr(cfg, "no_rope_layers", None) is not None:
-        cfg.no_rope_layers = smollm3_rope_rule(shape.layers)
+        cfg.no_rope_layers = smollm3_rope_flags(shape.layers)
     if shape.hidden_size is not None:
         cfg.hidden_size = shape.hidden_size
     if shape.intermediate_size is not None:

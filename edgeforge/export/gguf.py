@@ -225,11 +225,12 @@ def _converter_fixes(model_dir: Path) -> dict[str, tuple[Any, Any, Any]]:
     import gguf
 
     from edgeforge.models.files import read_model_config
+    from edgeforge.models.support import smollm3_rope_flags
 
     cfg = read_model_config(model_dir)
     no_rope = cfg.get("no_rope_layers")
     if cfg.get("model_type") == "smollm3" and isinstance(no_rope, list):
-        rule = [int((i + 1) % 4 != 0) for i in range(len(no_rope))]
+        rule = smollm3_rope_flags(len(no_rope))
         if [int(bool(v)) for v in no_rope] != rule:
             raise BadInputError(
                 f"{model_dir}: SmolLM3 no_rope_layers {no_rope} differ from the rule llama.cpp runs (RoPE off in "

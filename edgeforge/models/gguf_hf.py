@@ -105,7 +105,8 @@ def canonical_tokenizer_files(gguf_path: Path) -> dict[str, Any]:
         i = _field(reader, f"tokenizer.ggml.{key}_token_id")
         return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
 
-    added = json.loads(tok.to_str())["added_tokens"]
+    tokenizer_json = json.loads(tok.to_str())  # serialised once: the vocabulary can hold 150k entries
+    added = tokenizer_json["added_tokens"]
     special = {k: v for k, v in {"bos_token": special_token("bos"), "eos_token": special_token("eos"),
                                   "unk_token": special_token("unknown"),
                                   "pad_token": special_token("padding")}.items() if v is not None}
@@ -121,7 +122,7 @@ def canonical_tokenizer_files(gguf_path: Path) -> dict[str, Any]:
     template = _field(reader, "tokenizer.chat_template")
     if template:
         config["chat_template"] = template
-    return {"tokenizer.json": json.loads(tok.to_str()), "tokenizer_config.json": config,
+    return {"tokenizer.json": tokenizer_json, "tokenizer_config.json": config,
             "special_tokens_map.json": special}
 
 

@@ -39,6 +39,12 @@ TESTED_FAMILIES: dict[str, str] = {
 ONNX_TASK = "text-generation-with-past"
 
 
+def smollm3_rope_flags(n_layers: int) -> list[int]:
+    """The RoPE flags llama.cpp runs SmolLM3 with, fixed in its code (``src/models/smollm3.cpp``, no GGUF key):
+    1 (RoPE) in every layer except every 4th."""
+    return [int((i + 1) % 4 != 0) for i in range(n_layers)]
+
+
 def installed_version(package: str) -> str | None:
     """The installed version of ``package``, or None when it is not installed."""
     try:
