@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import FAMILIES, make_tiny_model, tiny_config
+from tiny_models import FAMILIES, SPM_CORPUS, make_tiny_model, tiny_config
 
 from edgeforge.models import support
 from edgeforge.models.refs import resolve_model
@@ -255,3 +255,58 @@ def test_gguf_metadata_gives_the_same_sliding_layers(tmp_path: Path) -> None:
     from_gguf, from_config = arch_from_gguf(gguf), arch_from_config(json.loads((d / "config.json").read_text()))
     assert (from_gguf.sliding_window, from_gguf.sliding_layers) == (from_config.sliding_window,
                                                                     from_config.sliding_layers) == (16, 2)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_a_sentencepiece_model_and_its_gguf_as_teacher(family: str, tmp_path: Path) -> None:
+    """A model with a SentencePiece vocabulary (Llama 2's with the space prefix, Gemma's without), trained in-test:
+    its GGUF (the converter reads ``tokenizer.model``) becomes the teacher, whose tokenizer edgeforge rebuilds from
+    the GGUF and tokenizes as llama.cpp does; the student distilled from it, fine-tuned and merged, exports to a
+    GGUF with the teacher's vocabulary (pieces, scores, types) and verifies against torch, and to ONNX int8."""
+    import gguf as gguf_py
+    from llama_cpp import Llama
+    from transformers import AutoTokenizer
+
+    from edgeforge.data.builtin import training_prose
+    from edgeforge.models.gguf_hf import hf_dir_for, materialize_hf
+    from edgeforge.verify.artifact import Reference, verify_artifact
+
+    source = make_tiny_model(tmp_path / "hf", family, seed=5, layers=4, embedding_std=0.3, tokenizer="sentencepiece")
+    teacher = tmp_path / f"{family}-teacher.gguf"  # the name keys the HF form cached in EDGEFORGE_HOME
+    exported = _cli("export", "gguf", str(source), "--quant", "Q8_0", "--out", str(teacher))
+    assert exported["verification"]["passed"], exported["verification"]
+
+    def vocab(path: Path) -> tuple[list, list, list]:
+        r = gguf_py.GGUFReader(str(path), "r")
+        return tuple(r.fields[f"tokenizer.ggml.{k}"].contents() for k in ("tokens", "scores", "token_type"))
+
+    hf_dir = materialize_hf(teacher, hf_dir_for(teacher, tmp_path / "home"))
+    # The torch form of the GGUF teacher is the model llama.cpp runs (Gemma 3: its sliding layers, query scale).
+    assert verify_artifact(teacher, Reference(resolve_model(str(hf_dir))), "Q8_0", n_tokens=128)["passed"]
+    rebuilt = AutoTokenizer.from_pretrained(hf_dir)
+    llm = Llama(str(teacher), vocab_only=True, verbose=False)
+    for text in SPM_CORPUS:
+        assert rebuilt(text, add_special_tokens=False)["input_ids"] == \
+            llm.tokenize(text.encode("utf-8"), add_bos=False, special=False), text
+
+    text = tmp_path / "text.txt"
+    text.write_text(training_prose(1500), encoding="utf-8")
+    task = tmp_path / "task.jsonl"
+    task.write_text("".join(json.dumps({"prompt": f"Repeat: {w}\n", "completion": f"{w}"}) + "\n"
+                            for w in ("red", "blue", "green", "cat", "dog", "sun", "moon", "tree") * 3))
+    plan = _cli("plan", "--teacher", str(teacher), "--profile", "raspberry-pi-5-4gb")
+    assert plan["exportability"]["training"]["ok"], plan["exportability"]
+    student = tmp_path / "student"
+    _cli("distill", "--teacher", str(teacher), "--data", str(text), "--student-layers", "3", "--init", "auto",
+         "--steps", "3", "--batch-size", "2", "--seq-len", "32", "--eval-sequences", "2", "--calib-sequences", "2",
+         "--cache-dir", str(tmp_path / "cache"), "--out", str(student))
+    merged = tmp_path / "merged"
+    _cli("finetune", str(student), "--data", str(task), "--steps", "3", "--batch-size", "4",
+         "--eval-examples", "4", "--merge", "--out", str(merged))
+    out = tmp_path / "student.gguf"
+    result = _cli("export", "gguf", str(merged), "--quant", "Q8_0", "--out", str(out))
+    assert result["verification"]["passed"], result["verification"]
+    assert vocab(out) == vocab(teacher)
+    onnx = _cli("export", "onnx", str(merged), "--quantize", "int8", "--out", str(tmp_path / "onnx"))
+    assert onnx["verification"]["passed"], onnx["verification"]

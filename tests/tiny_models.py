@@ -4,6 +4,10 @@ An embedding of 49,152 x 64 is only 3M parameters, so export and tokenizer paths
 seconds with no download. Each family keeps what sets it apart from Llama, at a tiny size: Qwen3's q/k norms,
 Gemma 3's sliding-window and full layers with pre/post norms and scaled embeddings, Phi-3's fused projections with
 partial rotary, SmolLM3's layers without RoPE, Granite's multipliers, Qwen2's q/k/v biases.
+
+The families whose real checkpoints ship a SentencePiece vocabulary (Llama 2, Gemma) can instead get one trained
+in-test with the ``sentencepiece`` package (``tokenizer="sentencepiece"``), saved as ``tokenizer.model`` and
+``tokenizer.json`` by transformers' own tokenizer classes.
 """
 
 from __future__ import annotations
@@ -18,6 +22,62 @@ from edgeforge.models.refs import resolve_model
 
 VOCAB = 49152
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3", "smollm3", "granite")
+
+
+SPM_CORPUS = [
+    "Héllo wörld! naïve café, Ελληνικά, русский текст",
+    "🤖🚀 emoji 👍🏽 and ZWJ 👨\u200d👩\u200d👧 sequences",
+    "日本語のテキスト、中文字符。한국어 텍스트",
+    "def f(x):\n    return x**2  # comment\n\n\tindented\r\n",
+    "digits 1234567890 12 345 6789012 3.14159 1e-5 0x1F $100.00",
+    "contractions: don't I'll WE'RE they've she's it'd You'LL",
+    "spaces   and  tabs\t\t and\n\n\nnewlines   ",
+    '<tag attr="v"> -- \'quoted\' "double" ...!!! ~^|+=<>',
+    "the quick brown fox jumps over the lazy dog, 0123456789 times",
+    "Repeat: red blue green cat dog sun moon tree. Colour of sky? blue. The model answers in one word.",
+]
+
+
+LLAMA_SPECIAL_IDS = {"unk_id": 0, "bos_id": 1, "eos_id": 2, "pad_id": 3}
+GEMMA_SPECIAL_IDS = {"pad_id": 0, "eos_id": 1, "bos_id": 2, "unk_id": 3}  # transformers' GemmaConverter assumes these
+
+
+def train_tiny_sentencepiece(path: Path, corpus: list[str] | None = None, vocab_size: int = 700,
+                             special_ids: dict[str, int] | None = None) -> Path:
+    """A SentencePiece BPE model with byte fallback, as Llama 2's and Gemma's are (``<unk>``, ``<s>``, ``</s>``,
+    ``<pad>`` at ``special_ids``, Llama's order by default; 256 byte pieces, then merges), trained in-test on
+    ``corpus``."""
+    import io
+
+    import sentencepiece as spm
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter((corpus or SPM_CORPUS) * 3), model_writer=buf,
+                                   model_type="bpe", vocab_size=vocab_size, byte_fallback=True,
+                                   character_coverage=0.98, normalization_rule_name="identity",
+                                   remove_extra_whitespaces=False, split_digits=True,
+                                   allow_whitespace_only_pieces=True, hard_vocab_limit=False, minloglevel=2,
+                                   **(special_ids or LLAMA_SPECIAL_IDS))
+    path.write_bytes(buf.getvalue())
+    return path
+
+
+def write_sentencepiece_tokenizer(out: Path, arch: str) -> tuple[int, dict[str, int]]:
+    """Train a tiny SentencePiece model and save it as ``arch``'s own tokenizer class does (Gemma's: no space
+    prefix, its special-token ids; Llama's otherwise); the vocabulary size and the special ids."""
+    import tempfile
+
+    from transformers import GemmaTokenizerFast, LlamaTokenizerFast
+
+    gemma = arch.startswith("gemma")
+    ids = GEMMA_SPECIAL_IDS if gemma else LLAMA_SPECIAL_IDS
+    with tempfile.TemporaryDirectory() as tmp:
+        model_file = train_tiny_sentencepiece(Path(tmp) / "tokenizer.model", special_ids=ids)
+        cls = GemmaTokenizerFast if gemma else LlamaTokenizerFast
+        tok = cls(vocab_file=str(model_file), unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                  pad_token="<pad>", legacy=False)
+        tok.save_pretrained(out)
+    return len(tok), ids
 
 
 def tiny_config(arch: str = "llama", layers: int = 2) -> Any:
@@ -55,16 +115,23 @@ def tiny_config(arch: str = "llama", layers: int = 2) -> Any:
 
 
 def make_tiny_model(out: Path, arch: str = "llama", seed: int = 0, layers: int = 2,
-                    embedding_std: float = 0.08) -> Path:
-    """Save a random decoder of family ``arch`` (see FAMILIES) with the bundled teacher's tokenizer to ``out``.
+                    embedding_std: float = 0.08, tokenizer: str = "bundled") -> Path:
+    """Save a random decoder of family ``arch`` (see FAMILIES) with the bundled teacher's tokenizer to ``out``
+    (``tokenizer="sentencepiece"``: a SentencePiece vocabulary trained in-test, see write_sentencepiece_tokenizer).
 
     ``embedding_std`` above the other weights' 0.08 gives (tied) output logits with wider margins, so a quantized
     artifact's top-1 agreement measures the export rather than near-ties of a flat random distribution.
     """
     from transformers import AutoModelForCausalLM
 
+    if tokenizer not in ("bundled", "sentencepiece"):
+        raise ValueError(f"tokenizer '{tokenizer}': expected 'bundled' or 'sentencepiece'")
+    config = tiny_config(arch, layers)
+    if tokenizer == "sentencepiece":
+        config.vocab_size, ids = write_sentencepiece_tokenizer(out, arch)
+        config.bos_token_id, config.eos_token_id, config.pad_token_id = ids["bos_id"], ids["eos_id"], ids["pad_id"]
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch, layers), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # larger weights than the default init give peaked, testable distributions
         for p in model.parameters():
             if p.dim() == 2:
@@ -72,5 +139,6 @@ def make_tiny_model(out: Path, arch: str = "llama", seed: int = 0, layers: int =
         if embedding_std != 0.08:  # (the default leaves the random stream, and so every pinned model, as it was)
             model.get_input_embeddings().weight.normal_(0, embedding_std)
     model.save_pretrained(out, safe_serialization=True)
-    write_canonical_tokenizer(resolve_model(None).path, out)
+    if tokenizer == "bundled":
+        write_canonical_tokenizer(resolve_model(None).path, out)
     return out

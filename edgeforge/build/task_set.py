@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeforge.build.stage import BuildContext, BuildState
+from edgeforge.data.chat import conversation_text
 
 
 def held_out_task_examples(ctx: BuildContext, every: bool = False) -> list[dict[str, Any]]:
@@ -30,7 +31,7 @@ def task_text(tokenizer: Any, examples: list[dict[str, Any]]) -> str:
     """Held-out task examples as one text, each as the chat template renders prompt and answer: what a
     task-specialised artifact is verified on (KL, top-1; the first ``verify.tokens`` tokens of every held-out
     example, however few the scored set has), general prose being reported beside it."""
-    return "\n".join(tokenizer.apply_chat_template(e["messages"], tokenize=False) for e in examples)
+    return "\n".join(conversation_text(tokenizer, e["messages"]) for e in examples)
 
 
 def source_task_scores(state: BuildState, examples: list[dict[str, Any]], log: Any) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from typing import Any, Generic, TypeVar
 import torch
 
 from edgeforge.data.builtin import content_fraction, read_text_data
+from edgeforge.data.chat import conversation_text
 from edgeforge.errors import BadInputError
 
 TEXT_FIELDS = ("text", "content", "document")
@@ -70,7 +71,7 @@ def documents_from_file(path: Path, tokenizer: Any) -> list[str]:
             where = f"{path}:{i}"
             if "messages" in row:
                 msgs = validate_messages(row["messages"], where)
-                docs.append(tokenizer.apply_chat_template(msgs, tokenize=False))
+                docs.append(conversation_text(tokenizer, msgs))
             elif "prompt" in row and "completion" in row:
                 docs.append(f"{row['prompt']}{row['completion']}")
             else:

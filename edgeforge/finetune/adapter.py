@@ -11,6 +11,7 @@ import torch
 
 from edgeforge.errors import BadInputError, EdgeforgeError, QualityGateError
 from edgeforge.finetune.config import FinetuneConfig, Method
+from edgeforge.models.files import save_tokenizer
 from edgeforge.tasks.metrics import task_metrics
 from edgeforge.verify.metrics import log_softmax, mean_kl, top1_agreement
 
@@ -133,7 +134,7 @@ def publish_model_dir(model: Any, tokenizer: Any, out: Path) -> None:
     for d in (staging, replaced):
         shutil.rmtree(d, ignore_errors=True)
     model.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
+    save_tokenizer(tokenizer, staging)
     if out.is_dir():
         for entry in sorted(out.iterdir()):
             stale = entry.is_file() and any(entry.match(pattern) for pattern in STALE_MODEL_FILES)

@@ -28,6 +28,7 @@ from edgeforge.errors import BadInputError
 from edgeforge.finetune.adapter import add_adapter, base_model_dir, check_memory, load_base, merge_adapter
 from edgeforge.finetune.config import FinetuneConfig
 from edgeforge.finetune.loss import answer_loss, general_perplexity
+from edgeforge.models.files import save_tokenizer
 from edgeforge.tasks.examples import collate, encode_example, load_task_examples
 from edgeforge.tasks.metrics import task_metrics
 from edgeforge.train.loop import TrainConfig, pick_device, train
@@ -211,7 +212,7 @@ def _save(model: Any, tokenizer: Any, out: Path, record: dict[str, Any], merge: 
     staging = adapter_dir.with_name(adapter_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
+    save_tokenizer(tokenizer, staging)
     if merge:
         record["merge"] = merge_adapter(model, base_dir, staging, out, tokenizer, cfg.method, held_ex,
                                         heldout_prose(4000), log)

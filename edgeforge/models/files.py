@@ -45,11 +45,38 @@ SAFETENSORS_PROBLEMS = {
 }
 
 
+def is_sentencepiece_model(path: Path) -> bool:
+    """Whether ``path`` is a SentencePiece model (a protobuf), not the copy of a whole GGUF that transformers writes
+    under the same name."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(4)
+    except OSError:
+        return False
+    return len(head) == 4 and head != b"GGUF"
+
+
 def tokenizer_files(model_dir: Path) -> list[Path]:
-    """The tokenizer files of ``model_dir`` that exist: :data:`TOKENIZER_FILES`, plus the legacy ones when there is
-    no ``tokenizer.json``. What every stage copies when it writes a model or ships one."""
+    """The tokenizer files of ``model_dir`` that exist: :data:`TOKENIZER_FILES`, a SentencePiece ``tokenizer.model``
+    (llama.cpp's converter reads the vocabulary of Llama, Gemma and Phi-3 from it, not from ``tokenizer.json``), and
+    the legacy ones when there is no ``tokenizer.json``. What every stage copies when it writes a model or ships one."""
     names = TOKENIZER_FILES + (() if (model_dir / "tokenizer.json").is_file() else LEGACY_TOKENIZER_FILES)
-    return [model_dir / n for n in names if (model_dir / n).is_file()]
+    found = [model_dir / n for n in names if (model_dir / n).is_file()]
+    spm = model_dir / "tokenizer.model"
+    if spm not in found and is_sentencepiece_model(spm):
+        found.append(spm)
+    return found
+
+
+def save_tokenizer(tokenizer: Any, out_dir: Path) -> None:
+    """``tokenizer.save_pretrained(out_dir)``, and the SentencePiece ``tokenizer.model`` of the directory it was
+    loaded from when the save wrote none (a ``PreTrainedTokenizerFast`` has no slow form to save it from)."""
+    import shutil
+
+    tokenizer.save_pretrained(out_dir)
+    source = Path(getattr(tokenizer, "name_or_path", "") or "") / "tokenizer.model"
+    if not (out_dir / "tokenizer.model").exists() and is_sentencepiece_model(source):
+        shutil.copyfile(source, out_dir / "tokenizer.model")
 
 
 def read_json_object(path: Path) -> dict[str, Any]:

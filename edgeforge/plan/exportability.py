@@ -12,7 +12,7 @@ from typing import Any
 
 from edgeforge.models import support
 from edgeforge.models.files import read_model_config
-from edgeforge.models.gguf_hf import rebuildable_pre_tokenizers
+from edgeforge.models.gguf_hf import tokenizer_fields, tokenizer_refusal
 from edgeforge.models.refs import ModelRef
 
 NO_TOKENIZER = "No tokenizer.json beside the model: save it with tokenizer.save_pretrained(DIR) and plan again."
@@ -69,9 +69,9 @@ def _gguf_file(ref: ModelRef) -> dict[str, dict[str, Any]]:
     if arch not in loadable:
         reasons.append(f"transformers {support.installed_version('transformers')} cannot load GGUF architecture "
                        f"'{arch}' into torch (it loads {', '.join(sorted(loadable))})")
-    if tok != "gpt2" or pre not in rebuildable_pre_tokenizers():
-        reasons.append(f"its tokenizer ('{tok}', pre-tokenizer '{pre}') is not rebuilt here (byte-level BPE with "
-                       "a pre-tokenizer llama.cpp knows; SentencePiece GGUFs: give the model's HF directory)")
+    refusal = tokenizer_refusal(tokenizer_fields(ref.path))
+    if refusal:
+        reasons.append(f"its tokenizer is not rebuilt: {refusal} (give the model's HF directory)")
     hf_ok = not reasons
     why_hf = (f"architecture '{arch}', tokenizer '{tok}' with pre-tokenizer '{pre}': "
               + ("converts to an HF model with a canonical tokenizer" if hf_ok else

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from edgeforge.data.chat import prompt_ids
 from edgeforge.data.text import ContentSplit, read_jsonl, split_by_content, validate_messages
 from edgeforge.errors import BadInputError
 
@@ -61,11 +62,11 @@ def load_task_examples(task: str | None, data: Path | None, seed: int = 0) -> tu
 def encode_example(tokenizer: Any, messages: list[dict[str, str]], max_len: int) -> tuple[list[int], list[int]]:
     """(input_ids, labels) with labels = -100 on every prompt token: the loss is on the answer (and its end token).
 
-    The prompt is the chat template of all messages but the last, with the generation prompt; the answer is the
-    last (assistant) message's content followed by the template's end-of-turn token.
+    The prompt is the chat template of all messages but the last, with the generation prompt (plain text for a
+    model without a template: edgeforge.data.chat); the answer is the last (assistant) message's content followed
+    by the end-of-sequence token.
     """
-    prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=True)
-    prompt = list(prompt["input_ids"] if isinstance(prompt, dict) else prompt)
+    prompt = prompt_ids(tokenizer, messages[:-1])
     answer = tokenizer(messages[-1]["content"], add_special_tokens=False)["input_ids"]
     end = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     ids = (prompt + answer + end)[:max_len]

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from edgeforge.data.chat import prompt_ids, prompt_text
 from edgeforge.progress import progress
 
 #: The standard normal quantile of 0.975: two-sided 95% intervals.
@@ -39,11 +40,13 @@ def greedy_answers(model: Any, tokenizer: Any, examples: list[dict], max_new_tok
         try:
             for i in range(0, len(examples), batch_size):
                 chunk = examples[i:i + batch_size]
-                prompts = [tokenizer.apply_chat_template(e["messages"][:-1], add_generation_prompt=True,
-                                                         tokenize=False) for e in chunk]
+                prompts = [prompt_text(tokenizer, e["messages"][:-1]) for e in chunk]
                 enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+                # Only what a decoder takes: a tokenizer may also return token_type_ids, which generate refuses.
+                enc = {k: enc[k] for k in ("input_ids", "attention_mask")}
                 gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                     pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+                                     pad_token_id=(tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                                                   else tokenizer.eos_token_id),
                                      eos_token_id=tokenizer.eos_token_id)
                 for row in gen[:, enc["input_ids"].shape[1]:]:
                     out.append(tokenizer.decode(row, skip_special_tokens=True))
@@ -145,8 +148,7 @@ def artifact_answers(artifact: Path, tokenizer: Any, examples: list[dict], max_n
     answers = []
     with progress(f"task evaluation of {artifact.name}", total=len(examples), unit="example") as shown:
         for ex in examples:
-            prompt = tokenizer.apply_chat_template(ex["messages"][:-1], add_generation_prompt=True, tokenize=True)
-            ids = engine.greedy(list(prompt), max_new_tokens, tokenizer.eos_token_id)
+            ids = engine.greedy(prompt_ids(tokenizer, ex["messages"][:-1]), max_new_tokens, tokenizer.eos_token_id)
             answers.append(tokenizer.decode(ids, skip_special_tokens=True))
             shown.advance()
     return answers

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from edgeforge.data.chat import prompt_format, prompt_ids
 from edgeforge.errors import BadInputError, QualityGateError
 from edgeforge.models.refs import ModelRef
 from edgeforge.verify.metrics import Agreement, agreement
@@ -133,8 +134,7 @@ class Reference:
             return self.model(torch.tensor([token_ids])).logits[0].float().numpy()
 
     def chat_prompt_ids(self, question: str) -> list[int]:
-        msgs = [{"role": "user", "content": question}]
-        return list(self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True))
+        return prompt_ids(self.tokenizer, [{"role": "user", "content": question}])
 
     def greedy(self, prompt_ids: list[int], n: int) -> list[int]:
         import torch
@@ -298,6 +298,7 @@ def verify_artifact(
         "greedy_match_rate": sum(g["match"] for g in greedy) / len(greedy),
         "greedy_mean_common_prefix_tokens": sum(g["common_prefix_tokens"] for g in greedy) / len(greedy),
         "greedy": greedy,
+        "greedy_prompt_format": prompt_format(reference.tokenizer),
         "threshold": {"max_mean_kl": th.max_mean_kl, "min_top1": th.min_top1, "quant": quant},
         "passed": not failures,
         "failures": failures,
