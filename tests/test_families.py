@@ -166,19 +166,26 @@ def _cli(*args: str) -> dict:
     return json.loads(r.stdout)
 
 
-@pytest.mark.integration
-@pytest.mark.parametrize("family", FAMILIES)
-def test_family_end_to_end(family: str, tmp_path: Path) -> None:
-    """plan -> prune (depth and MLP width) -> distill a few steps -> LoRA a few steps -> merge -> GGUF Q8_0 and
-    ONNX int8, each verified against the merged student by the export's own gate."""
+def _text_and_task(tmp_path: Path) -> tuple[Path, Path]:
+    """A text corpus (built-in prose) and a tiny task JSONL for the end-to-end runs."""
     from edgeforge.data.builtin import training_prose
 
-    teacher = make_tiny_model(tmp_path / "teacher", family, seed=5, layers=4)
     text = tmp_path / "text.txt"
     text.write_text(training_prose(1500), encoding="utf-8")
     task = tmp_path / "task.jsonl"
     task.write_text("".join(json.dumps({"prompt": f"Repeat: {w}\n", "completion": f"{w}"}) + "\n"
                             for w in ("red", "blue", "green", "cat", "dog", "sun", "moon", "tree") * 3))
+    return text, task
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_end_to_end(family: str, tmp_path: Path) -> None:
+    """plan -> prune (depth and MLP width) -> distill a few steps -> LoRA a few steps -> merge -> GGUF Q8_0 and
+    ONNX int8, each verified against the merged student by the export's own gate."""
+
+    teacher = make_tiny_model(tmp_path / "teacher", family, seed=5, layers=4)
+    text, task = _text_and_task(tmp_path)
     plan = _cli("plan", "--teacher", str(teacher), "--profile", "raspberry-pi-5-4gb")
     assert plan["exportability"]["gguf"]["ok"] and plan["exportability"]["onnx"]["ok"], plan["exportability"]
     student = tmp_path / "student"
@@ -268,7 +275,6 @@ def test_a_sentencepiece_model_and_its_gguf_as_teacher(family: str, tmp_path: Pa
     from llama_cpp import Llama
     from transformers import AutoTokenizer
 
-    from edgeforge.data.builtin import training_prose
     from edgeforge.models.gguf_hf import hf_dir_for, materialize_hf
     from edgeforge.verify.artifact import Reference, verify_artifact
 
@@ -290,11 +296,7 @@ def test_a_sentencepiece_model_and_its_gguf_as_teacher(family: str, tmp_path: Pa
         assert rebuilt(text, add_special_tokens=False)["input_ids"] == \
             llm.tokenize(text.encode("utf-8"), add_bos=False, special=False), text
 
-    text = tmp_path / "text.txt"
-    text.write_text(training_prose(1500), encoding="utf-8")
-    task = tmp_path / "task.jsonl"
-    task.write_text("".join(json.dumps({"prompt": f"Repeat: {w}\n", "completion": f"{w}"}) + "\n"
-                            for w in ("red", "blue", "green", "cat", "dog", "sun", "moon", "tree") * 3))
+    text, task = _text_and_task(tmp_path)
     plan = _cli("plan", "--teacher", str(teacher), "--profile", "raspberry-pi-5-4gb")
     assert plan["exportability"]["training"]["ok"], plan["exportability"]
     student = tmp_path / "student"

@@ -8,19 +8,11 @@ import json
 from pathlib import Path
 
 import pytest
+from tiny_models import MIXED_TEXT, train_tiny_sentencepiece
 
 from edgeforge.models.gguf_hf import rebuildable_pre_tokenizers, rebuilt_tokenizer
 
-MIXED = [
-    "Héllo wörld! naïve café, Ελληνικά, русский текст",
-    "🤖🚀 emoji 👍🏽 and ZWJ 👨‍👩‍👧 sequences",
-    "日本語のテキスト、中文字符。한국어 텍스트",
-    "def f(x):\n    return x**2  # comment\n\n\tindented\r\n",
-    "digits 1234567890 12 345 6789012 3.14159 1e-5 0x1F $100.00",
-    "contractions: don't I'll WE'RE they've she's it'd You'LL",
-    "spaces   and  tabs\t\t and\n\n\nnewlines   ",
-    '<tag attr="v"> -- \'quoted\' "double" ...!!! ~^|+=<>',
-]
+MIXED = MIXED_TEXT
 
 
 def _tiny_vocab() -> tuple[list[str], list[str]]:
@@ -102,21 +94,8 @@ def test_llama3_and_qwen2_split_digits_their_own_way(vocab: tuple[list[str], lis
 
 
 def _tiny_sentencepiece(path: Path) -> Path:
-    """A SentencePiece BPE model with byte fallback, trained in-test as Llama 2 / Gemma's were (pieces ``<unk>``,
-    ``<s>``, ``</s>``, 256 byte pieces, merges)."""
-    import io
-
-    import sentencepiece as spm
-
-    buf = io.BytesIO()
-    corpus = MIXED * 3 + ["the quick brown fox jumps over the lazy dog, 0123456789 times"] * 3
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_writer=buf, model_type="bpe",
-                                   vocab_size=700, byte_fallback=True, character_coverage=0.98,
-                                   normalization_rule_name="identity", remove_extra_whitespaces=False,
-                                   split_digits=True, allow_whitespace_only_pieces=True, unk_id=0, bos_id=1,
-                                   eos_id=2, pad_id=-1, hard_vocab_limit=False, minloglevel=2)
-    path.write_bytes(buf.getvalue())
-    return path
+    """A SentencePiece BPE model with byte fallback, trained in-test as Llama 2's / Gemma's were."""
+    return train_tiny_sentencepiece(path, [*MIXED, "the quick brown fox jumps over the lazy dog, 0123456789 times"])
 
 
 def _spm_vocab_only_gguf(path: Path, model_file: Path, *, prefix_space: bool, shuffle_scores: bool = False) -> Path:

@@ -24,7 +24,8 @@ VOCAB = 49152
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3", "smollm3", "granite")
 
 
-SPM_CORPUS = [
+#: Text that trips tokenizers: non-ASCII, emoji and ZWJ sequences, CJK, code, digit runs, contractions, whitespace.
+MIXED_TEXT = [
     "Héllo wörld! naïve café, Ελληνικά, русский текст",
     "🤖🚀 emoji 👍🏽 and ZWJ 👨\u200d👩\u200d👧 sequences",
     "日本語のテキスト、中文字符。한국어 텍스트",
@@ -33,9 +34,9 @@ SPM_CORPUS = [
     "contractions: don't I'll WE'RE they've she's it'd You'LL",
     "spaces   and  tabs\t\t and\n\n\nnewlines   ",
     '<tag attr="v"> -- \'quoted\' "double" ...!!! ~^|+=<>',
-    "the quick brown fox jumps over the lazy dog, 0123456789 times",
-    "Repeat: red blue green cat dog sun moon tree. Colour of sky? blue. The model answers in one word.",
 ]
+SPM_CORPUS = [*MIXED_TEXT, "the quick brown fox jumps over the lazy dog, 0123456789 times",
+              "Repeat: red blue green cat dog sun moon tree. Colour of sky? blue. The model answers in one word."]
 
 
 LLAMA_SPECIAL_IDS = {"unk_id": 0, "bos_id": 1, "eos_id": 2, "pad_id": 3}
