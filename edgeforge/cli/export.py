@@ -29,6 +29,7 @@ def _quant_auto(ref, out: Path, profile_name: str | None, max_kl: float, imatrix
     ``out`` (never under a name the user could own) and then removed; the caller exports the chosen type to ``out``.
     No type within ``max_kl`` is a failed quality gate (exit 1), not bad input.
     """
+    import os
     import tempfile
 
     from edgeforge.export.gguf import export_gguf
@@ -48,18 +49,30 @@ def _quant_auto(ref, out: Path, profile_name: str | None, max_kl: float, imatrix
     if not types:
         raise BadInputError(f"no GGUF type fits profile '{profile_name}'; distill a smaller student first "
                             "('edgeforge plan' says how small)")
+    from edgeforge.export.gguf import compute_imatrix
+    from edgeforge.models.refs import ModelRef
+
     reference = Reference(ref)
     tried: list[dict[str, Any]] = []
     out.parent.mkdir(parents=True, exist_ok=True)
-    for t in sorted(types, key=lambda q: gguf_file_bytes(arch, q)):
-        with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.stem}.auto-") as cand_dir:
-            cand = Path(cand_dir) / f"{out.stem}-{t}.gguf"
-            rec = export_gguf(ref, t, cand, imatrix_data, profile_name)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.stem}.auto-") as work_dir:
+        # one HF -> F16 conversion (and one importance matrix) for every candidate, not one per candidate
+        source = ref
+        if ref.format == "hf":
+            f16 = Path(work_dir) / "source-F16.gguf"
+            export_gguf(ref, "F16", f16)
+            source = ModelRef(ref.name, f16, "gguf")
+        imatrix = compute_imatrix(source.path, imatrix_data, Path(work_dir) / "imatrix.gguf",
+                                  max(1, os.cpu_count() or 1)) if imatrix_data is not None else None
+        for t in sorted(types, key=lambda q: gguf_file_bytes(arch, q)):
+            cand = Path(work_dir) / f"{out.stem}-{t}.gguf"
+            rec = export_gguf(source, t, cand, imatrix_file=imatrix, profile=profile_name)
             v = verify_artifact(cand, reference, t, enforce=False)
-        tried.append({"quant": t, "file_bytes": rec["file_bytes"], "mean_kl": v["mean_kl"],
-                      "top1_agreement": v["top1_agreement"]})
-        if v["mean_kl"] <= max_kl:
-            return t, tried
+            cand.unlink()
+            tried.append({"quant": t, "file_bytes": rec["file_bytes"], "mean_kl": v["mean_kl"],
+                          "top1_agreement": v["top1_agreement"]})
+            if v["mean_kl"] <= max_kl:
+                return t, tried
     raise QualityGateError(f"no candidate type keeps mean KL <= {max_kl}: " + ", ".join(
         f"{x['quant']} {x['mean_kl']:.4f}" for x in tried) + "; raise --max-kl or use a device with more memory")
 
@@ -67,11 +80,17 @@ def _quant_auto(ref, out: Path, profile_name: str | None, max_kl: float, imatrix
 @export.command("gguf")
 @click.argument("model")
 @click.option("--quant", default="Q4_K_M", show_default=True,
-              help="F32, F16, BF16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, IQ4_XS (needs --imatrix-data), or auto.")
+              help="F32, F16, BF16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, IQ4_XS (needs --imatrix-data), auto, or fit "
+              "(a per-tensor-group mix measured to lose least within --max-bytes or the --profile's memory).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="The .gguf file to write.")
 @click.option("--imatrix-data", type=click.Path(path_type=Path), default=None,
               help="Calibration text for an importance matrix ('builtin' for edgeforge's built-in text).")
-@click.option("--profile", "profile_name", default=None, help="Device profile: recorded, and used by --quant auto.")
+@click.option("--profile", "profile_name", default=None,
+              help="Device profile: recorded, and used by --quant auto and --quant fit (its memory budget).")
+@click.option("--max-bytes", type=click.IntRange(min=1), default=None,
+              help="With --quant fit: the largest file to write, in bytes [default: what fits --profile].")
+@click.option("--context", type=click.IntRange(min=1), default=2048, show_default=True,
+              help="With --quant fit --profile: the context the KV cache is sized for.")
 @click.option("--max-kl", type=click.FloatRange(min=0), default=0.1, show_default=True,
               help="With --quant auto: the largest mean KL vs the source model to accept.")
 @click.option("--verify/--no-verify", default=True, show_default=True,
@@ -80,7 +99,8 @@ def _quant_auto(ref, out: Path, profile_name: str | None, max_kl: float, imatrix
 @PROFILES_DIR_OPTION
 @JSON_OPTION
 def export_gguf_cmd(model: str, quant: str, out: Path, imatrix_data: Path | None, profile_name: str | None,
-                    max_kl: float, verify: bool, force: bool, profiles_dirs: tuple[Path, ...], as_json: bool) -> None:
+                    max_bytes: int | None, context: int, max_kl: float, verify: bool, force: bool,
+                    profiles_dirs: tuple[Path, ...], as_json: bool) -> None:
     """Export MODEL (HF dir, .gguf, or alias) to a GGUF file that llama.cpp runs."""
     from edgeforge.export.gguf import export_gguf, save_record
     from edgeforge.models.refs import resolve_model
@@ -90,6 +110,11 @@ def export_gguf_cmd(model: str, quant: str, out: Path, imatrix_data: Path | None
     if out.suffix.lower() != ".gguf":
         raise BadInputError(f"--out {out}: expected a path ending in .gguf")
     claim_output(out, kind="gguf", force=force)  # before --quant auto spends minutes measuring candidates
+    if quant == "fit":
+        max_bytes = _fit_budget(ref, profile_name, max_bytes, context, profiles_dirs)
+        imatrix_data = imatrix_data or Path("builtin")  # the mix is measured with an importance matrix
+    elif max_bytes is not None:
+        raise BadInputError("--max-bytes applies to --quant fit only")
     if imatrix_data is not None and str(imatrix_data) == "builtin":
         from edgeforge.data.builtin import write_calibration_text
         from edgeforge.paths import edgeforge_home
@@ -99,14 +124,16 @@ def export_gguf_cmd(model: str, quant: str, out: Path, imatrix_data: Path | None
     tried = None
     if quant == "auto":
         quant, tried = _quant_auto(ref, out, profile_name, max_kl, imatrix_data, profiles_dirs)
-    record = export_gguf(ref, quant, out, imatrix_data, profile_name, force=force)
+    record = export_gguf(ref, quant, out, imatrix_data, profile_name, force=force, max_bytes=max_bytes)
     if verify:
         from edgeforge.verify.artifact import Reference, Threshold, verify_artifact
 
         # --quant auto chose the type by the user's KL budget; that budget is then the gate.
         gate = Threshold(max_kl, 0.0) if tried is not None else None
+        # a fitted mix is judged at the thresholds of the type holding most of its bytes (its general.file_type)
+        judged_as = record["fit"]["file_type"] if "fit" in record else quant
         try:
-            record["verification"] = verify_artifact(out, Reference(ref), quant, enforce=True, threshold=gate)
+            record["verification"] = verify_artifact(out, Reference(ref), judged_as, enforce=True, threshold=gate)
         except EdgeforgeError as e:
             record["verification"] = {"passed": False, "error": str(e)}
             save_record(out, record)
@@ -117,12 +144,38 @@ def export_gguf_cmd(model: str, quant: str, out: Path, imatrix_data: Path | None
     _report_artifact(record, as_json)
 
 
+def _fit_budget(ref, profile_name: str | None, max_bytes: int | None, context: int,
+                profiles_dirs: tuple[Path, ...]) -> int:
+    """--quant fit's byte budget: --max-bytes, else the largest file that fits the profile at --context."""
+    if max_bytes is not None:
+        return max_bytes
+    if profile_name is None:
+        raise BadInputError("--quant fit needs a budget: pass --max-bytes B or --profile NAME")
+    from edgeforge.models.refs import read_arch
+    from edgeforge.plan.planner import gguf_budget_bytes
+    from edgeforge.plan.profiles import resolve_profile
+
+    budget = gguf_budget_bytes(read_arch(ref), resolve_profile(profile_name, profiles_dirs), context)
+    if budget <= 0:
+        raise BadInputError(f"profile '{profile_name}' has no memory left for weights at --context {context} (the KV "
+                            "cache and runtime take it all); lower --context or distill a smaller student")
+    return budget
+
+
 def _report_artifact(record: dict[str, Any], as_json: bool) -> None:
     if as_json:
         print_json(record)
         return
     size = record.get("file_bytes") or record.get("total_bytes", 0)
     click.echo(f"wrote {record['path']} ({size / 1e6:.1f} MB, {record.get('quant') or record.get('quantize')})")
+    fit = record.get("fit")
+    if fit:
+        counts: dict[str, int] = {}
+        for t in fit["group_types"].values():
+            counts[t] = counts.get(t, 0) + 1
+        click.echo(f"fitted mix within {fit['budget_bytes'] / 1e6:.1f} MB: {len(fit['group_types'])} tensor groups ("
+                   + ", ".join(f"{n} {t}" for t, n in sorted(counts.items())) + f"); predicted mean KL "
+                   f"{fit['predicted_mean_kl']:.4f} on {fit['sensitivity']['n_tokens']} calibration tokens")
     v = record.get("verification")
     if v and "mean_kl" in v:
         click.echo(f"verified vs {v['reference']} on {v['n_tokens']} tokens: mean KL {v['mean_kl']:.4f}, top-1 "

@@ -31,6 +31,7 @@ from edgeforge.progress import ProgressStep, progress
 from edgeforge.quiet import captured_stderr
 
 GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "IQ4_XS")
+FIT = "fit"  # a per-tensor-group mix fitted to a byte budget (edgeforge.export.fit)
 NEEDS_IMATRIX = {"IQ4_XS"}
 CONVERTER_OUTTYPE = {"F32": "f32", "BF16": "bf16"}  # every other type starts from an F16 conversion
 
@@ -149,14 +150,19 @@ def compute_imatrix(gguf: Path, data: Path, out: Path, threads: int, chunks: int
     return out
 
 
-def quantize(src: Path, dst: Path, quant: str, threads: int, imatrix: Path | None = None) -> Path:
-    """Quantize ``src`` to llama.cpp file type ``quant``; re-quantizing an already quantized file is allowed."""
+def quantize(src: Path, dst: Path, quant: str, threads: int, imatrix: Path | None = None,
+             tensor_types: list[str] | None = None) -> Path:
+    """Quantize ``src`` to llama.cpp file type ``quant``; re-quantizing an already quantized file is allowed.
+
+    ``tensor_types``: ``--tensor-type PATTERN=TYPE`` arguments of ``llama-quantize`` (a fitted mix, export.fit).
+    """
     tmp = dst.with_name(f".{dst.name}.partial")
-    if imatrix is not None:
+    if imatrix is not None or tensor_types:
         from edgeforge.export.llama_tools import ensure_tools
 
         tool = ensure_tools(("llama-quantize",))["llama-quantize"]
-        cmd = [str(tool), "--allow-requantize", "--imatrix", str(imatrix), str(src), str(tmp), quant, str(threads)]
+        cmd = [str(tool), "--allow-requantize", *(["--imatrix", str(imatrix)] if imatrix else []),
+               *(tensor_types or []), str(src), str(tmp), quant, str(threads)]
         r = subprocess.run(cmd, capture_output=True, text=True)
         ok = r.returncode == 0
         detail = " | ".join((r.stderr or r.stdout).strip().splitlines()[-2:])
@@ -260,27 +266,34 @@ def export_gguf(
     threads: int | None = None,
     imatrix_file: Path | None = None,
     force: bool = False,
+    max_bytes: int | None = None,
 ) -> dict[str, Any]:
     """Export ``model`` to a GGUF file at ``quant``. Returns the artifact record (also saved beside the file).
 
     ``imatrix_data`` is calibration text to compute an importance matrix from; ``imatrix_file`` an importance
-    matrix computed earlier (by ``compute_imatrix``) to reuse. An existing ``out`` is replaced only when it is an
-    earlier GGUF export (its record beside it) or with ``force`` (edgeforge.outputs).
+    matrix computed earlier (by ``compute_imatrix``) to reuse. ``quant="fit"``: a per-tensor-group mix measured to
+    lose least within ``max_bytes`` for the whole file (edgeforge.export.fit; ``imatrix_data`` is its calibration
+    text too). An existing ``out`` is replaced only when it is an earlier GGUF export (its record beside it) or with
+    ``force`` (edgeforge.outputs).
     """
-    if quant not in GGUF_TYPES:
-        raise BadInputError(f"unknown GGUF quant type '{quant}'; expected one of {', '.join(GGUF_TYPES)} or 'auto'")
+    if quant not in GGUF_TYPES and quant != FIT:
+        raise BadInputError(f"unknown GGUF quant type '{quant}'; expected one of {', '.join(GGUF_TYPES)}, 'auto' or "
+                            f"'{FIT}'")
     if quant in NEEDS_IMATRIX and imatrix_data is None and imatrix_file is None:
         raise BadInputError(f"{quant} needs an importance matrix: pass --imatrix-data PATH (calibration text)")
+    if quant == FIT and (max_bytes is None or imatrix_data is None):
+        raise BadInputError(f"--quant {FIT} needs a byte budget (--max-bytes B or --profile NAME) and calibration "
+                            "text (--imatrix-data PATH or 'builtin')")
     claim_output(out, kind="gguf", force=force)
     threads = threads or max(1, os.cpu_count() or 1)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _check_disk(model, quant, out)
+    _check_disk(model, "Q8_0" if quant == FIT else quant, out)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".edgeforge-export-") as tmpdir:
         try:
             final = Path(tmpdir) / "final.gguf"
-            lineage, seconds = _export_in(Path(tmpdir), model, quant, final, imatrix_data, profile, stages, threads,
-                                          imatrix_file, t0)
+            lineage, seconds, fit = _export_in(Path(tmpdir), model, quant, final, imatrix_data, profile, stages,
+                                               threads, imatrix_file, t0, max_bytes)
             record = {
                 "kind": "gguf",
                 "path": str(out),
@@ -294,6 +307,8 @@ def export_gguf(
                 # what verifies the file here, and what ``bench --setup`` pins on a device (edgeforge.bench.setup)
                 "runtime_versions": {"llama-cpp-python": installed_version("llama-cpp-python")},
             }
+            if fit is not None:
+                record["fit"] = fit
             # The record first, then the file: a .gguf at ``out`` always has its record beside it, which is how a
             # rerun knows the file is edgeforge's own to replace (a kill between the two leaves only a record).
             save_record(out, record)
@@ -332,20 +347,41 @@ def _disk_is_full(err: BaseException, where: Path) -> bool:
 
 
 def _export_in(tmp: Path, model: ModelRef, quant: str, out: Path, imatrix_data: Path | None, profile: str | None,
-               stages: list[str] | None, threads: int, imatrix_file: Path | None,
-               t0: float) -> tuple[dict[str, Any], dict[str, float]]:
-    """The export steps inside the temporary directory ``tmp``; the result is written to ``out`` (inside ``tmp``)."""
+               stages: list[str] | None, threads: int, imatrix_file: Path | None, t0: float,
+               max_bytes: int | None = None) -> tuple[dict[str, Any], dict[str, float], dict[str, Any] | None]:
+    """The export steps inside the temporary directory ``tmp``; the result is written to ``out`` (inside ``tmp``).
+    Returns the lineage, the seconds per step and, for a fitted mix, its plan (else None)."""
     if model.format == "hf":
         base = convert_hf(model.path, tmp / "base.gguf", CONVERTER_OUTTYPE.get(quant, "f16"))
     else:
         base = model.path
     convert_s = time.perf_counter() - t0
+    layout = None
+    if quant == FIT:
+        from edgeforge.export.fit.mix import check_budget
+
+        assert max_bytes is not None  # export_gguf checked it
+        layout = check_budget(base, max_bytes)  # before an importance matrix is spent on a budget nothing fits
     imatrix = imatrix_file
     if imatrix is None and imatrix_data is not None:
         imatrix = compute_imatrix(base, imatrix_data, tmp / "imatrix.gguf", threads)
     imatrix_s = time.perf_counter() - t0 - convert_s
     same_type = model.format == "hf" and quant in ("F16", "F32", "BF16")
-    quantized = base if same_type else quantize(base, tmp / "quantized.gguf", quant, threads, imatrix)
+    fit: dict[str, Any] | None = None
+    if quant == FIT:
+        from edgeforge.data.builtin import read_text_data
+        from edgeforge.export.fit.mix import check_written, fit_mix, measure_written
+        from edgeforge.paths import edgeforge_home
+
+        assert max_bytes is not None and imatrix_data is not None  # export_gguf checked both
+        plan = fit_mix(base, max_bytes, read_text_data(imatrix_data), imatrix, threads,
+                       edgeforge_home() / "fit-sensitivity", quantize, installed_version("llama-cpp-python"), layout)
+        quantized = quantize(base, tmp / "quantized.gguf", plan.file_type, threads, imatrix, plan.quantize_args)
+        check_written(quantized, plan)
+        measure_written(base, quantized, plan, threads)
+        fit = plan.to_dict()
+    else:
+        quantized = base if same_type else quantize(base, tmp / "quantized.gguf", quant, threads, imatrix)
     quantize_s = time.perf_counter() - t0 - convert_s - imatrix_s
     lineage = {
         "version": __version__,
@@ -358,7 +394,10 @@ def _export_in(tmp: Path, model: ModelRef, quant: str, out: Path, imatrix_data: 
         "stages": [*(stages or []), "export-gguf"],
     }
     write_lineage(quantized, out, lineage)
-    return lineage, {"convert": convert_s, "imatrix": imatrix_s, "quantize": quantize_s}
+    if max_bytes is not None and out.stat().st_size > max_bytes:
+        raise ExportError(f"the fitted file is {out.stat().st_size:,} bytes, over --max-bytes {max_bytes:,} once "
+                          "edgeforge's lineage is written; report it")
+    return lineage, {"convert": convert_s, "imatrix": imatrix_s, "quantize": quantize_s}, fit
 
 
 def record_path(artifact: Path) -> Path:

@@ -12,7 +12,13 @@ from typing import Any
 from edgeforge.models.refs import ModelArch, count_params
 from edgeforge.plan.estimator import SpeedEstimate, estimate_speed
 from edgeforge.plan.profiles import DeviceProfile
-from edgeforge.plan.sizing import GGUF_QUANT_TYPES, ONNX_BITS_PER_WEIGHT, memory_estimate
+from edgeforge.plan.sizing import (
+    GGUF_QUANT_TYPES,
+    ONNX_BITS_PER_WEIGHT,
+    kv_cache_bytes,
+    memory_estimate,
+    runtime_overhead_bytes,
+)
 from edgeforge.plan.training_cost import (
     serving_energy_wh_per_million_tokens,
     training_cost,
@@ -107,6 +113,13 @@ def evaluate(
         estimated_ttft_ms=speed.ttft_ms,
         meets_latency_goal=speed.decode_tokens_per_s >= goals.decode_tokens_per_s and speed.ttft_ms <= goals.ttft_ms,
     )
+
+
+def gguf_budget_bytes(arch: ModelArch, profile: DeviceProfile, context: int) -> int:
+    """The largest GGUF file of ``arch`` that fits ``profile`` at ``context`` tokens: the profile's memory budget
+    minus the KV cache and the runtime's own memory, as ``evaluate`` counts them."""
+    return (profile.memory_budget_bytes - kv_cache_bytes(arch, context)
+            - runtime_overhead_bytes(arch, context))
 
 
 def _quants_for(profile: DeviceProfile, fmt: str) -> list[str]:

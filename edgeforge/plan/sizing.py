@@ -30,8 +30,8 @@ GGUF_QUANT_TYPES: dict[str, Q] = {
     "IQ4_XS": Q.IQ4_XS,
 }
 _MIXES_PROMOTING_V_AND_DOWN = {"Q4_K_M", "Q5_K_M"}
-# llama.cpp's fallback when a row length is not a multiple of QK_K (convert_incompatible_tensor).
-_ROW_FALLBACK = {Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0, Q.IQ4_XS: Q.IQ4_NL}
+# llama.cpp's fallback when a row length is not a multiple of QK_K (tensor_type_fallback in llama-quant.cpp).
+_ROW_FALLBACK = {Q.Q2_K: Q.Q4_0, Q.Q3_K: Q.Q4_0, Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0, Q.IQ4_XS: Q.IQ4_NL}
 
 ONNX_BITS_PER_WEIGHT: dict[str, float] = {
     "fp32": 32.0,
@@ -53,10 +53,14 @@ def _use_more_bits(i_layer: int, n_layers: int) -> bool:
     return i_layer < n_layers // 8 or i_layer >= 7 * n_layers // 8 or (i_layer - n_layers // 8) % 3 == 2
 
 
-def _fit_row(qtype: Q, row_len: int) -> Q:
-    if GGML_QUANT_SIZES[qtype][0] == QK_K and row_len % QK_K != 0:
-        return _ROW_FALLBACK.get(qtype, Q.Q8_0)
-    return qtype
+def row_type(qtype: Q, row_len: int) -> Q:
+    """The type llama.cpp writes a tensor with rows of ``row_len`` as when asked for ``qtype``: a 256-block type
+    falls back to a 32-block one when the row is not a multiple of 256, and to F16 when not even of 32."""
+    if row_len % GGML_QUANT_SIZES[qtype][0] == 0:
+        return qtype
+    fallback = _ROW_FALLBACK.get(qtype, Q.Q8_0)
+    return fallback if row_len % GGML_QUANT_SIZES[fallback][0] == 0 else Q.F16
+
 
 
 def gguf_weights_bytes(arch: ModelArch, quant: str) -> int:
@@ -70,7 +74,7 @@ def gguf_weights_bytes(arch: ModelArch, quant: str) -> int:
     unquantized = base in (Q.F32, Q.F16, Q.BF16)
 
     def tensor(qtype: Q, row_len: int, n_rows: int) -> int:
-        return _bytes(qtype if unquantized else _fit_row(qtype, row_len), row_len * n_rows)
+        return _bytes(qtype if unquantized else row_type(qtype, row_len), row_len * n_rows)
 
     # Output matrix (or the tied embedding that serves as output): Q6_K unless the mix is Q8_0 or wider.
     out_type = base if unquantized or base == Q.Q8_0 else Q.Q6_K
