@@ -18,7 +18,9 @@ from gguf import GGMLQuantizationType as Q
 from edgeforge.plan.sizing import row_type
 
 #: The candidate types a mix is made of, lowest first; the last is the top type every measurement starts from.
-FIT_TYPES: tuple[str, ...] = ("Q3_K", "IQ4_XS", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
+#: The 32-block legacy types are candidates of their own: on rows that are not a multiple of 256 (SmolLM2's 576)
+#: the K types fall back to them anyway, and Q4_1 re-quantizes a Q4_1 source (the bundled teacher) almost exactly.
+FIT_TYPES: tuple[str, ...] = ("Q3_K", "IQ4_XS", "Q4_K", "Q4_1", "Q5_0", "Q5_K", "Q5_1", "Q6_K", "Q8_0")
 TOP_TYPE = FIT_TYPES[-1]
 _BLOCK = re.compile(r"^blk\.(\d+)\.")
 

@@ -21,8 +21,8 @@ from edgeforge.export.fit.sensitivity import Quantize, Sensitivity, measure_sens
 
 #: The llama.cpp file type declared in ``general.file_type`` for a mix whose largest share of bytes is at a type
 #: (what ``eval`` and verification read to choose thresholds).
-FILE_TYPE_OF = {"Q3_K": "Q3_K_M", "IQ4_XS": "IQ4_XS", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M", "Q6_K": "Q6_K",
-                "Q8_0": "Q8_0"}
+FILE_TYPE_OF = {"Q3_K": "Q3_K_M", "IQ4_XS": "IQ4_XS", "Q4_K": "Q4_K_M", "Q4_1": "Q4_1", "Q5_0": "Q5_0",
+                "Q5_K": "Q5_K_M", "Q5_1": "Q5_1", "Q6_K": "Q6_K", "Q8_0": "Q8_0"}
 #: Bytes kept free for what the export adds after quantizing (edgeforge's lineage metadata) and GGUF padding.
 METADATA_MARGIN_BYTES = 64 * 1024
 CALIBRATION_CHARS = 6000
