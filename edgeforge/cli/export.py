@@ -32,8 +32,8 @@ def _quant_auto(ref, out: Path, profile_name: str | None, max_kl: float, imatrix
     import os
     import tempfile
 
-    from edgeforge.export.gguf import export_gguf
-    from edgeforge.models.refs import read_arch
+    from edgeforge.export.gguf import compute_imatrix, export_gguf
+    from edgeforge.models.refs import ModelRef, read_arch
     from edgeforge.plan.planner import evaluate
     from edgeforge.plan.profiles import resolve_profile
     from edgeforge.plan.sizing import gguf_file_bytes
@@ -49,9 +49,6 @@ def _quant_auto(ref, out: Path, profile_name: str | None, max_kl: float, imatrix
     if not types:
         raise BadInputError(f"no GGUF type fits profile '{profile_name}'; distill a smaller student first "
                             "('edgeforge plan' says how small)")
-    from edgeforge.export.gguf import compute_imatrix
-    from edgeforge.models.refs import ModelRef
-
     reference = Reference(ref)
     tried: list[dict[str, Any]] = []
     out.parent.mkdir(parents=True, exist_ok=True)

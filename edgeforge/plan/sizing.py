@@ -43,7 +43,8 @@ ONNX_BITS_PER_WEIGHT: dict[str, float] = {
 }
 
 
-def _bytes(qtype: Q, n_elements: int) -> int:
+def tensor_bytes(qtype: Q, n_elements: int) -> int:
+    """Bytes of ``n_elements`` weights stored at ``qtype`` (whole blocks)."""
     block, type_size = GGML_QUANT_SIZES[qtype]
     return (n_elements + block - 1) // block * type_size
 
@@ -74,7 +75,7 @@ def gguf_weights_bytes(arch: ModelArch, quant: str) -> int:
     unquantized = base in (Q.F32, Q.F16, Q.BF16)
 
     def tensor(qtype: Q, row_len: int, n_rows: int) -> int:
-        return _bytes(qtype if unquantized else row_type(qtype, row_len), row_len * n_rows)
+        return tensor_bytes(qtype if unquantized else row_type(qtype, row_len), row_len * n_rows)
 
     # Output matrix (or the tied embedding that serves as output): Q6_K unless the mix is Q8_0 or wider.
     out_type = base if unquantized or base == Q.Q8_0 else Q.Q6_K

@@ -12,10 +12,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
 
-from edgeforge.plan.sizing import row_type
+from edgeforge.plan.sizing import row_type, tensor_bytes
 
 #: The candidate types a mix is made of, lowest first; the last is the top type every measurement starts from.
 #: The 32-block legacy types are candidates of their own: on rows that are not a multiple of 256 (SmolLM2's 576)
@@ -49,11 +48,8 @@ class TensorGroup:
         return tuple(row_type(Q[type_name], t.row_len).name for t in self.tensors)
 
     def bytes_at(self, type_name: str) -> int:
-        total = 0
-        for t, written in zip(self.tensors, self.written_types(type_name), strict=True):
-            block, type_size = GGML_QUANT_SIZES[Q[written]]
-            total += t.n_rows * (t.row_len // block) * type_size
-        return total
+        return sum(tensor_bytes(Q[written], t.row_len * t.n_rows)
+                   for t, written in zip(self.tensors, self.written_types(type_name), strict=True))
 
 
 def quantizable(name: str, n_dims: int) -> bool:
