@@ -4,9 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
-ifeq ($(shell uname -m),x86_64)
-LLAMA_CMAKE_ARGS := -DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' -DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'
-endif
+# llama.cpp's CMake flags on this machine: native, minus Intel AMX only where the CPU reports AMX (its kernels crash in
+# some VMs; edgeforge/export/native_build.py; EDGEFORGE_LLAMA_AMX=on|off overrides it). Expanded only when used.
+LLAMA_CMAKE_ARGS = $(shell $(PY) edgeforge/export/native_build.py)
 
 .PHONY: demo test lint clean system-deps
 
@@ -15,10 +15,12 @@ $(BIN)/edgeforge: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch by exact version first: a bare 'torch' requirement would pull a multi-GB CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	# llama-cpp-python compiles llama.cpp natively, but without Intel AMX (it faults in some VMs; see
-	# edgeforge/export/llama_tools.py). --no-cache-dir: a wheel cached from a build with other flags must not be reused.
+	# llama-cpp-python compiles llama.cpp natively; without Intel AMX only where the CPU has it (native_build.py).
+	# --no-cache-dir: a wheel cached from a build with other flags must not be reused.
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install -q --no-cache-dir llama-cpp-python==0.3.36
 	$(BIN)/pip install -q -e '.[dev]'
+	# llama.cpp itself on a real batch (the bundled teacher): a runtime that crashes here stops the install with why
+	$(BIN)/python edgeforge/export/native_build.py --check-binding
 	# llama.cpp's converter and tools at the binding's version (fetched and built once, ~5 min on 2 cores)
 	$(BIN)/python -m edgeforge.export.llama_tools
 	touch $@

@@ -160,6 +160,21 @@ def test_gguf_over_ssh_with_local_in_parallel(sshd: SshServer, gguf: Path, tmp_p
     assert_nothing_left(sshd, workdir)
 
 
+def test_sustained_run_over_ssh(sshd: SshServer, gguf: Path, tmp_path: Path, workdir: Path) -> None:
+    """--sustained over the real sshd: the windows and the device's conditions come back from the device (values
+    this VM lacks are "not available on this device"), and the run directory is cleaned up."""
+    target = write_target(sshd, tmp_path, workdir)
+    done = edgeforge("bench", str(gguf), "--target", str(target), *TINY, "--sustained", "2", "--window-s", "1",
+                     "--json")
+    assert done.returncode == 0, done.stderr
+    run = json.loads(done.stdout)["sustained"]
+    assert len(run["windows"]) == 2 and all(w["tokens_per_s"] > 0 for w in run["windows"])
+    for key in ("cpu_frequency_mhz", "cpu_governor", "temperatures_c", "energy_counters_uj", "power_w", "throttled"):
+        assert key in run["conditions_before"] and key in run["conditions_after"]
+    assert isinstance(run["drop_percent"], float) and "joules_per_token" in run
+    assert_nothing_left(sshd, workdir)
+
+
 def test_hostile_file_name_runs_nothing(sshd: SshServer, gguf: Path, tmp_path: Path, workdir: Path) -> None:
     """Spaces, quotes, ';' and '$()' in the artifact's name are data on both ends: it is benchmarked under that
     very name and no command in it runs."""

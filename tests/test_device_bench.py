@@ -211,7 +211,8 @@ def test_gguf_bench_on_bundled_model(bundled_gguf: Path, tmp_path: Path) -> None
     assert (report["prompt_tokens"], report["gen_tokens"], report["repeats"]) == (16, 8, 1)
     assert [row["prompt_tokens"] for row in report["prefill"]] == [16, 32]
     assert report["n_ctx"] == 32 + 8 and report["runtime_config"]["n_ctx_source"] == "default"
-    assert report["runtime_details"]["decode_depth_tokens"] == 0
+    assert report["decode_at_depth"] == [] and report["decode_ms_p50"] <= report["decode_ms_p99"]
+    assert "sustained" not in report
     assert json.loads(out.read_text()) == report
     # stderr carries progress only: nothing that looks like the report
     assert "schema_version" not in done.stderr
@@ -227,6 +228,47 @@ def test_gguf_runtime_config_shipped_with_artifact(bundled_gguf: Path, tmp_path:
     assert (report["n_ctx"], report["runtime_config"]["n_ctx_source"]) == (256, "runtime.json")
     assert report["runtime_config"]["path"] == str(tmp_path / "model.gguf.runtime.json")
     assert report["runtime_details"]["n_ctx_effective"] >= 256
+
+
+def test_gguf_shipped_batch_and_kv_cache_type_are_used_and_overrides_are_listed(bundled_gguf: Path,
+                                                                                tmp_path: Path) -> None:
+    """The shipped runtime.json's n_batch, n_ubatch and KV-cache types reach llama.cpp; a --threads that differs from
+    the shipped threads is listed in ``differs_from_shipped`` (edgeforge warns with it), a matching one is not."""
+    artifact = tmp_path / "model.gguf"
+    artifact.symlink_to(bundled_gguf)
+    shipped = {"n_threads": 1, "n_ctx": 256, "n_batch": 8, "n_ubatch": 8, "cache_type_k": "q8_0", "cache_type_v": "f16"}
+    (tmp_path / "model.gguf.runtime.json").write_text(json.dumps(shipped))
+    report = parse_report(run_bench(str(artifact), *TINY, "--warmup", "0", "--threads", "2", cwd=tmp_path))
+    config, details = report["runtime_config"], report["runtime_details"]
+    assert (details["n_batch"], details["n_ubatch"], details["cache_type_k"]) == (8, 8, "q8_0")
+    assert config["shipped"] == shipped
+    assert config["differs_from_shipped"] == ["threads: the artifact ships 1, measured with 2 (--threads)"]
+    # prompts of 16 and 32 tokens were decoded in chunks of n_batch 8: still measured
+    assert all(row["tokens_per_s_mean"] > 0 for row in report["prefill"])
+    same = parse_report(run_bench(str(artifact), *TINY, "--warmup", "0", "--threads", "1", cwd=tmp_path))
+    assert same["runtime_config"]["differs_from_shipped"] == []
+
+
+def test_gguf_decode_at_depth_and_sustained_windows(bundled_gguf: Path, tmp_path: Path) -> None:
+    """--decode-depths adds llama-bench's tg @ dN rows; --sustained reports each window with the device's
+    conditions (values this machine lacks are "not available on this device", never missing)."""
+    done = run_bench(str(bundled_gguf), *TINY, "--threads", "2", "--decode-depths", "64", "--sustained", "3",
+                     "--window-s", "1", cwd=tmp_path)
+    report = parse_report(done)
+    assert_schema(report)
+    (row,) = report["decode_at_depth"]
+    assert (row["depth_tokens"], row["gen_tokens"]) == (64, 8) and row["tokens_per_s_mean"] > 0
+    assert report["n_ctx"] == 64 + 8  # the deepest prompt + gen tokens, as llama-bench sizes it
+    run = report["sustained"]
+    assert [w["index"] for w in run["windows"]] == [0, 1, 2] and run["seconds"] == 3
+    assert all(w["tokens"] > 0 and w["tokens_per_s"] == w["tokens"] / 1.0 for w in run["windows"])
+    assert run["tokens"] == sum(w["tokens"] for w in run["windows"])
+    assert run["drop_percent"] == pytest.approx(
+        (run["first_window_tokens_per_s"] - run["last_window_tokens_per_s"]) / run["first_window_tokens_per_s"]
+        * 100, abs=1e-3)
+    for key in ("cpu_frequency_mhz", "cpu_governor", "temperatures_c", "energy_counters_uj", "power_w"):
+        assert key in run["conditions_before"] and key in run["conditions_after"]
+    assert run["energy_j"] == "not available on this device" or run["joules_per_token"] > 0
 
 
 def test_onnx_bench_on_tiny_export(tiny_onnx: Path, tmp_path: Path) -> None:
@@ -331,6 +373,9 @@ def test_missing_runtime_exits_4(tmp_path: Path) -> None:
         (["--repeats", "many"], "--repeats"),
         (["--verify-sha256", "abc"], "64 hex digits"),
         (["--n-ctx", "8"], "too small"),
+        (["--sustained", "0"], "--sustained"),
+        (["--sustained", "5", "--window-s", "10"], "shorter than one window"),
+        (["--decode-depths", "512,x"], "--decode-depths"),
     ],
 )
 def test_bad_arguments_are_one_error_line(tmp_path: Path, args: list[str], fragment: str) -> None:
@@ -396,3 +441,55 @@ def test_arm_cpuinfo_gives_core_name_and_features() -> None:
     x86 = "processor : 0\nmodel name : Intel(R) Core(TM) i7\nflags : sse2 avx2 fma\n"
     assert device.cpu_model_from_cpuinfo(x86) == "Intel(R) Core(TM) i7"
     assert device.isa_flags_from_cpuinfo(x86) == ["avx2", "fma", "sse2"]
+
+
+def _write(root: Path, relative: str, text: str) -> None:
+    path = root / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_conditions_read_a_devices_sysfs_tree(tmp_path: Path) -> None:
+    """CPU MHz and governor, thermal zones, RAPL counters (sub-zones named by their package) and a battery's
+    power, read from a copy of a device's /sys laid out as the kernel does."""
+    from device_bench import conditions
+
+    _write(tmp_path, "sys/devices/system/cpu/cpu0/cpufreq/scaling_cur_freq", "1800000\n")
+    _write(tmp_path, "sys/devices/system/cpu/cpu1/cpufreq/scaling_cur_freq", "2400000\n")
+    _write(tmp_path, "sys/devices/system/cpu/cpu0/cpufreq/scaling_governor", "schedutil\n")
+    _write(tmp_path, "sys/devices/system/cpu/cpu1/cpufreq/scaling_governor", "schedutil\n")
+    _write(tmp_path, "sys/class/thermal/thermal_zone0/type", "cpu-thermal\n")
+    _write(tmp_path, "sys/class/thermal/thermal_zone0/temp", "61234\n")
+    _write(tmp_path, "sys/class/powercap/intel-rapl:0/name", "package-0\n")
+    _write(tmp_path, "sys/class/powercap/intel-rapl:0/energy_uj", "5000000\n")
+    _write(tmp_path, "sys/class/powercap/intel-rapl:0/max_energy_range_uj", "262143328850\n")
+    _write(tmp_path, "sys/class/powercap/intel-rapl:0:0/name", "core\n")
+    _write(tmp_path, "sys/class/powercap/intel-rapl:0:0/energy_uj", "2000000\n")
+    _write(tmp_path, "sys/class/power_supply/battery/type", "Battery\n")
+    _write(tmp_path, "sys/class/power_supply/battery/current_now", "-500000\n")  # µA, discharging
+    _write(tmp_path, "sys/class/power_supply/battery/voltage_now", "4000000\n")  # µV
+    got = conditions.read_conditions(android=False, root=str(tmp_path))
+    assert got["cpu_frequency_mhz"] == {"cpu0": 1800.0, "cpu1": 2400.0} and got["cpu_frequency_mhz_mean"] == 2100.0
+    assert got["cpu_governor"] == "schedutil"
+    assert got["temperatures_c"] == {"cpu-thermal": 61.2}
+    assert got["energy_counters_uj"] == {"package-0": 5000000, "package-0/core": 2000000}
+    assert got["power_w"] == {"battery/battery": 2.0}
+    assert got["throttled"] == conditions.NOT_AVAILABLE
+    empty = conditions.read_conditions(android=False, root=str(tmp_path / "nothing"))
+    assert set(empty.values()) == {conditions.NOT_AVAILABLE}
+
+
+def test_energy_counter_wraparound_and_android_thermal_service() -> None:
+    """A RAPL counter that wrapped between two readings is counted once around; dumpsys thermalservice's current
+    HAL temperatures and status are parsed, its cached block ignored."""
+    from device_bench import conditions
+
+    used = conditions.energy_used_j({"package-0": 9_000_000, "dram": 5}, {"package-0": 1_000_000, "dram": 7},
+                                    {"package-0": 10_000_000})
+    assert used == {"package-0": 2.0, "dram": 0.0}
+    text = ("IsStatusOverride: false\nThermal Status: 2\nCached temperatures:\n"
+            "\tTemperature{mValue=99.0, mType=0, mName=cpu0, mStatus=0}\nHAL Ready: true\n"
+            "Current temperatures from HAL:\n\tTemperature{mValue=41.5, mType=0, mName=cpu0, mStatus=0}\n"
+            "\tTemperature{mValue=33.25, mType=2, mName=battery, mStatus=0}\nCurrent cooling devices from HAL:\n")
+    temps, status = conditions.parse_thermalservice(text)
+    assert temps == {"cpu0": 41.5, "battery": 33.25} and status == 2

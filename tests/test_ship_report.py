@@ -170,6 +170,20 @@ def test_modelfile_chatml_and_fallback() -> None:
     assert 'TEMPLATE """{{ .Prompt }}"""' in plain and "not ChatML" in plain
     assert "<|im_start|>" not in plain and "SYSTEM" not in plain and "PARAMETER stop" not in plain
     assert "has no chat template" in modelfile("m.gguf", None, ["</s>"])
+    assert "num_batch" not in mf
+    assert "PARAMETER num_batch 2048" in modelfile("m.gguf", None, [], num_batch=2048)
+
+
+def test_report_plots_sustained_windows_only_when_a_sustained_run_exists(summary: dict) -> None:
+    """A bench row with a sustained run (bench.sustained_s) adds the windows plot, its drop in the legend."""
+    assert 'id="plot-sustained"' not in render_report(summary)
+    windows = [{"index": i, "start_s": 10.0 * i, "end_s": 10.0 * (i + 1), "tokens_per_s": v}
+               for i, v in enumerate((40.0, 37.5, 34.0))]
+    summary["artifacts"][0]["bench"][0]["sustained"] = {"windows": windows, "first_window_tokens_per_s": 40.0,
+                                                        "last_window_tokens_per_s": 34.0, "drop_percent": 15.0}
+    page = render_report(summary)
+    m = re.search(r'<figure id="plot-sustained">(.*?)</figure>', page, re.S)
+    assert m and "<svg" in m.group(1) and "15.0%" in m.group(1)
 
 
 def test_report_is_self_contained_with_three_svg_plots(summary: dict) -> None:

@@ -284,6 +284,27 @@ def test_local_target_detects_this_machine(bundled_gguf: Path, tmp_path: Path) -
     assert result_path(art, "local").is_file()
 
 
+def test_local_sustained_run_and_a_warning_for_settings_that_are_not_the_shipped_ones(bundled_gguf: Path,
+                                                                                       tmp_path: Path) -> None:
+    """``bench --sustained`` prints the windows table and saves the windows with the device's conditions; a --threads
+    other than the artifact's shipped n_threads is measured but warned about (the shipped batch/KV settings are
+    used and recorded)."""
+    art = tmp_path / "m.gguf"
+    art.symlink_to(bundled_gguf)
+    art.with_name(art.name + ".runtime.json").write_text(
+        '{"n_threads": 2, "n_ctx": 256, "n_batch": 64, "cache_type_k": "f16", "cache_type_v": "f16"}')
+    done = edgeforge("bench", str(art), "--target", "local", *TINY, "--sustained", "2", "--window-s", "1", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "warning: not the shipped settings: threads: the artifact ships 2, measured with 1" in done.stderr
+    assert "Sustained decode" in done.stdout and "drop" in done.stdout
+    saved = json.loads(result_path(art, "local").read_text())
+    assert len(saved["sustained"]["windows"]) == 2 and saved["runtime_details"]["n_batch"] == 64
+    assert "cpu_governor" in saved["sustained"]["conditions_before"]
+    assert_one_error_line(edgeforge("bench", str(art), "--sustained", "5", "--window-s", "10"),
+                          "shorter than one window")
+    assert_one_error_line(edgeforge("bench", str(art), "--decode-depths", "512,lots"), "--decode-depths")
+
+
 def test_compare_rejects_non_results(tmp_path: Path) -> None:
     (tmp_path / "x.json").write_text(json.dumps({"hello": 1}))
     assert_one_error_line(edgeforge("bench", "compare", str(tmp_path / "x.json")), "not a benchmark result")

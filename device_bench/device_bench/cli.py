@@ -25,7 +25,7 @@ from typing import Any
 
 from device_bench import SCHEMA_VERSION, __version__
 from device_bench.artifact import Artifact, resolve_artifact, verify_sha256
-from device_bench.bench import Plan, run_plan, timed_ms
+from device_bench.bench import Plan, run_plan, run_sustained, timed_ms
 from device_bench.config import RuntimeSettings, resolve_settings
 from device_bench.device import fingerprint, peak_rss_bytes, proc_status_bytes, read_thermals
 from device_bench.errors import BenchError
@@ -66,6 +66,21 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"comma-separated prefill lengths (default: {DEFAULT_SHORT_PROMPT_TOKENS} and --prompt-tokens)",
     )
     parser.add_argument("--gen-tokens", type=_positive_int, default=64, help="tokens to decode (default: 64)")
+    parser.add_argument(
+        "--decode-depths",
+        type=_length_list,
+        default=[],
+        help="comma-separated KV depths: also decode --gen-tokens after a prompt of each (llama-bench tg @ dN)",
+    )
+    parser.add_argument(
+        "--sustained",
+        type=_positive_float,
+        metavar="SECONDS",
+        help="first decode without pause for SECONDS: tokens/s per window, CPU frequency, temperature, energy",
+    )
+    parser.add_argument(
+        "--window-s", type=_positive_float, default=10.0, help="window of --sustained in seconds (default: 10)"
+    )
     parser.add_argument("--repeats", type=_positive_int, default=3, help="counted runs per measurement (default: 3)")
     parser.add_argument("--warmup", type=_non_negative_int, default=1, help="discarded runs before them (default: 1)")
     parser.add_argument("--verify-sha256", metavar="HEX", help="fail (exit 3) unless the artifact has this SHA-256")
@@ -165,6 +180,10 @@ def _run_worker(args: argparse.Namespace) -> int:
     plan = _plan(args)
     artifact = resolve_artifact(args.artifact)
     settings = resolve_settings(artifact, args.threads, args.n_ctx, plan.needed_ctx)
+    if args.sustained is not None and args.sustained < args.window_s:
+        raise BenchError(f"--sustained {args.sustained:g} is shorter than one window (--window-s {args.window_s:g})")
+    for line in settings.differs_from_shipped:
+        _log(args, f"warning: {line}")
     sha256 = verify_sha256(artifact, args.verify_sha256) if args.verify_sha256 else None
     runner = _make_runner(artifact, settings, plan, args)
     runner.import_runtime()
@@ -179,6 +198,13 @@ def _run_worker(args: argparse.Namespace) -> int:
             f"loaded {args.artifact} with {runner.runtime} {runner.runtime_version} in {load_ms:.0f} ms "
             f"(threads={settings.threads} from {settings.threads_source}, n_ctx={settings.n_ctx})",
         )
+        sustained = None
+        if args.sustained is not None:
+            # First, on a device that has not run the model yet: the first window is the cold one. One token
+            # decoded before it pages in the weights, as every warm-up does.
+            runner.decode(1)
+            sustained = run_sustained(runner, args.sustained, args.window_s, plan.gen_tokens,
+                                      lambda message: _log(args, message))
         measurements = run_plan(runner, plan, lambda message: _log(args, message))
         details = runner.details()
     finally:
@@ -217,6 +243,8 @@ def _run_worker(args: argparse.Namespace) -> int:
         "throttled_after": throttled_after,
         "runtime_details": details,
     }
+    if sustained is not None:
+        report["sustained"] = sustained
     report = _rounded(report)
     problems = validate_report(report)
     if problems:
@@ -261,6 +289,7 @@ def _plan(args: argparse.Namespace) -> Plan:
         gen_tokens=args.gen_tokens,
         repeats=args.repeats,
         warmup=args.warmup,
+        decode_depths=sorted(set(args.decode_depths)),
     )
 
 
@@ -270,13 +299,15 @@ def _make_runner(artifact: Artifact, settings: RuntimeSettings, plan: Plan, args
         "artifact": artifact,
         "threads": settings.threads,
         "n_ctx": settings.n_ctx,
-        "max_prompt_tokens": max(plan.prompt_lengths),
+        "max_prompt_tokens": plan.longest_prompt,
         "seed": args.seed,
     }
     if artifact.format == "gguf":
         from device_bench.gguf_runner import GgufRunner
 
-        return GgufRunner(repack=args.repack != "off", verbose=args.verbose, **common)
+        return GgufRunner(repack=args.repack != "off", verbose=args.verbose, n_batch=settings.n_batch,
+                          n_ubatch=settings.n_ubatch, cache_type_k=settings.cache_type_k,
+                          cache_type_v=settings.cache_type_v, **common)
     from device_bench.onnx_runner import OnnxRunner
 
     return OnnxRunner(verbose=args.verbose, **common)
@@ -323,6 +354,17 @@ def _positive_int(text: str) -> int:
     value = _int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    """Parse for argparse: a number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
     return value
 
 

@@ -1,10 +1,15 @@
-"""Runtime configuration shipped with the artifact (threads, context), overridden by CLI flags."""
+"""Runtime configuration shipped with the artifact (threads, context, batch, KV-cache type), overridden by CLI flags.
+
+A benchmark is only worth quoting when it ran with the settings the artifact ships: the settings each came from are
+in the report (``runtime_config``), and every shipped value a flag overrode is listed in
+``runtime_config.differs_from_shipped`` so the caller can warn.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from device_bench.artifact import Artifact
@@ -13,17 +18,31 @@ from device_bench.errors import BenchError
 #: Keys accepted in a runtime configuration file, with the alias edgeforge may write.
 _THREAD_KEYS = ("n_threads", "threads")
 _CTX_KEYS = ("n_ctx", "context_length")
+_BATCH_KEYS = ("n_batch",)
+_UBATCH_KEYS = ("n_ubatch",)
+#: KV-cache element types llama.cpp accepts (llama-bench's -ctk/-ctv values), by name.
+KV_CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
+_KV_DEFAULT = "f16"
 
 
 @dataclass(frozen=True)
 class RuntimeSettings:
-    """Threads and context used for the run, and where each came from ("cli", "runtime.json" or "default")."""
+    """The settings of the run, and where each came from ("cli", "runtime.json" or "default").
+
+    ``n_batch`` / ``n_ubatch`` None: llama-bench's defaults (2048 or the longest prompt, 512).
+    """
 
     threads: int
     n_ctx: int
     threads_source: str
     n_ctx_source: str
     config_path: str | None
+    n_batch: int | None = None
+    n_ubatch: int | None = None
+    cache_type_k: str = _KV_DEFAULT
+    cache_type_v: str = _KV_DEFAULT
+    shipped: dict[str, Any] = field(default_factory=dict)
+    differs_from_shipped: tuple[str, ...] = ()
 
     def as_report(self) -> dict[str, Any]:
         """The ``runtime_config`` block of the report."""
@@ -31,6 +50,12 @@ class RuntimeSettings:
             "path": self.config_path,
             "threads_source": self.threads_source,
             "n_ctx_source": self.n_ctx_source,
+            "n_batch": self.n_batch,
+            "n_ubatch": self.n_ubatch,
+            "cache_type_k": self.cache_type_k,
+            "cache_type_v": self.cache_type_v,
+            "shipped": self.shipped,
+            "differs_from_shipped": list(self.differs_from_shipped),
         }
 
 
@@ -114,7 +139,31 @@ def resolve_settings(
             f"n_ctx {n_ctx} (from {n_ctx_source}) is too small for this benchmark, which needs {needed_ctx} "
             "tokens (longest prompt + gen tokens); pass a larger --n-ctx or shorter --prompt-tokens/--gen-tokens"
         )
-    return RuntimeSettings(threads, n_ctx, threads_source, n_ctx_source, path)
+    n_batch = _config_int(config, _BATCH_KEYS, path)
+    n_ubatch = _config_int(config, _UBATCH_KEYS, path)
+    cache_k = _config_kv_type(config, "cache_type_k", path)
+    cache_v = _config_kv_type(config, "cache_type_v", path)
+    shipped = {key: config[key] for key in (*_THREAD_KEYS, *_CTX_KEYS, *_BATCH_KEYS, *_UBATCH_KEYS, "cache_type_k",
+                                            "cache_type_v") if key in config}
+    differs = []
+    shipped_threads = _config_int(config, _THREAD_KEYS, path)
+    if shipped_threads is not None and threads != shipped_threads:
+        differs.append(f"threads: the artifact ships {shipped_threads}, measured with {threads} (--threads)")
+    shipped_ctx = _config_int(config, _CTX_KEYS, path)
+    if shipped_ctx is not None and n_ctx != shipped_ctx:
+        differs.append(f"n_ctx: the artifact ships {shipped_ctx}, measured with {n_ctx} (--n-ctx)")
+    return RuntimeSettings(threads, n_ctx, threads_source, n_ctx_source, path, n_batch, n_ubatch,
+                           cache_k or _KV_DEFAULT, cache_v or _KV_DEFAULT, shipped, tuple(differs))
+
+
+def _config_kv_type(config: dict[str, Any], key: str, path: str | None) -> str | None:
+    """A KV-cache type of the runtime config (one of :data:`KV_CACHE_TYPES`), None when not set."""
+    value = config.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or value.lower() not in KV_CACHE_TYPES:
+        raise BenchError(f"runtime config {path}: {key} must be one of {', '.join(KV_CACHE_TYPES)}, got {value!r}")
+    return value.lower()
 
 
 def _config_int(config: dict[str, Any], keys: tuple[str, ...], path: str | None) -> int | None:

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import os
 import platform
 import re
-import shutil
 import socket
 import subprocess
 import sys
 from typing import Any
 
+from device_bench.conditions import temperatures_c
+
 _PROBE_TIMEOUT_S = 3.0
-_VCGENCMD_TEMP = re.compile(r"temp=([-0-9.]+)")
-_VCGENCMD_THROTTLED = re.compile(r"throttled=(0x[0-9a-fA-F]+)")
 #: ARM "CPU implementer" -> (vendor, {"CPU part": core}) for the cores found on edge boards.
 _ARM_PARTS: dict[str, tuple[str, dict[str, str]]] = {
     "0x41": (
@@ -76,33 +74,11 @@ def fingerprint() -> dict[str, Any]:
 
 
 def read_thermals() -> tuple[dict[str, float], str | None]:
-    """Temperatures in °C by sensor name and the Raspberry Pi throttle word (None when not a Pi).
+    """Temperatures in °C by sensor name and a throttle word (None when the device has none).
 
-    Linux thermal zones cover x86 packages, Raspberry Pi (cpu-thermal) and Jetson (CPU-therm, GPU-therm, ...);
-    ``vcgencmd measure_temp`` adds the Pi firmware's SoC reading when the tool is on PATH.
+    See :func:`device_bench.conditions.temperatures_c` for the sources.
     """
-    temperatures: dict[str, float] = {}
-    for zone in sorted(glob.glob("/sys/class/thermal/thermal_zone*"), key=_zone_index):
-        raw = _read_text(os.path.join(zone, "temp"))
-        if raw is None:
-            continue
-        try:
-            millidegrees = int(raw.strip())
-        except ValueError:
-            continue
-        name = (_read_text(os.path.join(zone, "type")) or os.path.basename(zone)).strip()
-        if name in temperatures:  # several zones may share a type (e.g. "acpitz"): keep them apart
-            name = f"{name}.{os.path.basename(zone)}"
-        temperatures[name] = round(millidegrees / 1000.0, 1)
-    throttled = None
-    if shutil.which("vcgencmd"):
-        match = _VCGENCMD_TEMP.search(_run(["vcgencmd", "measure_temp"]) or "")
-        if match:
-            temperatures["vcgencmd"] = float(match.group(1))
-        match = _VCGENCMD_THROTTLED.search(_run(["vcgencmd", "get_throttled"]) or "")
-        if match:
-            throttled = match.group(1)
-    return temperatures, throttled
+    return temperatures_c()
 
 
 def peak_rss_bytes() -> int:
@@ -221,12 +197,6 @@ def _cpuinfo_fields(cpuinfo: str) -> dict[str, str]:
         if sep and key.strip() not in fields:
             fields[key.strip()] = value.strip()
     return fields
-
-
-def _zone_index(path: str) -> int:
-    """Numeric order of thermal zones (thermal_zone10 after thermal_zone9)."""
-    digits = re.sub(r"\D", "", os.path.basename(path))
-    return int(digits) if digits else 0
 
 
 def _read_text(path: str) -> str | None:

@@ -2,12 +2,12 @@
 
 llama-bench's method, reproduced here so tokens/s agree with it on the same file and thread count:
 
-* prefill (``pp``): clear the KV cache, then one ``llama_decode`` of N random token ids (BOS first when the
-  vocabulary adds one) with ``n_batch >= N``; only the last position produces logits.
-* decode (``tg``): from an empty cache, ``llama_decode`` one token at a time and wait for it; no sampling,
-  the next token is a random id chosen before the clock starts.
+* prefill (``pp``): clear the KV cache, then ``llama_decode`` N random token ids (BOS first when the vocabulary
+  adds one) in chunks of ``n_batch``, then synchronize; only the last position produces logits.
+* decode (``tg``): from an empty cache (or after an untimed ``depth``-token prompt: ``tg @ dN``), ``llama_decode``
+  one token at a time and wait for it; no sampling, the next token is a random id chosen before the clock starts.
 * context: flash attention left on "auto", ``swa_full`` off, ``n_batch`` 2048 (or the longest prompt),
-  ``n_ubatch`` 512, exactly like llama-bench's defaults.
+  ``n_ubatch`` 512, exactly like llama-bench's defaults, unless the artifact's runtime.json ships others.
 
 The high-level ``llama_cpp.Llama`` object is avoided on purpose: its ``eval`` keeps a numpy copy of the
 logits and its sampler walks the whole vocabulary in Python, which would be measured as model time.
@@ -24,6 +24,9 @@ from device_bench.errors import BenchError, RuntimeMissingError
 from device_bench.runner import Runner
 
 _LLAMA_BENCH_N_BATCH = 2048
+_LLAMA_BENCH_N_UBATCH = 512
+#: ggml's type ids (ggml.h ``enum ggml_type``) of the KV-cache types device_bench.config accepts.
+_GGML_TYPE_IDS = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "iq4_nl": 20, "bf16": 30}
 _MISSING = "llama-cpp-python is not installed on this device; install it or pass --setup from edgeforge"
 
 
@@ -33,15 +36,23 @@ class GgufRunner(Runner):
     format = "gguf"
     runtime = "llama.cpp"
 
-    def __init__(self, *args: Any, repack: bool = True, verbose: bool = False, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, repack: bool = True, verbose: bool = False, n_batch: int | None = None,
+                 n_ubatch: int | None = None, cache_type_k: str = "f16", cache_type_v: str = "f16",
+                 **kwargs: Any) -> None:
         """See :class:`Runner`.
 
         ``repack`` keeps llama.cpp's extra CPU buffer types (weights repacked for ARM/x86 kernels, AMX), on by
         default in llama.cpp and llama-bench alike; ``verbose`` forwards llama.cpp's own log lines to stderr.
+        ``n_batch`` / ``n_ubatch`` / ``cache_type_k`` / ``cache_type_v``: the shipped runtime settings (None:
+        llama-bench's defaults); a prompt longer than ``n_batch`` is decoded in ``n_batch`` chunks, as llama-bench
+        does.
         """
         super().__init__(*args, **kwargs)
         self.repack = repack
         self.verbose = verbose
+        self.n_ubatch = n_ubatch or _LLAMA_BENCH_N_UBATCH
+        self.cache_type_k = cache_type_k
+        self.cache_type_v = cache_type_v
         self._llama: Any = None
         self._model: Any = None
         self._ctx: Any = None
@@ -50,7 +61,7 @@ class GgufRunner(Runner):
         self._sampler: Any = None
         self._log_callback: Any = None
         self._n_vocab = 0
-        self._n_batch = max(_LLAMA_BENCH_N_BATCH, self.max_prompt_tokens)
+        self._n_batch = n_batch or max(_LLAMA_BENCH_N_BATCH, self.max_prompt_tokens)
 
     @property
     def runtime_version(self) -> str:
@@ -77,14 +88,18 @@ class GgufRunner(Runner):
         params = llama.llama_context_default_params()
         params.n_ctx = self.n_ctx
         params.n_batch = self._n_batch
+        params.n_ubatch = min(self.n_ubatch, self._n_batch)
+        params.type_k = _GGML_TYPE_IDS[self.cache_type_k]
+        params.type_v = _GGML_TYPE_IDS[self.cache_type_v]
         params.n_threads = self.threads
         params.n_threads_batch = self.threads
         params.swa_full = False  # llama-bench's setting; the library default (True) inflates SWA models' caches
         self._ctx = llama.llama_init_from_model(self._model, params)
         if not self._ctx:
             raise BenchError(
-                f"llama.cpp could not create a context (n_ctx={self.n_ctx}, n_batch={self._n_batch}) for "
-                f"{self.artifact.model_file}: not enough memory? try a smaller --n-ctx"
+                f"llama.cpp could not create a context (n_ctx={self.n_ctx}, n_batch={self._n_batch}, KV cache "
+                f"{self.cache_type_k}/{self.cache_type_v}) for {self.artifact.model_file}: not enough memory (try a "
+                "smaller --n-ctx), or a quantized V cache without flash attention (run with --verbose)"
             )
         self._memory = llama.llama_get_memory(self._ctx)
         self._vocab = llama.llama_model_get_vocab(self._model)
@@ -92,33 +107,47 @@ class GgufRunner(Runner):
         self._sampler = llama.llama_sampler_init_greedy()
 
     def prefill(self, n_tokens: int) -> float:
-        """One batch of ``n_tokens`` prompt tokens after a cache clear (llama-bench ``pp``)."""
-        llama = self._llama
-        tokens = self._token_array(self._prompt_tokens(n_tokens))
+        """``n_tokens`` prompt tokens after a cache clear, ``n_batch`` per ``llama_decode`` (llama-bench ``pp``)."""
+        chunks = self._prompt_chunks(n_tokens)
         self._clear_cache()
         start_ns = time.perf_counter_ns()
-        rc = llama.llama_decode(self._ctx, llama.llama_batch_get_one(tokens, n_tokens))
-        llama.llama_synchronize(self._ctx)
-        elapsed_ns = time.perf_counter_ns() - start_ns
-        self._check(rc, f"prefill of {n_tokens} tokens")
-        return elapsed_ns / 1e9
+        self._decode_chunks(chunks, f"prefill of {n_tokens} tokens")
+        self._llama.llama_synchronize(self._ctx)
+        return (time.perf_counter_ns() - start_ns) / 1e9
 
     def ttft(self, n_tokens: int) -> float:
         """Prefill plus greedy selection of the first token (in C, as an app's sampler chain would)."""
-        llama = self._llama
-        tokens = self._token_array(self._prompt_tokens(n_tokens))
+        chunks = self._prompt_chunks(n_tokens)
         self._clear_cache()
         start_ns = time.perf_counter_ns()
-        rc = llama.llama_decode(self._ctx, llama.llama_batch_get_one(tokens, n_tokens))
-        self._check(rc, f"prompt of {n_tokens} tokens")
-        llama.llama_sampler_sample(self._sampler, self._ctx, -1)
-        elapsed_ns = time.perf_counter_ns() - start_ns
-        return elapsed_ns / 1e9
+        self._decode_chunks(chunks, f"prompt of {n_tokens} tokens")
+        self._llama.llama_sampler_sample(self._sampler, self._ctx, -1)
+        return (time.perf_counter_ns() - start_ns) / 1e9
 
-    def decode(self, n_tokens: int) -> tuple[float, list[float]]:
-        """``n_tokens`` single-token decodes from an empty cache (llama-bench ``tg``), each timed."""
+    def _prompt_chunks(self, n_tokens: int) -> list[tuple[Any, int]]:
+        """The prompt's token arrays, ``n_batch`` tokens each (prepared before any clock starts)."""
+        tokens = self._prompt_tokens(n_tokens)
+        step = self._n_batch
+        return [(self._token_array(tokens[i:i + step]), len(tokens[i:i + step])) for i in range(0, n_tokens, step)]
+
+    def _decode_chunks(self, chunks: list[tuple[Any, int]], what: str) -> None:
+        llama = self._llama
+        for array, count in chunks:
+            self._check(llama.llama_decode(self._ctx, llama.llama_batch_get_one(array, count)), what)
+
+    def decode(self, n_tokens: int, depth: int = 0) -> tuple[float, list[float]]:
+        """``n_tokens`` single-token decodes, each timed.
+
+        From an empty cache (llama-bench ``tg``), or after a ``depth``-token prompt decoded first, untimed
+        (llama-bench ``tg @ d<depth>``).
+        """
         llama = self._llama
         ctx = self._ctx
+        self._clear_cache()
+        if depth:
+            self._decode_chunks(self._prompt_chunks(depth), f"depth prompt of {depth} tokens")
+            llama.llama_synchronize(ctx)
+        # the first token is BOS (when the vocabulary adds one) at any depth, as in llama-bench's test_gen
         feed = self._prompt_tokens(1) + self._random_tokens(n_tokens - 1)
         # One batch struct points at a one-slot array; each step only rewrites the slot, so the loop makes no
         # allocations and no extra ctypes calls beyond decode + synchronize.
@@ -126,7 +155,6 @@ class GgufRunner(Runner):
         batch = llama.llama_batch_get_one(slot, 1)
         decode, synchronize, clock = llama.llama_decode, llama.llama_synchronize, time.perf_counter_ns
         per_token_ns: list[int] = []
-        self._clear_cache()
         start_ns = previous_ns = clock()
         for token in feed:
             slot[0] = token
@@ -154,10 +182,11 @@ class GgufRunner(Runner):
             "n_batch": int(llama.llama_n_batch(self._ctx)),
             "n_ubatch": int(llama.llama_n_ubatch(self._ctx)),
             "n_ctx_effective": int(llama.llama_n_ctx(self._ctx)),
+            "cache_type_k": self.cache_type_k,
+            "cache_type_v": self.cache_type_v,
             "flash_attn": "auto",
             "repack": self.repack,
             "prompt_source": "random",
-            "decode_depth_tokens": 0,
             "system_info": llama.llama_print_system_info().decode("utf-8", "replace").strip(" |"),
         }
 

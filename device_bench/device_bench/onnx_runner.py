@@ -96,15 +96,21 @@ class OnnxRunner(Runner):
         int(outputs[0][0, -1].argmax())
         return (time.perf_counter_ns() - start_ns) / 1e9
 
-    def decode(self, n_tokens: int) -> tuple[float, list[float]]:
-        """``n_tokens`` single-token runs from an empty past, each feeding back the previous presents."""
+    def decode(self, n_tokens: int, depth: int = 0) -> tuple[float, list[float]]:
+        """``n_tokens`` single-token runs, each feeding back the previous presents.
+
+        They start after a ``depth``-token prompt run untimed (0: from an empty past).
+        """
         session, names = self._session, self._output_names
         feed_ids = self._random_ids(n_tokens)
         past = self._empty_past()
+        if depth:
+            outputs = session.run(names, self._feeds(self._random_ids(depth), past, past_len=0))
+            past = {self._present_to_past[name]: value for name, value in zip(names[1:], outputs[1:])}
         per_token_ns: list[int] = []
         clock = time.perf_counter_ns
         start_ns = previous_ns = clock()
-        for step, token in enumerate(feed_ids):
+        for step, token in enumerate(feed_ids, start=depth):
             # Building the feeds is part of every real generation step, so it stays inside the timing.
             outputs = session.run(names, self._feeds([token], past, past_len=step))
             past = {self._present_to_past[name]: value for name, value in zip(names[1:], outputs[1:])}

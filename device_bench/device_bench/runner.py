@@ -50,8 +50,12 @@ class Runner(abc.ABC):
         """Seconds from the start of an ``n_tokens`` prompt until the first generated token id is known."""
 
     @abc.abstractmethod
-    def decode(self, n_tokens: int) -> tuple[float, list[float]]:
-        """Generate ``n_tokens`` one at a time from an empty cache; return total and per-token seconds."""
+    def decode(self, n_tokens: int, depth: int = 0) -> tuple[float, list[float]]:
+        """Generate ``n_tokens`` one at a time; return total and per-token seconds.
+
+        They follow a ``depth``-token prompt, not timed (0: from an empty cache, llama-bench's ``tg``; N: its
+        ``tg @ dN``).
+        """
 
     def details(self) -> dict[str, Any]:
         """Runtime-specific facts for the report's ``runtime_details`` block."""

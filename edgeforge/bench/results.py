@@ -141,7 +141,7 @@ def results_table(results: Sequence[dict[str, Any]], title: str = "Benchmark") -
     t.add_column("target", overflow="fold")
     t.add_column("profile", overflow="fold")
     t.add_column("runtime")
-    for col in ("thr", "MB", "load ms", "TTFT ms", "prefill tok/s", "decode tok/s", "meas/est", "p50/p95 ms",
+    for col in ("thr", "MB", "load ms", "TTFT ms", "prefill tok/s", "decode tok/s", "meas/est", "p50/p95/p99 ms",
                 "RSS MB"):
         t.add_column(col, justify="right", no_wrap=True)
     for r in results:
@@ -152,7 +152,34 @@ def results_table(results: Sequence[dict[str, Any]], title: str = "Benchmark") -
             f"{_num(r.get('prefill_tokens_per_s'))} ({_num(r.get('estimated_prefill_tokens_per_s'), '{:,.0f}')})",
             f"{_num(r.get('decode_tokens_per_s'))} ({_num(r.get('estimated_decode_tokens_per_s'), '{:,.0f}')})",
             _num(r.get("decode_ratio_measured_to_estimated"), "{:.2f}"),
-            f"{_num(r.get('decode_ms_p50'), '{:.1f}')}/{_num(r.get('decode_ms_p95'), '{:.1f}')}",
+            f"{_num(r.get('decode_ms_p50'), '{:.1f}')}/{_num(r.get('decode_ms_p95'), '{:.1f}')}/"
+            f"{_num(r.get('decode_ms_p99'), '{:.1f}')}",
             _num((r.get("peak_rss_bytes") or 0) / 1e6, "{:,.0f}"),
         )
     return t
+
+
+def sustained_table(result: dict[str, Any]) -> Any:
+    """The windows of a ``--sustained`` result: tokens/s, CPU MHz, hottest sensor and power, each window."""
+    from rich.table import Table
+
+    run = result["sustained"]
+    energy = run.get("joules_per_token")
+    t = Table(title=f"Sustained decode: {Path(str(result.get('artifact', '?'))).name} on {result.get('target', '?')}",
+              caption=f"first {_num(run.get('first_window_tokens_per_s'))} -> last "
+                      f"{_num(run.get('last_window_tokens_per_s'))} tok/s (drop {_num(run.get('drop_percent'))}%); "
+                      f"energy: {_num(energy, '{:.3f} J/token') if not isinstance(energy, str) else energy}")
+    for col in ("window", "tok/s", "CPU MHz", "max °C", "power W", "throttled"):
+        t.add_column(col, justify="right", no_wrap=True)
+    for w in run.get("windows") or []:
+        t.add_row(f"{_num(w.get('start_s'), '{:g}')}-{_num(w.get('end_s'), '{:g}')} s", _num(w.get("tokens_per_s")),
+                  _cond(w.get("cpu_frequency_mhz_mean"), "{:,.0f}"), _cond(w.get("temperature_c_max"), "{:.1f}"),
+                  _cond(w.get("power_w_total"), "{:.2f}"), _cond(w.get("throttled"), "{}"))
+    return t
+
+
+def _cond(value: Any, fmt: str) -> str:
+    """A condition reading, or "n/a" for "not available on this device"."""
+    if isinstance(value, str):
+        return "n/a" if value.startswith("not available") else value
+    return _num(value, fmt)

@@ -95,12 +95,19 @@ class BenchOptions:
     repeats: int = 3
     warmup: int = 1
     setup: bool = False
+    decode_depths: tuple[int, ...] = ()
+    sustained_s: float | None = None  # decode without pause this long first, reported per window
+    window_s: float = 10.0
 
     def request(self) -> BenchRequest:
         args = ["--prompt-tokens", str(self.prompt_tokens), "--gen-tokens", str(self.gen_tokens),
                 "--repeats", str(self.repeats), "--warmup", str(self.warmup)]
         if self.threads is not None:
             args += ["--threads", str(self.threads)]
+        if self.decode_depths:
+            args += ["--decode-depths", ",".join(map(str, self.decode_depths))]
+        if self.sustained_s is not None:
+            args += ["--sustained", f"{self.sustained_s:g}", "--window-s", f"{self.window_s:g}"]
         return BenchRequest(tuple(args), self.setup)
 
 
@@ -154,6 +161,8 @@ def run_benchmarks(artifacts: Sequence[str | os.PathLike[str]], jobs: Sequence[T
             except (EdgeforgeError, Interrupted) as e:
                 out.append(e)
                 continue
+            for line in (report.get("runtime_config") or {}).get("differs_from_shipped") or []:
+                log(f"{job.target.name}: warning: not the shipped settings: {line}")
             # estimated after the run (reading a GGUF's metadata takes a moment; a failed run needs none)
             estimate = estimate_for(job.profile, art, options.prompt_tokens)
             result = make_result(report, job.target, job.profile, art, estimate)

@@ -8,8 +8,9 @@ defaults and even the tokenizer change between llama.cpp releases. So ``--setup`
 - else the version installed beside edgeforge (the one ``export``/``eval`` verify with), said as such;
 - never an unpinned "latest".
 
-llama-cpp-python compiles llama.cpp on the device. On x86-64 it is built without Intel AMX, as the Makefile builds it
-here (AMX code faults in some VMs), so the device runs what edgeforge verified.
+llama-cpp-python compiles llama.cpp on the device, natively. Where the device's CPU reports Intel AMX it is built
+without AMX (llama.cpp's AMX kernels crash in some VMs), the rule the Makefile applies here
+(edgeforge.export.native_build); other CPUs (every ARM board, AMD) get the stock native build.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from edgeforge.outputs import ONNX_RECORD_FILE, gguf_record_path
 
 #: artifact format -> (the module device_bench imports, its distribution on PyPI)
 RUNTIME_MODULES = {"gguf": ("llama_cpp", "llama-cpp-python"), "onnx": ("onnxruntime", "onnxruntime")}
-#: llama.cpp's CMake flags without AMX (the same as the Makefile's LLAMA_CMAKE_ARGS).
+#: llama.cpp's CMake flags without AMX (those of edgeforge.export.native_build, which bench cannot import).
 NO_AMX_FLAGS = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 NO_AMX_CMAKE_ARGS = f"-DCMAKE_C_FLAGS='{NO_AMX_FLAGS}' -DCMAKE_CXX_FLAGS='{NO_AMX_FLAGS}'"
 
@@ -76,10 +77,11 @@ def runtime_requirement(artifact: LocalArtifact) -> RuntimeRequirement:
 def pip_install_command(python: str, req: RuntimeRequirement, user: bool) -> str:
     """A POSIX shell command (ssh, adb shell, or this machine) that installs ``req`` with ``python -m pip``.
 
-    llama-cpp-python is built without AMX where the device is x86-64 (``uname -m`` decides on the device).
+    llama-cpp-python is built without AMX where the device's /proc/cpuinfo lists ``amx_tile`` (decided on the device).
     """
     pip = f"{shlex.quote(python)} -m pip install {'--user ' if user else ''}-q {shlex.quote(req.requirement)}"
     if req.package != "llama-cpp-python":
         return pip
     no_amx = shlex.quote(NO_AMX_CMAKE_ARGS)
-    return f'case "$(uname -m)" in x86_64|amd64) CMAKE_ARGS={no_amx}; export CMAKE_ARGS;; esac; {pip}'
+    return (f"if grep -qw amx_tile /proc/cpuinfo 2>/dev/null; then CMAKE_ARGS={no_amx}; export CMAKE_ARGS; fi; "
+            f"{pip}")

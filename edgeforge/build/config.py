@@ -90,6 +90,9 @@ class BenchSettings(_Strict):
     gen_tokens: int = Field(64, ge=1, description="Tokens generated for the decode measurement.")
     repeats: int = Field(3, ge=1, description="Runs per measurement (the median is reported).")
     threads: int | None = Field(None, ge=1, description="CPU threads; null: the runtime's choice.")
+    sustained_s: float | None = Field(None, ge=1, description="Also decode without pause this long, reported per "
+                                      "10-second window with the device's conditions (plotted in the report); null: "
+                                      "no sustained run.")
 
 
 class PipelineConfig(_Strict):

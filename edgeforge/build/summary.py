@@ -28,9 +28,15 @@ def library_versions() -> dict[str, str]:
 
 def bench_row(r: dict[str, Any]) -> dict[str, Any]:
     """The numbers of one device_bench result (bench.make_result) that the ship folder shows."""
-    return {k: r.get(k) for k in ("target", "profile", "prefill_tokens_per_s", "decode_tokens_per_s", "ttft_ms",
-                                  "peak_rss_bytes", "threads", "estimated_decode_tokens_per_s",
-                                  "decode_ratio_measured_to_estimated")}
+    row = {k: r.get(k) for k in ("target", "profile", "prefill_tokens_per_s", "decode_tokens_per_s", "ttft_ms",
+                                 "peak_rss_bytes", "threads", "estimated_decode_tokens_per_s",
+                                 "decode_ratio_measured_to_estimated")}
+    sustained = r.get("sustained")
+    if isinstance(sustained, dict):
+        row["sustained"] = {k: sustained.get(k) for k in ("windows", "first_window_tokens_per_s",
+                                                          "last_window_tokens_per_s", "drop_percent",
+                                                          "joules_per_token")}
+    return row
 
 
 def speed_rows(ctx: BuildContext, state: BuildState) -> list[dict[str, Any]]:

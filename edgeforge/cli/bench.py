@@ -87,6 +87,13 @@ def bench() -> None:
 @click.option("--gen-tokens", type=click.IntRange(min=1), default=64, show_default=True, help="Tokens to decode.")
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
               help="Counted runs per measurement (after one warm-up).")
+@click.option("--decode-depths", default="", metavar="N[,N...]",
+              help="Also decode --gen-tokens after a prompt of each depth N (llama-bench's tg @ dN).")
+@click.option("--sustained", "sustained_s", type=click.FloatRange(min=1), default=None, metavar="SECONDS",
+              help="First decode without pause for SECONDS: tokens/s per window, CPU frequency and governor, "
+                   "temperatures and energy before and after (what the device exposes).")
+@click.option("--window-s", type=click.FloatRange(min=1), default=10.0, show_default=True,
+              help="Window length of --sustained, seconds.")
 @click.option("--setup", is_flag=True,
               help="Install the runtime on the target with pip --user when it is missing (otherwise nothing is "
                    "installed).")
@@ -94,19 +101,23 @@ def bench() -> None:
 @PROFILES_DIR_OPTION
 @JSON_OPTION
 def bench_run(artifacts: tuple[Path, ...], target_names: tuple[str, ...], threads: int | None, prompt_tokens: int,
-              gen_tokens: int, repeats: int, setup: bool, targets_dirs: tuple[Path, ...],
-              profiles_dirs: tuple[Path, ...], as_json: bool) -> None:
+              gen_tokens: int, repeats: int, decode_depths: str, sustained_s: float | None, window_s: float,
+              setup: bool, targets_dirs: tuple[Path, ...], profiles_dirs: tuple[Path, ...], as_json: bool) -> None:
     """Benchmark ARTIFACT... (.gguf files, ONNX export directories) on each --target."""
     from edgeforge.bench.artifact import local_artifact
-    from edgeforge.bench.results import results_table
+    from edgeforge.bench.results import results_table, sustained_table
     from edgeforge.bench.run import BenchOptions, jobs_for, run_benchmarks
     from edgeforge.bench.targets import resolve_target
 
     targets = [resolve_target(n, targets_dirs) for n in dict.fromkeys(target_names)]
     for a in artifacts:  # a wrong path fails now, not after this machine's bandwidth has been measured
         local_artifact(a)
+    if sustained_s is not None and sustained_s < window_s:
+        raise click.BadParameter(f"{sustained_s:g} s is shorter than one window (--window-s {window_s:g})",
+                                 param_hint="'--sustained'")
     options = BenchOptions(threads=threads, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, repeats=repeats,
-                           setup=setup)
+                           setup=setup, decode_depths=_depths(decode_depths), sustained_s=sustained_s,
+                           window_s=window_s)
     with _sigterm_as_interrupt():
         jobs = jobs_for(targets, profiles_dirs, log=_log)
         results = run_benchmarks(artifacts, jobs, options, log=_log)
@@ -114,6 +125,18 @@ def bench_run(artifacts: tuple[Path, ...], target_names: tuple[str, ...], thread
         _print_json(results[0] if len(results) == 1 else results)
         return
     _console().print(results_table(results))
+    for r in results:
+        if r.get("sustained"):
+            _console().print(sustained_table(r))
+
+
+def _depths(text: str) -> tuple[int, ...]:
+    """``--decode-depths``: comma-separated whole numbers >= 1."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise click.BadParameter(f"expected comma-separated token counts such as 512,2048, got {text!r}",
+                                 param_hint="'--decode-depths'")
+    return tuple(sorted({int(p) for p in parts}))
 
 
 @bench.command("compare")

@@ -10,7 +10,6 @@ The tree is fetched once from PyPI (``pip download``), and the C++ tools are bui
 from __future__ import annotations
 
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -26,17 +25,16 @@ from edgeforge.paths import edgeforge_home
 from edgeforge.progress import ProgressStep, progress
 
 TOOL_TARGETS = ("llama-quantize", "llama-imatrix", "llama-bench", "llama-perplexity")
-# Intel AMX tile instructions fault (general protection) in some VMs even where the CPU reports them and the kernel
-# grants the permission: llama.cpp's AMX matmul then kills the process on any multi-token batch. edgeforge builds
-# llama.cpp (the binding, via the Makefile, and these tools) without AMX; elsewhere the build stays native.
-NO_AMX_FLAGS = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 
 
 def native_flags() -> list[str]:
-    """Extra cmake arguments: -march=native, minus AMX on x86-64."""
-    if platform.machine().lower() in ("x86_64", "amd64"):
-        return [f"-DCMAKE_C_FLAGS={NO_AMX_FLAGS}", f"-DCMAKE_CXX_FLAGS={NO_AMX_FLAGS}"]
-    return []
+    """Extra cmake arguments: none (the native build), or the ``-mno-amx-*`` flags where the CPU reports AMX
+    (the same decision as the Makefile's for the binding: edgeforge.export.native_build)."""
+    from edgeforge.export.native_build import amx_decision
+
+    args = amx_decision().cmake_args()
+    # explicit either way: a CMake cache keeps the CMAKE_C_FLAGS of an earlier configure otherwise
+    return args or ["-DCMAKE_C_FLAGS=", "-DCMAKE_CXX_FLAGS="]
 
 
 class ToolsError(EdgeforgeError):
@@ -173,13 +171,19 @@ def ensure_tools(targets: tuple[str, ...] = TOOL_TARGETS, jobs: int | None = Non
     ``build_log()``, and a failure names that log and quotes its last lines.
     """
     tree = ensure_tree()
-    missing = [t for t in targets if not tool_path(t).is_file()]
+    build, log = tree / "build", build_log()
+    flags = native_flags()
+    flags_file = build / "edgeforge-cpu-flags.txt"  # the AMX decision the tools were built with
+    built_with = flags_file.read_text(encoding="utf-8") if flags_file.is_file() else None
+    if built_with != " ".join(flags):  # never built, or built with the other AMX decision: every tool again
+        missing = list(dict.fromkeys([*targets, *TOOL_TARGETS]))
+    else:
+        missing = [t for t in targets if not tool_path(t).is_file()]
     if not missing:
         return {t: tool_path(t) for t in targets}
-    build, log = tree / "build", build_log()
     configure = ["cmake", "-S", str(tree), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
                  "-DGGML_NATIVE=ON", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
-                 "-DLLAMA_BUILD_SERVER=OFF", *native_flags()]
+                 "-DLLAMA_BUILD_SERVER=OFF", *flags]
     phases = [("configure", configure)] + [
         (f"build {t}", ["cmake", "--build", str(build), "--config", "Release", "-j", str(jobs or os.cpu_count() or 2),
                         "--target", t]) for t in missing]
@@ -194,7 +198,35 @@ def ensure_tools(targets: tuple[str, ...] = TOOL_TARGETS, jobs: int | None = Non
                                      "are needed")
                 p.update(100)
         overall.update(len(phases), note="done")
+    flags_file.write_text(" ".join(flags), encoding="utf-8")
     return {t: tool_path(t) for t in targets}
+
+
+def stock_bench_path() -> Path:
+    """Where the stock ``llama-bench`` (llama.cpp's default CMake options, same source) is built."""
+    return tree_dir() / "build-stock" / "bin" / "llama-bench"
+
+
+def ensure_stock_bench(jobs: int | None = None) -> Path:
+    """``llama-bench`` built from the binding's llama.cpp tree with llama.cpp's default options (no flag of
+    edgeforge's, AMX as the compiler's ``-march=native`` sees it), once, beside the tools: the reference that
+    ``benchmarks/bench_overhead.py`` compares edgeforge's runtime with. Only ``LLAMA_CURL`` is off (no libcurl is
+    needed to read a local file; it does not touch the compute code)."""
+    tree, path = ensure_tree(), stock_bench_path()
+    if path.is_file():
+        return path
+    build, log = path.parent.parent, build_log()
+    phases = [("configure stock", ["cmake", "-S", str(tree), "-B", str(build), "-DLLAMA_CURL=OFF"]),
+              ("build stock llama-bench", ["cmake", "--build", str(build), "--config", "Release", "-j",
+                                           str(jobs or os.cpu_count() or 2), "--target", "llama-bench"])]
+    for phase, cmd in phases:
+        with progress(phase, total=100, unit="%") as p:
+            code = run_logged(cmd, log, on_poll=lambda p=p: p.update(build_percent(log)))
+            if code != 0:
+                raise ToolsError(f"building the stock llama-bench failed at '{phase}' (exit {code}): "
+                                 f"{' | '.join(failure_excerpt(log))}; full log: {log}")
+            p.update(100)
+    return path
 
 
 def converter_env() -> dict[str, str]:

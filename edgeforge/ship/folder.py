@@ -99,13 +99,14 @@ _JINJA_DEFAULT_SYSTEM = re.compile(r"<\|im_start\|>system(?:\n|\\n)([^{}'\"<]+?)
 
 
 def modelfile(gguf_name: str, chat_template_jinja: str | None, stop_tokens: list[str], *,
-              num_ctx: int = 2048) -> str:
+              num_ctx: int = 2048, num_batch: int | None = None) -> str:
     """An Ollama Modelfile serving ``gguf_name`` (a path relative to the Modelfile's folder).
 
     ChatML (``<|im_start|>role\\n...<|im_end|>``, as SmolLM2 uses) is recognised from the Jinja template and rewritten
     in Ollama's Go-template syntax, with the template's literal default system prompt (if any) as SYSTEM; any other
     template gets a plain ``{{ .Prompt }}`` template and a comment saying so, because translating arbitrary Jinja is
-    not something a regex does correctly. ``num_ctx``: the context the plan was sized for (tokens).
+    not something a regex does correctly. ``num_ctx``: the context the plan was sized for (tokens); ``num_batch``:
+    the shipped runtime.json's ``n_batch``.
     """
     chatml = bool(chat_template_jinja) and "<|im_start|>" in chat_template_jinja
     lines = ["# Ollama Modelfile written by edgeforge: ollama create <name> -f Modelfile", f"FROM ./{gguf_name}", ""]
@@ -130,6 +131,10 @@ def modelfile(gguf_name: str, chat_template_jinja: str | None, stop_tokens: list
     # json.dumps quotes and escapes the stop string the way Ollama's Modelfile parser reads a quoted value.
     lines += [f"PARAMETER stop {json.dumps(s)}" for s in stops]
     lines.append(f"PARAMETER num_ctx {int(num_ctx)}")
+    if num_batch:
+        lines += [f"PARAMETER num_batch {int(num_batch)}",
+                  "# The KV cache is f16, as benchmarked (<model>.gguf.runtime.json); Ollama sets its cache type for",
+                  "# the whole server (OLLAMA_KV_CACHE_TYPE), not per model."]
     return "\n".join(lines) + "\n"
 
 
@@ -397,10 +402,12 @@ def write_ship(ship_dir: Path, summary: dict) -> dict:
     write_text_atomic(ship_dir / "README.md", model_card(summary))
     g = primary_gguf(summary)
     if g:
+        from edgeforge.ship.runtime_settings import N_BATCH
+
         ctx = _get(summary, "plan", "context_tokens") or 2048
         write_text_atomic(ship_dir / "Modelfile",
-                      modelfile(g["path"], summary.get("chat_template"), list(summary.get("stop_tokens") or []),
-                                num_ctx=ctx))
+                          modelfile(g["path"], summary.get("chat_template"), list(summary.get("stop_tokens") or []),
+                                    num_ctx=ctx, num_batch=N_BATCH))
     write_text_atomic(ship_dir / "report.html", render_report(summary))
     manifest = {
         "schema": MANIFEST_SCHEMA,

@@ -182,6 +182,29 @@ def _speed_fig(summary: dict) -> Figure | None:
     return fig
 
 
+def _sustained_fig(summary: dict) -> Figure | None:
+    """Decode tokens/s in each window of every sustained run (bench.sustained_s), one line per artifact and target."""
+    runs = [(a, b) for a in _rows(summary.get("artifacts")) for b in _rows(a.get("bench"))
+            if isinstance(b.get("sustained"), dict) and b["sustained"].get("windows")]
+    if not runs:
+        return None
+    fig = Figure(figsize=(7.5, 3.8))
+    ax = fig.subplots()
+    for a, b in runs:
+        windows = _rows(b["sustained"]["windows"])
+        ax.plot([w.get("end_s") for w in windows], [w.get("tokens_per_s") for w in windows], marker="o",
+                label=f"{_short(str(a.get('path', '?')))} on {b.get('target', '?')} "
+                      f"(drop {_num(b['sustained'].get('drop_percent'), '{:.1f}')}%)")
+    ax.set_xlabel("seconds of continuous decoding (end of each window)")
+    ax.set_ylabel("decode tokens/s in the window")
+    ax.set_title("sustained decode")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7.5)
+    fig.tight_layout()
+    return fig
+
+
 # ---------------------------------------------------------------- tables
 def _table(head: list[str] | None, rows: list[list[str]], numeric: tuple[int, ...] = ()) -> str:
     """Cells are escaped here; ``numeric`` column indexes are right-aligned; no header row when ``head`` is None."""
@@ -261,6 +284,10 @@ def render_report(summary: dict) -> str:
         ("plot-speed", "Decode speed on each profile or target: the planner's estimate beside the measurement.",
          _speed_fig(summary), "No speed estimates or measurements."),
     ]
+    sustained = _sustained_fig(summary)
+    if sustained is not None:  # only when asked for (bench.sustained_s): most builds do not run one
+        figs.append(("plot-sustained", "Decode speed in each window of a sustained run, from the cold first window "
+                     "on; the device's temperatures and clocks are in records/bench.json.", sustained, ""))
     lineage = summary.get("lineage")
     parts = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',

@@ -37,7 +37,7 @@ class BenchStage:
         ctx = self.ctx
         b = ctx.cfg.bench
         options = BenchOptions(threads=b.threads, prompt_tokens=b.prompt_tokens, gen_tokens=b.gen_tokens,
-                               repeats=b.repeats)
+                               repeats=b.repeats, sustained_s=b.sustained_s)
         jobs = [TargetJob(t, target_profile(t, ctx.profiles_dirs)) for t in self.targets]
         return {"results": run_benchmarks(self.artifact_paths, jobs, options, log=ctx.log, save=False)}
 

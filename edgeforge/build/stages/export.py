@@ -107,9 +107,13 @@ class ExportStage:
                 from edgeforge.data.builtin import write_calibration_text
 
                 imatrix_data = write_calibration_text(stage_dir / "calibration.txt")
+            from edgeforge.ship.runtime_settings import write_runtime_settings
+
             path = stage_dir / f"{build_slug(self.ctx)}-{self.quant}.gguf"
-            return path, export_gguf(ref, self.quant, path, imatrix_data, self.ctx.profile.name,
-                                     [*state.lineage_stages])
+            record = export_gguf(ref, self.quant, path, imatrix_data, self.ctx.profile.name, [*state.lineage_stages])
+            # beside the file from the start: the bench stage measures with the settings that ship
+            write_runtime_settings(path, self.ctx.plan.context_tokens)
+            return path, record
         from edgeforge.export.onnx.export import export_onnx
 
         path = stage_dir / "onnx"

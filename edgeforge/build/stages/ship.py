@@ -43,6 +43,7 @@ def ship_folder(ctx: BuildContext, state: BuildState) -> tuple[Path, dict[str, A
 def copy_artifact(a: dict[str, Any], folder: Path, bench: list[dict[str, Any]]) -> dict[str, Any]:
     """Copy one verified artifact (and a GGUF's export record) into ``folder``; returns its ship row."""
     from edgeforge.export.gguf import record_path
+    from edgeforge.ship.runtime_settings import runtime_settings_path
 
     src = Path(a["path"])
     name = src.name if a["format"] == "gguf" else f"onnx-{a['quant']}"
@@ -51,9 +52,9 @@ def copy_artifact(a: dict[str, Any], folder: Path, bench: list[dict[str, Any]]) 
         shutil.copytree(src, dst)
     else:
         shutil.copy2(src, dst)
-        rec = record_path(src)
-        if rec.is_file():
-            shutil.copy2(rec, folder / rec.name)
+        for side in (record_path(src), runtime_settings_path(src)):
+            if side.is_file():
+                shutil.copy2(side, folder / side.name)
     measured = [r for r in bench if Path(str(r.get("artifact", ""))).name == src.name]
     return {"path": name, "format": a["format"], "quant": a["quant"], "size_bytes": a["size_bytes"],
             "verify": a["verify"], "task_accuracy": (a.get("task") or {}).get("task_accuracy"),
