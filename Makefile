@@ -9,6 +9,9 @@ export TRANSFORMERS_OFFLINE := 1
 LLAMA_CMAKE_ARGS = $(shell $(PY) edgeforge/export/native_build.py)
 
 .PHONY: demo test lint clean system-deps
+# A set-up step that fails leaves no target behind (pip writes bin/edgeforge before the binding check and the tools
+# are done): the next make runs the whole set-up again instead of taking the half-made venv as ready.
+.DELETE_ON_ERROR:
 
 $(BIN)/edgeforge: pyproject.toml
 	$(PY) -m venv $(VENV)

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from edgeforge.errors import EdgeforgeError
+from edgeforge.export.native_build import NO_AMX_FLAGS, amx_decision
 from edgeforge.models.support import binding_version, llama_tree_dir
 from edgeforge.paths import edgeforge_home
 from edgeforge.progress import ProgressStep, progress
@@ -30,8 +31,6 @@ TOOL_TARGETS = ("llama-quantize", "llama-imatrix", "llama-bench", "llama-perplex
 def native_flags() -> list[str]:
     """Extra cmake arguments: none (the native build), or the ``-mno-amx-*`` flags where the CPU reports AMX
     (the same decision as the Makefile's for the binding: edgeforge.export.native_build)."""
-    from edgeforge.export.native_build import amx_decision
-
     args = amx_decision().cmake_args()
     # explicit either way: a CMake cache keeps the CMAKE_C_FLAGS of an earlier configure otherwise
     return args or ["-DCMAKE_C_FLAGS=", "-DCMAKE_CXX_FLAGS="]
@@ -202,28 +201,34 @@ def ensure_tools(targets: tuple[str, ...] = TOOL_TARGETS, jobs: int | None = Non
     return {t: tool_path(t) for t in targets}
 
 
-def stock_bench_path() -> Path:
-    """Where the stock ``llama-bench`` (llama.cpp's default CMake options, same source) is built."""
-    return tree_dir() / "build-stock" / "bin" / "llama-bench"
+def stock_bench_path(without_amx: bool = False) -> Path:
+    """Where the stock ``llama-bench`` (llama.cpp's default CMake options, same source) is built; ``without_amx``:
+    the same defaults plus only the ``-mno-amx-*`` flags (the reference on a CPU whose stock AMX build crashes)."""
+    return tree_dir() / ("build-stock-no-amx" if without_amx else "build-stock") / "bin" / "llama-bench"
 
 
-def ensure_stock_bench(jobs: int | None = None) -> Path:
+def ensure_stock_bench(jobs: int | None = None, without_amx: bool = False) -> Path:
     """``llama-bench`` built from the binding's llama.cpp tree with llama.cpp's default options (no flag of
     edgeforge's, AMX as the compiler's ``-march=native`` sees it), once, beside the tools: the reference that
     ``benchmarks/bench_overhead.py`` compares edgeforge's runtime with. Only ``LLAMA_CURL`` is off (no libcurl is
-    needed to read a local file; it does not touch the compute code)."""
-    tree, path = ensure_tree(), stock_bench_path()
+    needed to read a local file; it does not touch the compute code). ``without_amx`` adds the ``-mno-amx-*``
+    compiler flags and nothing else, for a CPU where the default build cannot run."""
+    tree, path = ensure_tree(), stock_bench_path(without_amx)
     if path.is_file():
         return path
     build, log = path.parent.parent, build_log()
-    phases = [("configure stock", ["cmake", "-S", str(tree), "-B", str(build), "-DLLAMA_CURL=OFF"]),
-              ("build stock llama-bench", ["cmake", "--build", str(build), "--config", "Release", "-j",
-                                           str(jobs or os.cpu_count() or 2), "--target", "llama-bench"])]
+    configure = ["cmake", "-S", str(tree), "-B", str(build), "-DLLAMA_CURL=OFF"]
+    if without_amx:
+        configure += [f"-DCMAKE_C_FLAGS={NO_AMX_FLAGS}", f"-DCMAKE_CXX_FLAGS={NO_AMX_FLAGS}"]
+    name = "stock llama-bench" + (" without AMX" if without_amx else "")
+    phases = [(f"configure {name}", configure),
+              (f"build {name}", ["cmake", "--build", str(build), "--config", "Release", "-j",
+                                 str(jobs or os.cpu_count() or 2), "--target", "llama-bench"])]
     for phase, cmd in phases:
         with progress(phase, total=100, unit="%") as p:
             code = run_logged(cmd, log, on_poll=lambda p=p: p.update(build_percent(log)))
             if code != 0:
-                raise ToolsError(f"building the stock llama-bench failed at '{phase}' (exit {code}): "
+                raise ToolsError(f"building the {name} failed at '{phase}' (exit {code}): "
                                  f"{' | '.join(failure_excerpt(log))}; full log: {log}")
             p.update(100)
     return path

@@ -82,7 +82,8 @@ def amx_decision(machine: str | None = None, cpuinfo: str | None = None) -> AmxD
 # llama.cpp on a real batch in a child process: load with its extra buffer types (AMX where built), 64 tokens.
 _CHECK_BINDING = r"""
 import sys, llama_cpp as L
-L.llama_log_set(L.llama_log_callback(lambda *a: None), None)
+quiet = L.llama_log_callback(lambda *a: None)  # kept in a name: a collected ctypes callback crashes when called
+L.llama_log_set(quiet, None)
 L.llama_backend_init()
 mp = L.llama_model_default_params(); mp.use_extra_bufts = True
 model = L.llama_model_load_from_file(sys.argv[1].encode(), mp)
