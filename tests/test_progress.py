@@ -134,3 +134,30 @@ def test_tool_build_shows_each_phase_and_a_failure_names_its_log(tmp_path: Path,
     message = str(failed.value)
     assert "at 'build llama-imatrix'" in message and "missing_symbol_here" in message
     assert f"full log: {llama_tools.build_log()}" in message and llama_tools.build_log().is_file()
+
+
+@pytest.mark.skipif(not (shutil.which("cmake") and shutil.which("cc")), reason="needs cmake and a C compiler")
+def test_tools_built_with_other_cpu_flags_are_built_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """Tools built under another AMX decision (an older cache, or EDGEFORGE_LLAMA_AMX changed) are stale: the ones
+    asked for are configured and built again with this machine's flags, the others are removed until asked for."""
+    from edgeforge.export import llama_tools
+
+    monkeypatch.setenv("EDGEFORGE_HOME", str(tmp_path))
+    tree = llama_tools.tree_dir()
+    tree.mkdir(parents=True)
+    (tree / "convert_hf_to_gguf.py").write_text("", encoding="utf-8")
+    (tree / "CMakeLists.txt").write_text(FAKE_TREE_CMAKE, encoding="utf-8")
+    (tree / "ok.c").write_text("int main(void) { return 0; }\n", encoding="utf-8")
+    (tree / "broken.c").write_text("int main(void) { return missing_symbol_here; }\n", encoding="utf-8")
+    llama_tools.ensure_tools(("llama-quantize", "llama-bench"), jobs=1)
+    flags_file = tree / "build" / "edgeforge-cpu-flags.txt"
+    assert flags_file.read_text(encoding="utf-8") == " ".join(llama_tools.native_flags())
+    capsys.readouterr()
+
+    flags_file.write_text("-DCMAKE_C_FLAGS=-mother", encoding="utf-8")  # as if built under the other decision
+    assert llama_tools.ensure_tools(("llama-quantize",), jobs=1)["llama-quantize"].is_file()
+    labels = {ln.split(":", 1)[0] for ln in _lines(capsys)[1]}
+    assert {"configure", "build llama-quantize"} <= labels and "build llama-bench" not in labels
+    assert not llama_tools.tool_path("llama-bench").exists()  # stale: gone until asked for
+    assert flags_file.read_text(encoding="utf-8") == " ".join(llama_tools.native_flags())

@@ -174,10 +174,12 @@ def ensure_tools(targets: tuple[str, ...] = TOOL_TARGETS, jobs: int | None = Non
     flags = native_flags()
     flags_file = build / "edgeforge-cpu-flags.txt"  # the AMX decision the tools were built with
     built_with = flags_file.read_text(encoding="utf-8") if flags_file.is_file() else None
-    if built_with != " ".join(flags):  # never built, or built with the other AMX decision: every tool again
-        missing = list(dict.fromkeys([*targets, *TOOL_TARGETS]))
-    else:
-        missing = [t for t in targets if not tool_path(t).is_file()]
+    if built_with != " ".join(flags):
+        # never built, or built with the other AMX decision: the tools there are stale; each is built again, with
+        # these flags, when it is asked for (the requested ones now)
+        for stale in TOOL_TARGETS:
+            tool_path(stale).unlink(missing_ok=True)
+    missing = [t for t in targets if not tool_path(t).is_file()]
     if not missing:
         return {t: tool_path(t) for t in targets}
     configure = ["cmake", "-S", str(tree), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
