@@ -74,7 +74,7 @@ def cpu_frequencies_mhz(root: str = "/") -> dict[str, float]:
     if out:
         return out
     cpu = None
-    for line in (_read_text(_at(root, "/proc/cpuinfo")) or "").splitlines():
+    for line in (read_text(_at(root, "/proc/cpuinfo")) or "").splitlines():
         key, _, value = line.partition(":")
         if key.strip() == "processor":
             cpu = f"cpu{value.strip()}"
@@ -91,7 +91,7 @@ def cpu_governor(root: str = "/") -> str | None:
     names = []
     pattern = _at(root, "/sys/devices/system/cpu/cpu[0-9]*/cpufreq/scaling_governor")
     for path in sorted(glob.glob(pattern), key=_cpu_index):
-        text = _read_text(path)
+        text = read_text(path)
         if text and text.strip() not in names:
             names.append(text.strip())
     return ",".join(names) or None
@@ -104,20 +104,20 @@ def temperatures_c(android: bool | None = None, root: str = "/") -> tuple[dict[s
         millidegrees = _read_int(os.path.join(zone, "temp"))
         if millidegrees is None:
             continue
-        name = (_read_text(os.path.join(zone, "type")) or os.path.basename(zone)).strip()
+        name = (read_text(os.path.join(zone, "type")) or os.path.basename(zone)).strip()
         if name in temperatures:  # several zones may share a type (e.g. "acpitz"): keep them apart
             name = f"{name}.{os.path.basename(zone)}"
         temperatures[name] = round(millidegrees / 1000.0, 1)
     throttled = None
     if shutil.which("vcgencmd"):
-        match = _VCGENCMD_TEMP.search(_run(["vcgencmd", "measure_temp"]) or "")
+        match = _VCGENCMD_TEMP.search(run_probe(["vcgencmd", "measure_temp"]) or "")
         if match:
             temperatures["vcgencmd"] = float(match.group(1))
-        match = _VCGENCMD_THROTTLED.search(_run(["vcgencmd", "get_throttled"]) or "")
+        match = _VCGENCMD_THROTTLED.search(run_probe(["vcgencmd", "get_throttled"]) or "")
         if match:
             throttled = match.group(1)
     if android if android is not None else bool(shutil.which("dumpsys")):
-        android_temperatures, status = parse_thermalservice(_run(["dumpsys", "thermalservice"]) or "")
+        android_temperatures, status = parse_thermalservice(run_probe(["dumpsys", "thermalservice"]) or "")
         for name, value in android_temperatures.items():
             temperatures.setdefault(name, value)
         if status is not None and throttled is None:
@@ -147,10 +147,10 @@ def energy_counters_uj(root: str = "/") -> dict[str, int]:
         value = _read_int(zone)
         if value is None:
             continue
-        name = (_read_text(os.path.join(zone_dir, "name")) or os.path.basename(zone_dir)).strip()
+        name = (read_text(os.path.join(zone_dir, "name")) or os.path.basename(zone_dir)).strip()
         if os.path.basename(zone_dir).count(":") == 2:  # intel-rapl:0:1 is a sub-zone of intel-rapl:0
             parent_dir = zone_dir.rsplit(":", 1)[0]
-            name = f"{(_read_text(os.path.join(parent_dir, 'name')) or os.path.basename(parent_dir)).strip()}/{name}"
+            name = f"{(read_text(os.path.join(parent_dir, 'name')) or os.path.basename(parent_dir)).strip()}/{name}"
         out[name if name not in out else f"{name}.{os.path.basename(zone_dir)}"] = value
     return out
 
@@ -189,18 +189,18 @@ def power_w(root: str = "/") -> dict[str, float]:
         milliwatts = _read_int(path)
         if milliwatts is not None:
             index = path[-7]
-            label = _read_text(os.path.join(os.path.dirname(path), f"rail_name_{index}")) or f"rail{index}"
+            label = read_text(os.path.join(os.path.dirname(path), f"rail_name_{index}")) or f"rail{index}"
             out[f"ina3221/{label.strip()}"] = round(milliwatts / 1000.0, 3)
     # L4T 34+ (Orin): hwmon, inN_input (mV) x currN_input (mA) with inN_label.
     for label_path in sorted(glob.glob(_at(root, "/sys/bus/i2c/drivers/ina3221*/*/hwmon/hwmon*/in[0-9]_label"))):
         base, index = os.path.dirname(label_path), os.path.basename(label_path)[2]
         millivolts = _read_int(os.path.join(base, f"in{index}_input"))
         milliamps = _read_int(os.path.join(base, f"curr{index}_input"))
-        label = (_read_text(label_path) or f"rail{index}").strip()
+        label = (read_text(label_path) or f"rail{index}").strip()
         if millivolts is not None and milliamps is not None and "sum" not in label.lower():
             out[f"ina3221/{label}"] = round(millivolts * milliamps / 1e6, 3)
     for supply in sorted(glob.glob(_at(root, "/sys/class/power_supply/*"))):
-        kind = (_read_text(os.path.join(supply, "type")) or "").strip()
+        kind = (read_text(os.path.join(supply, "type")) or "").strip()
         if kind != "Battery":
             continue
         microamps = _read_int(os.path.join(supply, "current_now"))
@@ -216,7 +216,7 @@ def _at(root: str, path: str) -> str:
     return path if root == "/" else os.path.join(root, path.lstrip("/"))
 
 
-def _read_text(path: str) -> str | None:
+def read_text(path: str) -> str | None:
     """File content, or None when it is missing or unreadable (sysfs files may raise on read)."""
     try:
         with open(path, encoding="utf-8", errors="replace") as handle:
@@ -226,14 +226,14 @@ def _read_text(path: str) -> str | None:
 
 
 def _read_int(path: str) -> int | None:
-    text = _read_text(path)
+    text = read_text(path)
     try:
         return int(text.strip()) if text is not None else None
     except ValueError:
         return None
 
 
-def _run(argv: list[str]) -> str | None:
+def run_probe(argv: list[str]) -> str | None:
     """Stdout of a short probe command, or None on any failure (missing tool, timeout, non-zero exit)."""
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=_PROBE_TIMEOUT_S, check=False)

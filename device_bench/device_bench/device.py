@@ -7,13 +7,11 @@ import os
 import platform
 import re
 import socket
-import subprocess
 import sys
 from typing import Any
 
-from device_bench.conditions import temperatures_c
+from device_bench.conditions import read_text, run_probe, temperatures_c
 
-_PROBE_TIMEOUT_S = 3.0
 #: ARM "CPU implementer" -> (vendor, {"CPU part": core}) for the cores found on edge boards.
 _ARM_PARTS: dict[str, tuple[str, dict[str, str]]] = {
     "0x41": (
@@ -55,7 +53,7 @@ def fingerprint() -> dict[str, Any]:
 
     The hostname is only kept as a short hash, so reports can be told apart without naming the machine.
     """
-    cpuinfo = _read_text("/proc/cpuinfo") or ""
+    cpuinfo = read_text("/proc/cpuinfo") or ""
     temperatures_c, throttled = read_thermals()
     return {
         "cpu_model": cpu_model_from_cpuinfo(cpuinfo),
@@ -93,7 +91,7 @@ def peak_rss_bytes() -> int:
 
 def proc_status_bytes(field: str) -> int | None:
     """A kB field of /proc/self/status (VmHWM = peak RSS, VmRSS = current RSS) in bytes, None if unreadable."""
-    text = _read_text("/proc/self/status")
+    text = read_text("/proc/self/status")
     if text is None:
         return None
     for line in text.splitlines():
@@ -118,7 +116,7 @@ def cpu_model_from_cpuinfo(cpuinfo: str) -> str:
         if fields.get(key):
             return fields[key]
     if sys.platform == "darwin":
-        brand = _run(["sysctl", "-n", "machdep.cpu.brand_string"])
+        brand = run_probe(["sysctl", "-n", "machdep.cpu.brand_string"])
         if brand:
             return brand.strip()
     return platform.processor() or platform.machine() or "unknown"
@@ -149,24 +147,24 @@ def isa_flags_from_cpuinfo(cpuinfo: str) -> list[str]:
             return sorted(set(fields[key].split()))
     if sys.platform == "darwin":
         flags = set()
-        for line in (_run(["sysctl", "hw.optional"]) or "").splitlines():
+        for line in (run_probe(["sysctl", "hw.optional"]) or "").splitlines():
             name, _, value = line.partition(":")
             if value.strip() == "1":  # e.g. "hw.optional.arm.FEAT_DotProd: 1", "hw.optional.avx2_0: 1"
                 flags.add(name.strip().rsplit(".", 1)[-1])
         for key in ("machdep.cpu.features", "machdep.cpu.leaf7_features"):
-            flags.update((_run(["sysctl", "-n", key]) or "").lower().split())
+            flags.update((run_probe(["sysctl", "-n", key]) or "").lower().split())
         return sorted(flags)
     return []
 
 
 def _ram_bytes() -> int:
     """Total RAM: /proc/meminfo MemTotal, sysctl hw.memsize on macOS, or sysconf pages."""
-    meminfo = _read_text("/proc/meminfo") or ""
+    meminfo = read_text("/proc/meminfo") or ""
     match = re.search(r"^MemTotal:\s+(\d+)\s*kB", meminfo, re.MULTILINE)
     if match:
         return int(match.group(1)) * 1024
     if sys.platform == "darwin":
-        value = (_run(["sysctl", "-n", "hw.memsize"]) or "").strip()
+        value = (run_probe(["sysctl", "-n", "hw.memsize"]) or "").strip()
         if value.isdigit():
             return int(value)
     try:
@@ -177,7 +175,7 @@ def _ram_bytes() -> int:
 
 def _board_model() -> str | None:
     """Board name from the device tree (Raspberry Pi, Jetson, most ARM SBCs), None elsewhere."""
-    raw = _read_text("/proc/device-tree/model")
+    raw = read_text("/proc/device-tree/model")
     return raw.strip("\x00\n ") if raw else None
 
 
@@ -197,21 +195,3 @@ def _cpuinfo_fields(cpuinfo: str) -> dict[str, str]:
         if sep and key.strip() not in fields:
             fields[key.strip()] = value.strip()
     return fields
-
-
-def _read_text(path: str) -> str | None:
-    """File content, or None when it is missing or unreadable (sysfs files may raise on read)."""
-    try:
-        with open(path, encoding="utf-8", errors="replace") as handle:
-            return handle.read()
-    except OSError:
-        return None
-
-
-def _run(argv: list[str]) -> str | None:
-    """Stdout of a short probe command, or None on any failure (missing tool, timeout, non-zero exit)."""
-    try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=_PROBE_TIMEOUT_S, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout if done.returncode == 0 else None
