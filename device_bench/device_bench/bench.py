@@ -77,15 +77,13 @@ def run_plan(runner: Runner, plan: Plan, log: Callable[[str], None]) -> dict[str
 
     decode_runs = _repeat(lambda: runner.decode(plan.gen_tokens), plan, log, f"decode {plan.gen_tokens} tokens",
                           warm_up=lambda: runner.decode(1))
-    decode_rates = [plan.gen_tokens / total_s for total_s, _ in decode_runs]
-    token_ms = [s * 1e3 for _, per_token in decode_runs for s in per_token]
+    decode_rates, token_ms = _rates_and_step_ms(decode_runs, plan.gen_tokens)
 
     depth_rows = []
     for depth in plan.decode_depths:
         runs = _repeat(lambda d=depth: runner.decode(plan.gen_tokens, depth=d), plan, log,
                        f"decode {plan.gen_tokens} tokens at depth {depth}", warm_up=lambda: runner.decode(1))
-        rates = [plan.gen_tokens / total_s for total_s, _ in runs]
-        depth_ms = [s * 1e3 for _, per_token in runs for s in per_token]
+        rates, depth_ms = _rates_and_step_ms(runs, plan.gen_tokens)
         depth_rows.append({"depth_tokens": depth, "gen_tokens": plan.gen_tokens,
                            "tokens_per_s_mean": stats.mean(rates), "tokens_per_s_std": stats.std(rates),
                            "ms_p50": stats.percentile(depth_ms, 50), "tokens_per_s_samples": rates})
@@ -112,6 +110,12 @@ def timed_ms(action: Callable[[], None]) -> float:
     start_ns = time.perf_counter_ns()
     action()
     return (time.perf_counter_ns() - start_ns) / 1e6
+
+
+def _rates_and_step_ms(runs: list[tuple[float, list[float]]], gen_tokens: int) -> tuple[list[float], list[float]]:
+    """Tokens/s of each decode run (``(total_s, per_token_s)``) and every step's latency in ms, all runs together."""
+    return ([gen_tokens / total_s for total_s, _ in runs],
+            [s * 1e3 for _, per_token in runs for s in per_token])
 
 
 def _repeat(measure: Callable[[], Any], plan: Plan, log: Callable[[str], None], what: str,

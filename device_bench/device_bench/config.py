@@ -20,8 +20,11 @@ _THREAD_KEYS = ("n_threads", "threads")
 _CTX_KEYS = ("n_ctx", "context_length")
 _BATCH_KEYS = ("n_batch",)
 _UBATCH_KEYS = ("n_ubatch",)
-#: KV-cache element types llama.cpp accepts (llama-bench's -ctk/-ctv values), by name.
-KV_CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
+#: KV-cache element types llama.cpp accepts (llama-bench's -ctk/-ctv values), by name, with ggml's type ids
+#: (ggml.h ``enum ggml_type``) that the GGUF runner passes to llama.cpp.
+KV_CACHE_TYPE_IDS = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8, "q4_0": 2, "q4_1": 3, "iq4_nl": 20, "q5_0": 6,
+                     "q5_1": 7}
+KV_CACHE_TYPES = tuple(KV_CACHE_TYPE_IDS)
 _KV_DEFAULT = "f16"
 
 

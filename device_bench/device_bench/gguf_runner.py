@@ -20,13 +20,12 @@ import sys
 import time
 from typing import Any
 
+from device_bench.config import KV_CACHE_TYPE_IDS
 from device_bench.errors import BenchError, RuntimeMissingError
 from device_bench.runner import Runner
 
 _LLAMA_BENCH_N_BATCH = 2048
 _LLAMA_BENCH_N_UBATCH = 512
-#: ggml's type ids (ggml.h ``enum ggml_type``) of the KV-cache types device_bench.config accepts.
-_GGML_TYPE_IDS = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "iq4_nl": 20, "bf16": 30}
 _MISSING = "llama-cpp-python is not installed on this device; install it or pass --setup from edgeforge"
 
 
@@ -89,8 +88,8 @@ class GgufRunner(Runner):
         params.n_ctx = self.n_ctx
         params.n_batch = self._n_batch
         params.n_ubatch = min(self.n_ubatch, self._n_batch)
-        params.type_k = _GGML_TYPE_IDS[self.cache_type_k]
-        params.type_v = _GGML_TYPE_IDS[self.cache_type_v]
+        params.type_k = KV_CACHE_TYPE_IDS[self.cache_type_k]
+        params.type_v = KV_CACHE_TYPE_IDS[self.cache_type_v]
         params.n_threads = self.threads
         params.n_threads_batch = self.threads
         params.swa_full = False  # llama-bench's setting; the library default (True) inflates SWA models' caches
