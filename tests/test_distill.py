@@ -427,3 +427,18 @@ def test_distill_bundled_teacher_lowers_kl_and_perplexity(tmp_path: Path):
     assert rec["after"]["kl_to_teacher"] < rec["before"]["kl_to_teacher"]
     assert rec["after"]["perplexity"] < rec["before"]["perplexity"]
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 10
+
+
+def test_zero_steps_saves_the_pruned_student_untrained(teacher_dir: Path, data_file: Path, tmp_path: Path):
+    """``--steps 0`` prunes only: the record says nothing was trained and no teacher signal was computed, and the
+    saved student is the pruning a training run starts from (the same kept layers, the same initial metrics)."""
+    from transformers import AutoModelForCausalLM
+
+    record = run_distill(_cfg(teacher_dir, data_file, tmp_path / "p", steps=0))
+    assert record["training"]["steps"] == 0 and record["teacher_forward_passes"] == 0
+    assert record["after"] == record["before"] and record["loss_curve"] == []
+    saved = AutoModelForCausalLM.from_pretrained(str(tmp_path / "p"), dtype=torch.float32)
+    assert saved.config.num_hidden_layers == 2
+    trained = run_distill(_cfg(teacher_dir, data_file, tmp_path / "t", steps=1))
+    assert trained["student"]["kept_layers"] == record["student"]["kept_layers"]
+    assert trained["before"] == record["before"]

@@ -154,3 +154,27 @@ def test_each_method_runs_end_to_end_on_the_bundled_teacher(tmp_path: Path, meth
     merged = AutoModelForCausalLM.from_pretrained(str(out))
     assert merged.config.num_hidden_layers == 30
     assert all(p.dtype == torch.float32 for p in merged.parameters())
+
+
+def test_full_fine_tuning_trains_every_weight_and_ships_the_model_itself(tiny: Path, tmp_path: Path):
+    """``method: full``: no adapter, every weight moves, the output is the trained model (published whole), and the
+    "merged" scores are the trained model's own on the same examples (there is nothing to merge)."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "full"
+    rec = run_finetune(str(tiny), out, _small_cfg("full", steps=2).model_copy(update={"lr": 1e-3}),
+                       task="home-commands", merge=True, log=lambda m: None)
+    assert (out / "config.json").is_file() and not (out / "adapter").exists()
+    assert not (out / "adapter_config.json").exists() and not (out / "checkpoint").exists()
+    before = load_file(str(next(tiny.glob("*.safetensors"))))
+    after = load_file(str(next(out.glob("*.safetensors"))))
+    moved = [n for n in before if n in after and not torch.equal(before[n], after[n])]
+    assert len(moved) >= len(before) - 1, f"only {len(moved)} of {len(before)} tensors changed"
+    m = rec["merge"]
+    assert m["method"] == "full" and m["equal_within_tolerance"]
+    assert m["correct"] == rec["after"]["correct"] and m["n_examples"] == rec["after"]["n_examples"]
+
+
+def test_a_rank_sweep_with_full_fine_tuning_is_refused():
+    with pytest.raises(BadInputError, match="--rank-sweep"):
+        FinetuneConfig(method="full", rank_sweep=(4, 8))

@@ -34,7 +34,11 @@ class BuildState:
     model_dir: Path | None = None  # the HF model the exports come from
     lineage_stages: list[str] = field(default_factory=list)  # the model stages it went through, in order
     distill: dict[str, Any] | None = None
-    finetune: dict[str, Any] | None = None
+    finetune: dict[str, Any] | None = None  # the fine-tuning record of the model the exports come from
+    # fine-tune-then-distill: the fine-tuned teacher's record (the reference the shipped student is compared with)
+    teacher_finetune: dict[str, Any] | None = None
+    # the exports' source model scored on the fixed task set (per-example ``correct``), by the stage that made it
+    source_scores: dict[str, Any] | None = None
     exports: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # format -> every type tried, in order
     artifacts: list[dict[str, Any]] = field(default_factory=list)  # the exports that passed verification
     bench: list[dict[str, Any]] = field(default_factory=list)

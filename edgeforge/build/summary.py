@@ -98,6 +98,8 @@ def summary(ctx: BuildContext, state: BuildState, rows: list[dict[str, Any]]) ->
         "stages": [{k: v for k, v in r.items() if k != "config"} for r in state.stage_rows],
         "distill": distill,
         "finetune": state.finetune,
+        "finetuned_teacher": finetuned_teacher(ctx, state),
+        "source_scores": {k: v for k, v in (state.source_scores or {}).items() if k != "correct"} or None,
         "artifacts": rows,
         "speed": speed_rows(ctx, state),
         "lineage": lineage(ctx, state),
@@ -106,6 +108,28 @@ def summary(ctx: BuildContext, state: BuildState, rows: list[dict[str, Any]]) ->
         "chat_template": template,
         "stop_tokens": ["<|im_end|>"] if template and "<|im_start|>" in template else [],
     }
+
+
+def finetuned_teacher(ctx: BuildContext, state: BuildState) -> dict[str, Any] | None:
+    """The fine-tuned teacher beside the shipped student (fine-tune-then-distill): its task scores on the fixed set
+    (base and merged), and what shipping it instead would mean on the profile (the plan's figures for the teacher's
+    architecture: the size at the plan's type, the estimated decode speed, fits, meets the latency goals). None when
+    the build fine-tuned no teacher."""
+    f = state.teacher_finetune
+    if not f:
+        return None
+    p = ctx.plan
+
+    def scores(d: Any) -> dict[str, Any] | None:
+        return {k: v for k, v in d.items() if k not in ("correct", "samples")} if isinstance(d, dict) else None
+
+    return {"name": f"{ctx.teacher_ref.name} + {ctx.cfg.finetune.method} on {ctx.cfg.task}",
+            "base": scores(f.get("before")), "task": scores(f.get("merge") or f.get("after")),
+            "general_perplexity": (f.get("after") or {}).get("general_perplexity"),
+            "quant": p.quant, "weights_bytes": p.weights_bytes,
+            "estimated_decode_tokens_per_s": p.estimated_decode_tokens_per_s,
+            "estimated_ttft_ms": p.estimated_ttft_ms, "fits": p.fits, "meets_latency_goal": p.meets_latency_goal,
+            "train_seconds": f.get("train_seconds")}
 
 
 def lineage(ctx: BuildContext, state: BuildState) -> dict[str, Any]:

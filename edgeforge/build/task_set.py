@@ -35,21 +35,32 @@ def task_text(tokenizer: Any, examples: list[dict[str, Any]]) -> str:
 
 
 def source_task_scores(state: BuildState, examples: list[dict[str, Any]], log: Any) -> dict[str, Any]:
-    """The export source's scores on the fixed set: the merged model's from the fine-tuning record when it covers
-    exactly these examples, else measured now with transformers (greedy, the same scoring)."""
-    merge = (state.finetune or {}).get("merge") or {}
-    correct = merge.get("correct")
+    """The export source's scores on the fixed set: those the stage that made it measured (the fine-tuning record's
+    merged model; the student distilled from a fine-tuned teacher) when they cover exactly these examples, else
+    measured now with transformers (greedy, the same scoring)."""
+    scored = state.source_scores or {}
+    correct = scored.get("correct")
     if isinstance(correct, list) and len(correct) == len(examples):
-        return {"model": "merged model (fine-tuning record)", "correct": correct,
-                "task_accuracy": merge.get("task_accuracy")}
+        return {"model": scored.get("model", "source model"), "correct": correct,
+                "task_accuracy": scored.get("task_accuracy")}
+    assert state.model_dir is not None
+    metrics = score_model_dir(Path(state.model_dir), examples, log)
+    return {"model": str(state.model_dir), "correct": metrics["correct"], "task_accuracy": metrics["task_accuracy"]}
+
+
+def score_model_dir(model_dir: Path, examples: list[dict[str, Any]], log: Any) -> dict[str, Any]:
+    """An HF model directory scored on ``examples`` with transformers (greedy; edgeforge.tasks.metrics): accuracy,
+    its interval, valid-JSON rate, per-example ``correct``."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from edgeforge.tasks.metrics import task_metrics
 
-    assert state.model_dir is not None
-    log(f"scoring the source model {Path(state.model_dir).name} on the {len(examples)} fixed task examples")
-    tok = AutoTokenizer.from_pretrained(str(state.model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(state.model_dir), dtype=torch.float32).eval()
+    log(f"scoring {model_dir.name} on the {len(examples)} fixed task examples")
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     metrics = task_metrics(model, tok, examples)
-    return {"model": str(state.model_dir), "correct": metrics["correct"], "task_accuracy": metrics["task_accuracy"]}
+    return {k: metrics[k] for k in ("task_accuracy", "task_accuracy_ci95", "valid_json_rate", "n_examples",
+                                    "correct")}

@@ -75,8 +75,8 @@ class DistillSettings(StageSettings):
     # 150, not the 40 the command once had: the build's demo (a 135M teacher into the Pi Zero's 8-layer student)
     # relies on 150 steps to keep the student's retention above its gate, and `edgeforge distill` now means the same
     # run as the build's distill stage. The README's and docs' quick runs pass --steps 40 explicitly.
-    steps: int = Field(150, ge=1, description="Optimizer steps (the budget, unless --max-tokens / --max-seconds "
-                       "end it sooner).")
+    steps: int = Field(150, ge=0, description="Optimizer steps (the budget, unless --max-tokens / --max-seconds "
+                       "end it sooner); 0: prune only, no training (the pruned student, e.g. to fine-tune directly).")
     max_tokens: int | None = Field(None, ge=1, description="Stop after this many training tokens (all processes "
                                    "together).")
     max_seconds: float | None = Field(None, gt=0, description="Stop after this much training time (seconds).")

@@ -73,6 +73,8 @@ def run_distill(cfg: DistillConfig, log: Log | None = None, on_log: OnLog | None
     stages = stage_plan(cfg, inputs.shape, int(t_model.config.num_hidden_layers))
     start = initial_student(ctx, t_model, stages[0][0], inputs.data.train)
     state = measure_before(ctx, inputs, start.student, t_model)
+    if cfg.steps == 0:
+        return prune_only(ctx, inputs, start.student, start.init, state, t_run)
     order, curriculum = curriculum_for(ctx, inputs.data, t_model, start.student)
     signal = training_signal(ctx, inputs.teacher, inputs.extras, t_model, teacher_params, inputs.data)
     del t_model  # online, the signal holds the teacher now; offline, nothing needs it any more
@@ -191,4 +193,35 @@ def final_record(ctx: RunContext, inputs: RunInputs, student: nn.Module, init: d
                 f"{record['task']['after']['task_accuracy']:.1%}")
     record["teacher"]["params"] = config_param_count(teacher.hf_dir)
     record["student"]["params"] = count_params(student)
+    return record
+
+
+def prune_only(ctx: RunContext, inputs: RunInputs, student: nn.Module, init: dict[str, Any],
+               state: dict[str, Any] | None, t_run: float) -> dict[str, Any]:
+    """``--steps 0``: the initial (pruned) student is the output, saved with a record whose ``after`` is its
+    ``before`` (nothing was trained, so nothing is measured twice)."""
+    from edgeforge.distill.prune import count_params
+
+    if not ctx.main:
+        barrier()
+        return {"rank": ctx.rank, "loss_curve": [], "teacher_forward_passes": 0}
+    assert state is not None
+    cfg, teacher = ctx.cfg, inputs.teacher
+    save_student(student, ctx.out, teacher.hf_dir if cfg.student_dir is None or not has_tokenizer(cfg.student_dir)
+                 else cfg.student_dir)
+    training = {"steps": 0, "tokens": 0, "seconds": 0.0, "tokens_per_s": 0.0, "world_size": ctx.world,
+                "parallel": "none", "device": ctx.device.type, "training_peak_rss_bytes": 0,
+                "process_peak_rss_bytes": peak_rss_bytes(), "stopped_by": "steps"}
+    signal_info = {"mode": "none", "note": "--steps 0: pruned only, no teacher signal"}
+    record = core_record(cfg, teacher, state, init, inputs.data.info, signal_info, ctx.passes, training, [],
+                         state["before"], 0.0)
+    if inputs.task is not None:
+        record["task"] = {**inputs.task.info, "before": state["task_before"], "after": state["task_before"]}
+    record["teacher"]["params"] = config_param_count(teacher.hf_dir)
+    record["student"]["params"] = count_params(student)
+    record["seconds_total"] = round(time.perf_counter() - t_run, 1)
+    (ctx.out / "distill.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
+    ctx.state_path.unlink(missing_ok=True)
+    ctx.say(f"--steps 0: the pruned student ({record['student']['params'] / 1e6:.0f}M parameters) saved untrained")
+    barrier()
     return record

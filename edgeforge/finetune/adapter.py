@@ -36,7 +36,8 @@ def check_memory(model_ref: str, cfg: FinetuneConfig, device: torch.device) -> i
     from edgeforge.train.preflight import check_training_memory
 
     arch = read_arch(resolve_model(model_ref))
-    return check_training_memory("finetune", "qlora" if cfg.method == "qlora" else "lora", arch, cfg.batch_size,
+    method = {"qlora": "qlora", "full": "full"}.get(cfg.method, "lora")
+    return check_training_memory("finetune", method, arch, cfg.batch_size,
                                  cfg.max_seq_len, device.type)
 
 
@@ -59,9 +60,14 @@ def load_base(model_dir: Path, method: Method, device: torch.device) -> Any:
 
 
 def add_adapter(model: Any, cfg: FinetuneConfig) -> Any:
-    """Attach the LoRA/DoRA adapter of ``cfg`` to ``model``; ``--target-modules`` is checked against the model first."""
+    """Attach the LoRA/DoRA adapter of ``cfg`` to ``model``; ``--target-modules`` is checked against the model first.
+    ``method: full`` attaches nothing: every weight of ``model`` is trained."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+    if cfg.method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
     check_target_modules(model, cfg.target_modules)
     if cfg.method == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, PositiveInt, field_validator
+from pydantic import Field, PositiveInt, field_validator, model_validator
 
 from edgeforge.settings import FlagErrors, StageSettings
 
-Method = Literal["lora", "dora", "qlora"]
+Method = Literal["lora", "dora", "qlora", "full"]
 ALL_LINEAR = "all-linear"
 
 
@@ -19,7 +19,8 @@ class FinetuneSettings(StageSettings):
     """How an adapter is trained: the settings ``edgeforge finetune`` and a pipeline's ``finetune:`` share."""
 
     method: Method = Field("lora", description="LoRA; DoRA (weight-decomposed, steadier across ranks); QLoRA (NF4 "
-                           "4-bit base, double quant).")
+                           "4-bit base, double quant); full (every weight trained, no adapter: for small models; "
+                           "use a lower --lr, e.g. 1e-4).")
     rank: int = Field(16, ge=1, description="Adapter rank: 8-16 for tiny models, 32-64 for large ones.")
     alpha: int | None = Field(None, ge=1, description="LoRA alpha [default: 2 x rank].")
     dropout: float = Field(0.05, ge=0, le=1, description="Dropout on the adapter's input.")
@@ -66,6 +67,16 @@ class FinetuneSettings(StageSettings):
 
 class FinetuneConfig(FinetuneSettings, FlagErrors):
     """One fine-tuning run's settings (the model, task and output are ``run_finetune``'s arguments)."""
+
+    @model_validator(mode="after")
+    def _sweep_needs_an_adapter(self) -> FinetuneConfig:
+        """A rank sweep chooses an adapter's rank: full fine-tuning has none."""
+        if self.rank_sweep and self.method == "full":
+            from edgeforge.errors import BadInputError
+
+            raise BadInputError(f"--rank-sweep: expected no sweep with --method full (it has no adapter rank), "
+                                f"found {','.join(map(str, self.rank_sweep))}")
+        return self
 
     seed: int = Field(0, description="Seed of the adapter's initialisation and the batch order.")
     train: dict[str, Any] = Field(default_factory=dict, json_schema_extra={"internal": True},

@@ -208,6 +208,9 @@ def _save(model: Any, tokenizer: Any, out: Path, record: dict[str, Any], merge: 
     the merge's checks go into ``record["merge"]``. The checkpoint is removed: the run is done."""
     from edgeforge.data.builtin import heldout_prose
 
+    if cfg.method == "full":
+        _save_full(model, tokenizer, out, record, merge)
+        return
     adapter_dir = out / "adapter" if merge else out
     staging = adapter_dir.with_name(adapter_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
@@ -218,4 +221,21 @@ def _save(model: Any, tokenizer: Any, out: Path, record: dict[str, Any], merge: 
                                         heldout_prose(4000), log)
     shutil.rmtree(adapter_dir, ignore_errors=True)
     os.replace(staging, adapter_dir)
+    shutil.rmtree(out / "checkpoint", ignore_errors=True)
+
+
+def _save_full(model: Any, tokenizer: Any, out: Path, record: dict[str, Any], merge: bool) -> None:
+    """``method: full``: the trained model itself is the output (published atomically as ``out``); there is no
+    adapter to merge, so with --merge the "merged" scores are the trained model's own ``after`` scores (the same
+    weights, the same examples) and the merge check is exact by construction."""
+    from edgeforge.finetune.adapter import publish_model_dir
+
+    publish_model_dir(model, tokenizer, out)
+    if merge:
+        after = record["after"]
+        record["merge"] = {"method": "full", "note": "full fine-tuning: no adapter, nothing to merge",
+                           "logit_max_abs_diff": 0.0, "tolerance": 0.0, "equal_within_tolerance": True,
+                           "failures": [],
+                           **{k: after[k] for k in ("task_accuracy", "valid_json_rate", "task_accuracy_ci95",
+                                                   "n_examples", "correct")}}
     shutil.rmtree(out / "checkpoint", ignore_errors=True)

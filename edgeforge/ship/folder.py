@@ -201,6 +201,17 @@ def _quality_md(summary: dict) -> list[str]:
             out.append(f"- Forgetting: general perplexity changed by {delta:+.1f}% "
                        f"({_num(_get(f, 'before', 'general_perplexity'))} -> "
                        f"{_num(_get(f, 'after', 'general_perplexity'))}).")
+    from edgeforge.ship.decision import HEADER, decision_rows, kept_share
+
+    rows = decision_rows(summary)
+    if rows:
+        out += ["", "What distillation cost and what it bought (the same fixed examples; sizes and speeds on the "
+                "build's profile, estimated by the planner):", "", "| " + " | ".join(HEADER) + " |",
+                "|" + "---|" * len(HEADER)]
+        out += ["| " + " | ".join(r) + " |" for r in rows]
+        share = kept_share(summary)
+        if share:
+            out += ["", share]
     arts = _artifacts(summary)
     if arts:
         if out:
@@ -383,6 +394,11 @@ def _quality(summary: dict) -> dict:
         "distill_retention": d.get("retention"),
         "finetune": {"before": _scores(f.get("before")), "after": _scores(f.get("after")),
                      "merged": _scores(f.get("merge"))} if f else None,
+        # fine-tune-then-distill: the teacher fine-tuned on the task, on the same fixed examples (the reference the
+        # shipped student is compared with), and the distilled student itself
+        "finetuned_teacher": {k: v for k, v in t.items() if k != "name"} if (t := summary.get("finetuned_teacher"))
+        else None,
+        "student": summary.get("source_scores"),
         "artifacts": {a.get("path"): {**(a.get("verify") or {}), "task_accuracy": a.get("task_accuracy"),
                                       "task": _scores(a.get("task"))}
                       for a in _artifacts(summary)},

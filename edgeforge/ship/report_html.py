@@ -258,6 +258,18 @@ def _task_cell(task: Any) -> str:
     return cell
 
 
+def _decision_html(summary: dict) -> list[str]:
+    """The fine-tuned teacher beside the shipped student (edgeforge.ship.decision), when the build made one."""
+    from edgeforge.ship.decision import HEADER, decision_rows, kept_share
+
+    rows = decision_rows(summary)
+    if not rows:
+        return []
+    share = kept_share(summary)
+    return ["<h2>Fine-tuned teacher or distilled student</h2>", _table(HEADER, rows),
+            *([f'<p class="note">{_e(share)}</p>'] if share else [])]
+
+
 def _plan_html(summary: dict) -> str:
     p = summary.get("plan") or {}
     if not p:
@@ -296,6 +308,7 @@ def render_report(summary: dict) -> str:
         f"<h1>{_e(name)}</h1>", f'<p class="sub">{_e(teacher)} for {_e(profile)}</p>',
         "<h2>Plan</h2>", _plan_html(summary),
         "<h2>Stages</h2>", _stages_table(summary),
+        *_decision_html(summary),
         "<h2>Artifacts</h2>", _artifacts_table(summary),
         "<h2>Plots</h2>", *[_figure(i, c, f, m) for i, c, f, m in figs],
     ]

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeforge.build.stage import BuildContext, BuildState
+from edgeforge.build.task_set import held_out_task_examples, score_model_dir
 
 
 @dataclass
@@ -35,6 +36,8 @@ class DistillStage:
         settings = {**d.model_dump(exclude={"enabled"}), "student": ctx.student_shape(),
                     "seed": ctx.cfg.seed, "data": ctx.data_identity,
                     "task_data": ctx.task_identity if reads_task else None}
+        if self.teacher_from is not None:  # the stage scores its student on the fixed set (run)
+            settings["fixed_set_examples"] = len(held_out_task_examples(ctx))
         if d.extra_teachers:
             settings["extra_teacher_identities"] = [extra_teacher_identity(t) for t in d.extra_teachers]
         return settings
@@ -57,13 +60,21 @@ class DistillStage:
         if resume:
             ctx.log("distill: resuming the interrupted run from its last checkpoint")
         record = run_distill(ctx.distill_config(out, teacher, data, resume), log=ctx.log)
-        return {"model_dir": str(out), "record": record_summary(record),
-                "loss_curve": record.get("loss_curve", []), "record_file": str(out / "distill.json")}
+        result = {"model_dir": str(out), "record": record_summary(record),
+                  "loss_curve": record.get("loss_curve", []), "record_file": str(out / "distill.json")}
+        examples = held_out_task_examples(ctx) if self.teacher_from is not None else []
+        if examples:
+            # The last model stage: its student is what the exports come from, so it is scored here, once, on the
+            # fixed set every artifact is scored on (cached with the stage, not re-measured by every export).
+            result["fixed_set_scores"] = score_model_dir(out, examples, ctx.log)
+        return result
 
     def absorb(self, record: dict[str, Any], state: BuildState) -> None:
         state.model_dir = Path(record["model_dir"])
         state.lineage_stages.append(self.name)
         state.distill = {**record["record"], "loss_curve": record["loss_curve"]}
+        if record.get("fixed_set_scores"):
+            state.source_scores = {"model": "distilled student", **record["fixed_set_scores"]}
 
 
 def extra_teacher_identity(name: str) -> dict[str, Any]:

@@ -57,4 +57,11 @@ class FinetuneStage:
     def absorb(self, record: dict[str, Any], state: BuildState) -> None:
         state.model_dir = Path(record["model_dir"])
         state.lineage_stages.append(self.name)
-        state.finetune = record["record"]
+        # The fine-tuned teacher is not what the exports come from (the student distilled from it is): its record
+        # is the reference shown beside the student, never the exports' source scores (build.task_set).
+        if self.name == "finetune-teacher":
+            state.teacher_finetune = record["record"]
+        else:
+            state.finetune = record["record"]
+            merge = state.finetune.get("merge") or {}
+            state.source_scores = {"model": "merged model (fine-tuning record)", **merge} if merge else None

@@ -62,12 +62,15 @@ def copy_artifact(a: dict[str, Any], folder: Path, bench: list[dict[str, Any]]) 
 
 
 def write_records(ctx: BuildContext, state: BuildState, records: Path) -> None:
-    """The stage records the ship folder keeps: distill, fine-tune, the plan, the benchmarks."""
+    """The stage records the ship folder keeps: distill, fine-tune (and the fine-tuned teacher's), the plan, the
+    benchmarks."""
     records.mkdir()
     if state.distill is not None:
         write_json_atomic(records / "distill.json", state.distill)
     if state.finetune is not None:
         write_json_atomic(records / "finetune.json", state.finetune)
+    if state.teacher_finetune is not None:
+        write_json_atomic(records / "finetune-teacher.json", state.teacher_finetune)
     write_json_atomic(records / "plan.json", ctx.plan.to_dict())
     if state.bench:
         write_json_atomic(records / "bench.json", state.bench)
