@@ -7,7 +7,8 @@ Pi Zero 2 W plan of the bundled teacher and the home-commands task, scored on th
 Variants (pipeline settings in VARIANTS; each one a build of its own under OUT/<variant>, GGUF only, no bench):
   a  distill on general text (built-in prose + teacher answers), then LoRA on the student (the pre-#14 default)
   b  LoRA on the teacher first, merged; then distill that fine-tuned teacher into the student on the task's
-     training examples plus more generated task inputs (logit KD; the student pruned from the fine-tuned teacher)
+     training examples plus 6,000 more generated from its training distribution (logit KD over whole sequences; the
+     student pruned from the fine-tuned teacher): the build's default with a task since #14
   c  the pruned student (general-prose importance) LoRA-tuned on the task directly, no distillation
   d  as c, full fine-tuning instead of LoRA
   e  as the better of c / d, with the layers and channels chosen by importance on task data
@@ -44,8 +45,8 @@ PROFILE = "raspberry-pi-zero-2w"
 # two LoRA steps of the student; a LoRA step of the teacher about 1.5).
 VARIANTS: dict[str, dict[str, Any]] = {
     "a": {"order": "distill-then-finetune", "distill": {"steps": 150}, "finetune": {"steps": 200}},
-    "b": {"order": "finetune-then-distill", "distill": {"steps": 150},
-          "finetune": {"steps": 200}, "extra_task_inputs": 6000},
+    "b": {"order": "finetune-then-distill", "distill": {"steps": 150, "generated_task_examples": 6000},
+          "finetune": {"steps": 200}},
     "c": {"order": "distill-then-finetune", "distill": {"steps": 0}, "finetune": {"steps": 450}},
     "d": {"order": "distill-then-finetune", "distill": {"steps": 0},
           "finetune": {"steps": 400, "method": "full", "lr": 1e-4}},
@@ -67,16 +68,11 @@ def scaled(section: dict[str, Any], scale: float) -> dict[str, Any]:
     return out
 
 
-def task_training_file(path: Path, extra_inputs: int, seed: int, with_train: bool) -> Path:
-    """The task's training examples as chat JSONL, plus ``extra_inputs`` more generated from the training templates
-    and values only (a larger seed stream: never the held-out phrasings, numbers, times or rooms)."""
+def task_training_file(path: Path, seed: int) -> Path:
+    """The task's training examples as chat JSONL (what variant e's pruning importance pass reads)."""
     from edgeforge.tasks import build_task
-    from edgeforge.tasks.home_commands import build
 
-    train, held = build_task("home-commands", seed)
-    extra, _ = build(seed=seed + 1, n_train=extra_inputs, n_heldout=0) if extra_inputs else ([], [])
-    held_prompts = {e["messages"][0]["content"] for e in held}
-    rows = [e for e in (train if with_train else []) + extra if e["messages"][0]["content"] not in held_prompts]
+    rows, _ = build_task("home-commands", seed)
     path.write_text("".join(json.dumps({"messages": e["messages"]}) + "\n" for e in rows), encoding="utf-8")
     return path
 
@@ -88,13 +84,9 @@ def pipeline_for(name: str, out: Path, scale: float, chosen_method: dict[str, An
     cfg["distill"] = scaled({"enabled": True, **v.get("distill", {})}, scale)
     ft = v.get("finetune") or chosen_method or VARIANTS["c"]["finetune"]
     cfg["finetune"] = scaled({"enabled": True, **ft}, scale)
-    if v.get("extra_task_inputs"):
-        # the build adds the task's training examples itself (fine-tune-then-distill); these are the extra inputs
-        cfg["data"] = [str(task_training_file(out / f"{name}-extra-inputs.jsonl", v["extra_task_inputs"], 0,
-                                              with_train=False))]
     if v.get("task_importance"):
         # the pruning importance pass reads the first distillation sequences: here, the task's training examples
-        cfg["data"] = [str(task_training_file(out / f"{name}-task-data.jsonl", 0, 0, with_train=True))]
+        cfg["data"] = [str(task_training_file(out / f"{name}-task-data.jsonl", 0))]
     return cfg
 
 

@@ -31,6 +31,8 @@ def tiny_pipeline(tmp_path: Path, teacher: Path, **over: dict) -> Path:
     cfg = {
         "teacher": str(teacher),
         "profile": "raspberry-pi-5-8gb",
+        # by name: with a task, `auto` is fine-tune-then-distill (its own tests pass order=...)
+        "order": "distill-then-finetune",
         "distill": {"enabled": True, "student_layers": 1, "steps": 4, "batch_size": 2, "seq_len": 32,
                     "checkpoint_every": 2, "generate_answers": False},
         "finetune": {"steps": 2, "batch_size": 2, "eval_examples": 2, "checkpoint_every": 1},
@@ -67,12 +69,14 @@ def test_missing_profile_and_unknown_task_are_bad_input(tmp_path: Path, tiny: Pa
 
 
 def test_plan_decides_the_stages(tmp_path: Path):
-    """The bundled teacher is too slow for a Pi Zero 2 W (distill, then fine-tune the student) and fits a Pi 5
-    (fine-tune only); without a task, no fine-tuning."""
+    """The bundled teacher is too slow for a Pi Zero 2 W (with a task: fine-tune it, then distill the fine-tuned
+    teacher into the student) and fits a Pi 5 (fine-tune only); without a task, no fine-tuning."""
     r = invoke("--profile", "raspberry-pi-zero-2w", "--out", str(tmp_path / "z"), "--dry-run", "--json")
     assert r.exit_code == 0, r.stderr
     names = [s["stage"] for s in json.loads(r.stdout)["stages"]]
-    assert names[:2] == ["distill", "finetune"] and "export-gguf" in names and names[-1] == "ship"
+    assert names[:2] == ["finetune-teacher", "distill"] and "export-gguf" in names and names[-1] == "ship"
+    r = invoke("--profile", "raspberry-pi-zero-2w", "--no-task", "--out", str(tmp_path / "z"), "--dry-run", "--json")
+    assert [s["stage"] for s in json.loads(r.stdout)["stages"]][0] == "distill"
     r = invoke("--profile", "raspberry-pi-5-8gb", "--out", str(tmp_path / "p"), "--dry-run", "--json")
     names = [s["stage"] for s in json.loads(r.stdout)["stages"]]
     assert names[0] == "finetune" and "distill" not in names
@@ -257,3 +261,24 @@ def test_the_distill_key_covers_the_task_and_extra_teachers_by_content(tmp_path:
     assert key("on ", 2) == first
     assert key("off ", 2) != first
     assert key("on ", 3) != first
+
+
+def test_finetune_then_distill_ships_the_student_beside_the_fine_tuned_teacher(tmp_path: Path, tiny: Path):
+    """The default order with a task: the fine-tuned teacher's record is the reference, never the exports' source;
+    the student is scored once on the fixed set by its own stage, and the ship folder shows both (manifest, card,
+    report) on the same examples."""
+    cfg = tiny_pipeline(tmp_path, tiny, order="finetune-then-distill", export={"formats": ["gguf"]},
+                        bench={"enabled": False}, distill={"generated_task_examples": 40})
+    r = invoke("--config", str(cfg), "--out", str(tmp_path / "o"), "--json")
+    assert r.exit_code == 0, r.stderr
+    ship = Path(json.loads(r.stdout)["ship_dir"])
+    q = json.loads((ship / "manifest.json").read_text())["quality"]
+    teacher, student = q["finetuned_teacher"], q["student"]
+    assert teacher["task"]["n_examples"] == student["n_examples"] == 2
+    assert student["model"] == "distilled student" and "task_accuracy_ci95" in teacher["task"]
+    (art,) = q["artifacts"].values()
+    assert art["task"]["versus_source"]["source"] == "distilled student"
+    assert (ship / "records" / "finetune-teacher.json").is_file() and not (ship / "records" / "finetune.json").exists()
+    card = (ship / "README.md").read_text()
+    assert "fine-tuned teacher" in card and "distilled student" in card
+    assert "Fine-tuned teacher or distilled student" in (ship / "report.html").read_text()

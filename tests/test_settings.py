@@ -11,6 +11,7 @@ import yaml
 from click.testing import CliRunner
 
 from edgeforge.build.config import (
+    BUILD_ONLY_DISTILL_SETTINGS,
     DISTILL_RUN_INPUTS,
     FINETUNE_RUN_INPUTS,
     DistillSection,
@@ -93,7 +94,8 @@ def test_every_setting_is_in_the_pipeline_file_with_the_same_default(section: st
                                                                      inputs: dict[str, str]):
     written = yaml.safe_load(DEFAULT_YAML.read_text(encoding="utf-8"))[section]
     stage = DistillSettings if section == "distill" else FinetuneSettings
-    assert set(written) == set(settings.model_fields) == set(stage.model_fields) | {"enabled"}
+    build_only = BUILD_ONLY_DISTILL_SETTINGS if section == "distill" else {"enabled"}
+    assert set(written) == set(settings.model_fields) == set(stage.model_fields) | build_only
     for name, info in stage.model_fields.items():
         assert written[name] == _as_json(info.get_default(call_default_factory=True)), name
     # every field of the run's config is either a section setting or an input the build supplies, never both
@@ -108,7 +110,7 @@ def test_default_yaml_is_generated_from_the_models():
 
 
 @pytest.mark.parametrize("args, fragment", [
-    (["distill", "--student-layers", "2", "--steps", "0"], "--steps: expected an integer >= 1, found 0"),
+    (["distill", "--student-layers", "2", "--steps", "-1"], "--steps: expected an integer >= 0, found -1"),
     (["distill", "--student-layers", "2", "--loss", "kl"], "--loss: expected forward_kl | reverse_kl | jsd"),
     (["distill", "--student-layers", "2", "--jsd-beta", "1"], "--jsd-beta: expected a number in (0, 1)"),
     (["distill", "--progressive", "20,x"], "--progressive: expected comma-separated integers"),
@@ -128,7 +130,7 @@ def test_a_bad_value_is_one_error_line_exit_2(tmp_path: Path, args: list[str], f
     ({"distill": {"stepz": 3}}, "distill.stepz"),
     ({"finetune": {"temperature": 1.0}}, "finetune.temperature"),  # a distillation setting, not a fine-tuning one
     ({"distill": {"out": "x"}}, "distill.out"),  # the build decides where the student goes
-    ({"distill": {"steps": 0}}, "distill.steps"),
+    ({"distill": {"steps": -1}}, "distill.steps"),
 ])
 def test_the_pipeline_refuses_unknown_keys_and_bad_values(data: dict, fragment: str):
     with pytest.raises(BadInputError, match=fragment):

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgeforge.build.cache import StageCache
-from edgeforge.build.config import PipelineConfig
+from edgeforge.build.config import BUILD_ONLY_DISTILL_SETTINGS, PipelineConfig
 from edgeforge.build.layout import layout
 from edgeforge.build.runner import StageRunner
 from edgeforge.build.stage import BuildState, Log
@@ -92,7 +92,7 @@ class Builder:
         d = self.cfg.distill
         shape = self.student_shape()
         # Every distill: setting as it is, the plan's shape where the section leaves it unset (student_shape).
-        settings = {**d.model_dump(exclude={"enabled"}), "student_layers": shape["layers"],
+        settings = {**d.model_dump(exclude=BUILD_ONLY_DISTILL_SETTINGS), "student_layers": shape["layers"],
                     "student_hidden": shape["hidden"], "student_intermediate": shape["intermediate"],
                     "student_kv_heads": shape["kv_heads"]}
         task = (str(self.task_path) if self.task_path else self.cfg.task) if d.task_loss != "none" else None

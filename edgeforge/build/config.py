@@ -30,6 +30,10 @@ class DistillSection(DistillSettings):
 
     enabled: bool | None = Field(None, description="null: when the plan says the teacher is too big or too slow "
                                  "for the device.")
+    generated_task_examples: int = Field(6000, ge=0, description="Fine-tune-then-distill on a built-in task: this "
+                                         "many more examples generated from the task's training phrasings and "
+                                         "values (never its held-out ones) join the task's training examples as "
+                                         "distillation data.")
 
 
 class FinetuneSection(FinetuneSettings):
@@ -39,6 +43,9 @@ class FinetuneSection(FinetuneSettings):
 
     enabled: bool | None = Field(None, description="null: whenever a task is given.")
 
+
+#: Settings of the distill section that the build itself uses (not DistillConfig fields).
+BUILD_ONLY_DISTILL_SETTINGS = {"enabled", "generated_task_examples"}
 
 #: Where the build takes each DistillConfig / FinetuneConfig field that is not a setting of the section above
 #: (tests/test_settings.py checks every field is one or the other).
@@ -106,7 +113,9 @@ class PipelineConfig(_Strict):
                              "fine-tuning.")
     target: str | None = Field(None, description="Also benchmark on this target (targets/*.yaml name or a YAML "
                                "path).")
-    order: Order = Field("auto", description="auto: what the plan says (distill, then fine-tune the student).")
+    order: Order = Field("auto", description="auto: what the plan says; when it distills and a task is given, "
+                         "fine-tune the teacher first, then distill the fine-tuned teacher into the student on the "
+                         "task's data (benchmarks/pipelines.py).")
     seed: int = Field(0, description="Seed of every stage.")
     context_tokens: int | None = Field(None, ge=64, description="Planning context; null: the planner's default.")
     distill: DistillSection = DistillSection()

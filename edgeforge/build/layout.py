@@ -31,7 +31,9 @@ def decide(ctx: BuildContext) -> tuple[bool, bool, str]:
         raise BadInputError(f"the plan found no student for {ctx.profile.name}: {ctx.plan.reason}")
     order = cfg.order
     if order == "auto":
-        order = "distill-then-finetune"
+        # Measured by benchmarks/pipelines.py (README, Build): with a task, fine-tuning the teacher first and
+        # distilling the fine-tuned teacher into the student on task data keeps the most of the task skill.
+        order = "finetune-then-distill" if distill and finetune else "distill-then-finetune"
     if order == "finetune-then-distill" and not (distill and finetune):
         raise BadInputError("order: finetune-then-distill needs both stages; this build runs "
                             f"{'distillation' if distill else 'no distillation'} and "
@@ -44,7 +46,7 @@ def model_stages(ctx: BuildContext) -> list[Stage]:
     distill, finetune, order = decide(ctx)
     upstream: dict[str, Any] = {"teacher": ctx.teacher_identity}
     if order == "finetune-then-distill":
-        teacher = FinetuneStage(ctx, upstream, base="teacher")
+        teacher = FinetuneStage(ctx, upstream, base="teacher", teacher_first=True)
         return [teacher, DistillStage(ctx, {"teacher": key_of(teacher)}, teacher_from="finetune-teacher")]
     stages: list[Stage] = []
     if distill:

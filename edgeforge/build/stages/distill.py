@@ -33,11 +33,14 @@ class DistillStage:
         a fine-tuned teacher, or for a task loss), each extra teacher (by content, not by path)."""
         ctx, d = self.ctx, self.ctx.cfg.distill
         reads_task = self.teacher_from is not None or d.task_loss != "none"
-        settings = {**d.model_dump(exclude={"enabled"}), "student": ctx.student_shape(),
+        from edgeforge.build.config import BUILD_ONLY_DISTILL_SETTINGS
+
+        settings = {**d.model_dump(exclude=BUILD_ONLY_DISTILL_SETTINGS), "student": ctx.student_shape(),
                     "seed": ctx.cfg.seed, "data": ctx.data_identity,
                     "task_data": ctx.task_identity if reads_task else None}
         if self.teacher_from is not None:  # the stage scores its student on the fixed set (run)
             settings["fixed_set_examples"] = len(held_out_task_examples(ctx))
+            settings["generated_task_examples"] = generated_count(ctx)
         if d.extra_teachers:
             settings["extra_teacher_identities"] = [extra_teacher_identity(t) for t in d.extra_teachers]
         return settings
@@ -85,11 +88,24 @@ def extra_teacher_identity(name: str) -> dict[str, Any]:
     return content_identity(resolve_model(name).path)
 
 
+def generated_count(ctx: BuildContext) -> int:
+    """How many generated task examples join the distillation data: ``distill.generated_task_examples`` for a
+    built-in task, none for a task file (there is no generator to draw from)."""
+    return 0 if ctx.task_path is not None or ctx.cfg.task is None else ctx.cfg.distill.generated_task_examples
+
+
 def task_chat_jsonl(ctx: BuildContext, path: Path) -> Path:
-    """The task's training examples as chat JSONL: distillation data for fine-tune-then-distill."""
+    """The task's training examples as chat JSONL, plus ``generated_count`` more drawn from a built-in task's
+    training distribution: distillation data for fine-tune-then-distill (the fine-tuned teacher's logits on them
+    are the signal)."""
+    from edgeforge.tasks import generated_training_examples
     from edgeforge.tasks.examples import load_task_examples
 
     train, _, _ = load_task_examples(None if ctx.task_path else ctx.cfg.task, ctx.task_path, ctx.cfg.seed)
+    n = generated_count(ctx)
+    if n:
+        assert ctx.cfg.task is not None
+        train = train + generated_training_examples(ctx.cfg.task, n, ctx.cfg.seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps({"messages": ex["messages"]}) + "\n" for ex in train), encoding="utf-8")
     return path

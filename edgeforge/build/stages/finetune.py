@@ -20,11 +20,11 @@ class FinetuneStage:
     ctx: BuildContext
     upstream: dict[str, Any]
     base: str
+    teacher_first: bool = False  # fine-tune-then-distill: the teacher, before the student is distilled from it
 
     @property
     def name(self) -> str:
-        teacher_first = self.base == "teacher" and self.ctx.cfg.order == "finetune-then-distill"
-        return "finetune-teacher" if teacher_first else "finetune"
+        return "finetune-teacher" if self.teacher_first else "finetune"
 
     @property
     def note(self) -> str:
