@@ -15,7 +15,8 @@ Variants (pipeline settings in VARIANTS; each one a build of its own under OUT/<
 The teacher fine-tuned alone (variant b's first stage, the same LoRA settings) is the reference: "kept" is the
 shipped GGUF's exact match over the fine-tuned teacher's, on the same examples. Budgets: step counts chosen so each
 variant trains for about as long as variant a (their measured training seconds are in the table); --scale multiplies
-every step count (0.5: a quicker, cheaper run).
+every step count (0.5: a quicker, cheaper run). Each variant's build is cached under OUT/<variant>/.stages: running
+the script again over the same --out reuses every finished stage and prints the same table.
 
 What is measured, per variant, all on the build's fixed set (every held-out example, 300 for home-commands):
 exact match of the exported source model (torch, greedy) and of the GGUF the build ships (llama.cpp; the build's own
@@ -139,6 +140,11 @@ def collect(res: dict[str, Any], order: str) -> dict[str, Any]:
     """The variant's scores: from the finished stage records in its build folder."""
     d = Path(res["dir"])
     row: dict[str, Any] = {**res, "train_s": training_seconds(d)}
+    build_json = d / "build.json"
+    if build_json.is_file():
+        # each stage's own seconds as it ran (a stage served from the cache reports the run that made it), so a
+        # rerun of this script over the same --out prints the same table in seconds
+        row["wall_s"] = sum(float(s.get("seconds") or 0) for s in json.loads(build_json.read_text())["stages"])
     for f in sorted(d.glob(".stages/finetune-teacher-*/model/finetune.json")):
         rec = json.loads(f.read_text())
         row["teacher"] = {**rec["merge"], "general_perplexity": rec["after"]["general_perplexity"],

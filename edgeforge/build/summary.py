@@ -153,10 +153,16 @@ def headline(ctx: BuildContext, ship: Path, summary: dict[str, Any], seconds: fl
                      "measured_decode_tokens_per_s": (local or {}).get("decode_tokens_per_s"),
                      "measured_prefill_tokens_per_s": (local or {}).get("prefill_tokens_per_s"),
                      "measured_on": (local or {}).get("target")})
+    from edgeforge.ship.decision import HEADER, decision_rows, kept_share
+
+    source = summary.get("source_scores") or {}
     return {"ship_dir": str(ship), "profile": ctx.profile.name, "decision": ctx.plan.decision,
             "stages": summary["stages"], "retention": (summary["quality"] or {}).get("retention"),
-            "task_accuracy": summary["quality"].get("task_accuracy"), "artifacts": arts, "seconds": seconds,
-            "manifest": str(ship / "manifest.json")}
+            "task_accuracy": summary["quality"].get("task_accuracy") or source.get("task_accuracy"),
+            "finetuned_teacher_task_accuracy": ((summary.get("finetuned_teacher") or {}).get("task") or {}).get(
+                "task_accuracy"),
+            "teacher_or_student": {"header": HEADER, "rows": decision_rows(summary), "kept": kept_share(summary)},
+            "artifacts": arts, "seconds": seconds, "manifest": str(ship / "manifest.json")}
 
 
 def read_gguf_license(path: Path) -> str | None:

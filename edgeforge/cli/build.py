@@ -99,7 +99,15 @@ def print_summary(result: dict[str, Any]) -> None:
     if after is not None:
         click.echo(f"retention (teacher perplexity / student perplexity): {after:.3f}")
     if result.get("task_accuracy") is not None:
-        click.echo(f"task accuracy (merged model, held-out): {pct(result['task_accuracy'])}")
+        click.echo(f"task accuracy (the exported model, fixed held-out set): {pct(result['task_accuracy'])}")
+    decision = result.get("teacher_or_student") or {}
+    if decision.get("rows"):
+        click.echo("fine-tuned teacher or distilled student (the same fixed examples; planner estimates on the "
+                   "profile):")
+        for row in decision["rows"]:
+            click.echo("  " + " | ".join(row))
+        if decision.get("kept"):
+            click.echo("  " + decision["kept"])
     click.echo(f"{'artifact':<52} {'size MB':>8} {'mean KL':>8} {'top-1':>7} {'task':>7} {'decode tok/s':>12}")
     for a in result["artifacts"]:
         dec = a.get("measured_decode_tokens_per_s")
