@@ -192,8 +192,8 @@ def test_committed_pipeline_files_validate_and_name_their_command():
 def test_short_build_on_the_bundled_teacher_for_a_pi_zero(tmp_path: Path):
     """The main job with a small budget: the bundled teacher is too slow for a Pi Zero 2 W, so the build fine-tunes
     it on home-commands, distills the fine-tuned teacher into a student, exports, verifies, benchmarks and ships.
-    The student is cut to 6 layers here (the plan's 26-layer, width-pruned student takes minutes per stage on 2 cores; the plan's
-    shape reaching the distill stage is test_build_distills_the_planned_shape_mlp_width_included)."""
+    The student is cut to 6 layers here (the plan's 26-layer, width-pruned student takes minutes per stage on 2
+    cores; the plan's shape reaching the distill stage is test_build_distills_the_planned_shape_mlp_width_included)."""
     from llama_cpp import Llama
 
     from edgeforge.ship.folder import check_manifest
