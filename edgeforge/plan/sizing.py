@@ -36,11 +36,18 @@ _ROW_FALLBACK = {Q.Q2_K: Q.Q4_0, Q.Q3_K: Q.Q4_0, Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1,
 ONNX_BITS_PER_WEIGHT: dict[str, float] = {
     "fp32": 32.0,
     "fp16": 16.0,
-    # MatMulNBits, block 32, one fp32 scale per block, symmetric (no zero points): 8 + 32/32 bits.
+    # Nominal figures for the quantized modes (MatMulNBits, symmetric blocks of 32 with an fp32 scale: 8 + 1 and
+    # 4 + 1 bits); their sizes are computed tensor by tensor from the export recipe (onnx_weights_bytes).
     "int8": 9.0,
-    # 4-bit blocks of 32 with an fp32 scale and a packed 4-bit zero point: 4 + 1 + 0.125 bits.
-    "int4": 5.125,
+    "int4": 5.0,
 }
+#: The ONNX export's recipe (edgeforge.export.onnx.quantize; kept equal by tests/test_sizing.py): symmetric blocks
+#: of 32 weights along K, one fp32 scale a block, no zero points; the embedding table and the head at 8 bits (a tied
+#: table stored once, its scales twice: GatherBlockQuantized and MatMulNBits take them in different shapes); in
+#: int4, v_proj, down_proj and every projection of the first and last layer at 8 bits as well.
+ONNX_BLOCK = 32
+ONNX_SCALE_BYTES = 4
+ONNX_INT4_8BIT_PROJECTIONS = ("v_proj", "down_proj")
 
 
 def tensor_bytes(qtype: Q, n_elements: int) -> int:
@@ -101,13 +108,36 @@ def gguf_file_bytes(arch: ModelArch, quant: str) -> int:
     return gguf_weights_bytes(arch, quant) + arch.vocab_size * 16
 
 
+def _matmul_nbits_bytes(k: int, n: int, bits: int) -> int:
+    """One MatMulNBits weight [K, N]: N x ceil(K / 32) blocks of 32 x bits / 8 bytes plus an fp32 scale."""
+    return n * -(-k // ONNX_BLOCK) * (ONNX_BLOCK * bits // 8 + ONNX_SCALE_BYTES)
+
+
 def onnx_weights_bytes(arch: ModelArch, quant: str) -> int:
-    """Bytes of an ONNX decoder's weights at ``quant`` (fp32, fp16, int8, int4 weight-only, embedding included)."""
-    try:
-        bits = ONNX_BITS_PER_WEIGHT[quant]
-    except KeyError:
-        raise ValueError(f"unknown ONNX quant '{quant}'; expected one of {', '.join(ONNX_BITS_PER_WEIGHT)}") from None
-    return int(arch.n_params * bits / 8)
+    """Bytes of an ONNX decoder's weights at ``quant`` (fp32, fp16; int8 / int4 weight-only as the export writes
+    them: see ONNX_BLOCK and the recipe above), embedding and head included."""
+    if quant not in ONNX_BITS_PER_WEIGHT:
+        raise ValueError(f"unknown ONNX quant '{quant}'; expected one of {', '.join(ONNX_BITS_PER_WEIGHT)}")
+    if quant in ("fp32", "fp16"):
+        return int(arch.n_params * ONNX_BITS_PER_WEIGHT[quant] / 8)
+    h, v, q, kv = arch.hidden_size, arch.vocab_size, arch.n_heads * arch.head_dim, arch.n_kv_heads * arch.head_dim
+    projections = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+                   "gate_proj": (h, arch.intermediate_size), "up_proj": (h, arch.intermediate_size),
+                   "down_proj": (arch.intermediate_size, h)}
+    total = 0
+    for layer in range(arch.n_layers):
+        edge = layer in (0, arch.n_layers - 1)
+        for name, (k, n) in projections.items():
+            bits = 8 if quant == "int8" or edge or name in ONNX_INT4_8BIT_PROJECTIONS else 4
+            total += _matmul_nbits_bytes(k, n, bits)
+    floats = arch.n_layers * 2 * h + h + (arch.n_layers * (q + 2 * kv) if arch.qkv_bias else 0)  # norms, biases
+    head = _matmul_nbits_bytes(h, v, 8)
+    scales = v * -(-h // ONNX_BLOCK) * ONNX_SCALE_BYTES
+    if h % ONNX_BLOCK:  # the lookup stays float (GatherBlockQuantized needs whole blocks)
+        embedding = v * h * 4
+    else:  # tied: the head's packed table is shared, its scales stored again; untied: a table of its own
+        embedding = scales if arch.tied_embeddings else head
+    return int(total + head + embedding + 4 * floats)
 
 
 def weights_bytes(arch: ModelArch, fmt: str, quant: str) -> int:
