@@ -36,9 +36,8 @@ def check_memory(model_ref: str, cfg: FinetuneConfig, device: torch.device) -> i
     from edgeforge.train.preflight import check_training_memory
 
     arch = read_arch(resolve_model(model_ref))
-    method = {"qlora": "qlora", "full": "full"}.get(cfg.method, "lora")
-    return check_training_memory("finetune", method, arch, cfg.batch_size,
-                                 cfg.max_seq_len, device.type)
+    return check_training_memory("finetune", cfg.method, arch, cfg.batch_size, cfg.max_seq_len, device.type,
+                                 checkpointing=getattr(cfg, "gradient_checkpointing", False))
 
 
 def load_base(model_dir: Path, method: Method, device: torch.device) -> Any:
@@ -64,13 +63,20 @@ def add_adapter(model: Any, cfg: FinetuneConfig) -> Any:
     ``method: full`` attaches nothing: every weight of ``model`` is trained."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+    checkpointing = getattr(cfg, "gradient_checkpointing", False)
+    if checkpointing:
+        # Non-reentrant checkpointing: gradients reach the adapters of a frozen base without
+        # enable_input_require_grads; activations are recomputed layer by layer in the backward pass.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
     if cfg.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
         return model
     check_target_modules(model, cfg.target_modules)
     if cfg.method == "qlora":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha or 2 * cfg.rank, lora_dropout=cfg.dropout,
                       target_modules=cfg.target_modules, use_dora=cfg.method == "dora", use_rslora=cfg.rslora,
                       task_type="CAUSAL_LM")

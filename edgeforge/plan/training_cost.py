@@ -13,7 +13,9 @@ from typing import Literal
 from edgeforge.models.refs import ModelArch
 from edgeforge.plan.profiles import DeviceProfile
 
-Method = Literal["full", "lora", "qlora", "distill"]
+Method = Literal["full", "lora", "dora", "qlora", "distill"]
+#: The methods that train adapters on a frozen base (edgeforge.finetune): gradient checkpointing is theirs to choose.
+ADAPTER_METHODS = ("lora", "dora", "qlora")
 
 # A well-tuned training loop reaches about a third of peak on a GPU (MFU); CPUs reach less in fp32.
 MODEL_FLOPS_UTILIZATION = {"gpu": 0.35, "cpu": 0.25}
@@ -40,7 +42,7 @@ def training_flops(method: Method, tokens: int, params: int, teacher_params: int
     """FLOPs to train on ``tokens`` tokens. For distillation ``params`` is the student, plus a teacher forward."""
     if method == "full":
         return 6.0 * params * tokens
-    if method in ("lora", "qlora"):
+    if method in ADAPTER_METHODS:
         return 4.0 * params * tokens
     return (2.0 * teacher_params + 6.0 * params) * tokens
 
@@ -66,23 +68,40 @@ def activation_bytes(arch: ModelArch, batch: int, seq_len: int, checkpointing: b
     return int(layers + logits)
 
 
+def dora_extra_bytes(arch: ModelArch, batch: int, seq_len: int) -> int:
+    """What DoRA adds to LoRA (peft's implementation): a trained magnitude vector per adapted linear layer (its
+    output features, with optimizer state), and for each adapted layer the base layer's output kept for the
+    backward pass of the magnitude rescaling ([batch, seq_len, out] fp32 each); the per-layer weight norm is
+    detached (DoRA paper, section 4.3), so the merged weight matrix it is computed from is transient."""
+    h, q, kv, inter = arch.hidden_size, arch.n_heads * arch.head_dim, arch.n_kv_heads * arch.head_dim, \
+        arch.intermediate_size
+    outputs_per_layer = q + 2 * kv + h + 2 * inter + h  # q, k, v, o, gate, up, down
+    magnitudes = FULL_TRAINING_BYTES_PER_PARAM * outputs_per_layer * arch.n_layers
+    return int(magnitudes + batch * seq_len * outputs_per_layer * 4 * arch.n_layers)
+
+
 def training_memory_bytes(
-    method: Method, arch: ModelArch, batch: int, seq_len: int, teacher: ModelArch | None = None
+    method: Method, arch: ModelArch, batch: int, seq_len: int, teacher: ModelArch | None = None,
+    checkpointing: bool = False,
 ) -> int:
-    """Peak memory of one training step for ``method`` at ``batch`` x ``seq_len`` tokens."""
+    """Peak memory of one training step for ``method`` at ``batch`` x ``seq_len`` tokens. ``checkpointing``: the
+    adapter methods with gradient checkpointing (``finetune --gradient-checkpointing``); full fine-tuning and
+    distillation in edgeforge never checkpoint."""
     n = arch.n_params
     if method == "full":
         state = FULL_TRAINING_BYTES_PER_PARAM * n
         act = activation_bytes(arch, batch, seq_len, checkpointing=False)
-    elif method == "lora":
+    elif method in ("lora", "dora"):
         state = 2 * n + FULL_TRAINING_BYTES_PER_PARAM * lora_adapter_params(arch)
-        act = activation_bytes(arch, batch, seq_len, checkpointing=True)
+        act = activation_bytes(arch, batch, seq_len, checkpointing=checkpointing)
+        if method == "dora":
+            act += dora_extra_bytes(arch, batch, seq_len)
     elif method == "qlora":
         # bitsandbytes keeps the embedding (and an untied output) in bf16; the decoder layers in NF4.
         embed = arch.embedding_params * (1 if arch.tied_embeddings else 2)
         state = (2 * embed + NF4_BYTES_PER_PARAM * (n - embed)
                  + FULL_TRAINING_BYTES_PER_PARAM * lora_adapter_params(arch))
-        act = activation_bytes(arch, batch, seq_len, checkpointing=True)
+        act = activation_bytes(arch, batch, seq_len, checkpointing=checkpointing)
     else:
         if teacher is None:
             raise ValueError("distillation memory needs the teacher's architecture")
@@ -101,6 +120,8 @@ class TrainingFit:
     bytes_at_max_batch: int
     budget_bytes: int
     seq_len: int
+    #: an adapter method that fits only with gradient checkpointing (finetune --gradient-checkpointing)
+    gradient_checkpointing: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -116,19 +137,24 @@ def training_fit(
         budget = profile.memory_total_bytes - CUDA_CONTEXT_BYTES
     else:
         budget = profile.memory_budget_bytes
-    best = 0
-    for b in BATCH_SIZES:
-        if training_memory_bytes(method, arch, b, seq_len, teacher) <= budget:
-            best = b
-    at1 = training_memory_bytes(method, arch, 1, seq_len, teacher)
+    # As edgeforge runs it: no gradient checkpointing; an adapter method that does not fit so is tried with it.
+    for checkpointing in (False, True) if method in ADAPTER_METHODS else (False,):
+        def need(b: int, ckpt: bool = checkpointing) -> int:
+            return training_memory_bytes(method, arch, b, seq_len, teacher, checkpointing=ckpt)
+
+        best = max((b for b in BATCH_SIZES if need(b) <= budget), default=0)
+        if best:
+            break
+    at1 = need(1)
     return TrainingFit(
         method=method,
         fits=best > 0,
         max_batch_size=best,
         bytes_at_batch_1=at1,
-        bytes_at_max_batch=training_memory_bytes(method, arch, best, seq_len, teacher) if best else at1,
+        bytes_at_max_batch=need(best) if best else at1,
         budget_bytes=budget,
         seq_len=seq_len,
+        gradient_checkpointing=bool(best) and checkpointing,
     )
 
 

@@ -57,11 +57,17 @@ def available_memory_bytes(device: str = "cpu") -> int:
 
 
 def check_training_memory(stage: str, method: Method, arch: ModelArch, batch: int, seq_len: int, device: str = "cpu",
-                          teacher: ModelArch | None = None) -> int:
+                          teacher: ModelArch | None = None, checkpointing: bool = False) -> int:
     """Raise ResourceError when ``stage`` would need more memory than is available; returns the prediction."""
-    need = training_memory_bytes(method, arch, batch, seq_len, teacher)
-    if device == "cpu" and method != "qlora":  # fp32 weights on a CPU: 4 bytes per parameter, not bf16's 2
-        need += 2 * arch.n_params + (2 * teacher.n_params if teacher is not None else 0)
+    need = training_memory_bytes(method, arch, batch, seq_len, teacher, checkpointing=checkpointing)
+    if device == "cpu":
+        # The frozen weights the prediction counts in bf16 are fp32 on a CPU: 4 bytes a parameter, not 2. The
+        # trained weights are fp32 already (in FULL_TRAINING_BYTES_PER_PARAM), so full and distillation students
+        # add nothing here (they were counted twice before); QLoRA's NF4 base is what it is.
+        if method in ("lora", "dora"):
+            need += 2 * arch.n_params
+        if teacher is not None:
+            need += 2 * teacher.n_params
     have = available_memory_bytes(device)
     if need > have:
         fix = ("lower --batch-size or --seq-len, or distill into a smaller student" if method == "distill"
