@@ -178,3 +178,15 @@ def test_full_fine_tuning_trains_every_weight_and_ships_the_model_itself(tiny: P
 def test_a_rank_sweep_with_full_fine_tuning_is_refused():
     with pytest.raises(BadInputError, match="--rank-sweep"):
         FinetuneConfig(method="full", rank_sweep=(4, 8))
+
+
+def test_gradient_checkpointing_trains_the_same_adapter(tiny: Path, tmp_path: Path):
+    """--gradient-checkpointing recomputes activations in the backward pass: the same losses step by step (it saves
+    memory, not changes the run), which is why the build's stage key leaves it out."""
+    plain = run_finetune(str(tiny), tmp_path / "plain", _small_cfg("lora", steps=3), task="home-commands",
+                         log=lambda m: None)
+    ckpt = run_finetune(str(tiny), tmp_path / "ckpt", _small_cfg("lora", steps=3).model_copy(
+        update={"gradient_checkpointing": True}), task="home-commands", log=lambda m: None)
+    assert [e["loss"] for e in ckpt["loss_curve"]] == pytest.approx([e["loss"] for e in plain["loss_curve"]],
+                                                                     rel=1e-5)
+    assert ckpt["config"]["gradient_checkpointing"] is True

@@ -37,7 +37,7 @@ def check_memory(model_ref: str, cfg: FinetuneConfig, device: torch.device) -> i
 
     arch = read_arch(resolve_model(model_ref))
     return check_training_memory("finetune", cfg.method, arch, cfg.batch_size, cfg.max_seq_len, device.type,
-                                 checkpointing=getattr(cfg, "gradient_checkpointing", False))
+                                 checkpointing=cfg.gradient_checkpointing)
 
 
 def load_base(model_dir: Path, method: Method, device: torch.device) -> Any:
@@ -63,7 +63,7 @@ def add_adapter(model: Any, cfg: FinetuneConfig) -> Any:
     ``method: full`` attaches nothing: every weight of ``model`` is trained."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    checkpointing = getattr(cfg, "gradient_checkpointing", False)
+    checkpointing = cfg.gradient_checkpointing
     if checkpointing:
         # Non-reentrant checkpointing: gradients reach the adapters of a frozen base without
         # enable_input_require_grads; activations are recomputed layer by layer in the backward pass.

@@ -30,6 +30,9 @@ class FinetuneSettings(StageSettings):
     lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
     batch_size: int = Field(8, ge=1, description="Examples per batch.")
     max_seq_len: int = Field(256, ge=8, description="Longest training example (tokens; longer ones are cut).")
+    gradient_checkpointing: bool = Field(False, description="Recompute each layer's activations in the backward "
+                                         "pass instead of keeping them: less memory, about a third more compute "
+                                         "(the pre-flight and the planner's training memory follow it).")
     l2sp: float = Field(0.0, ge=0, description="L2-SP penalty towards the starting weights, to limit forgetting.")
     mix_general: float = Field(0.0, ge=0, le=1, description="Fraction of batches of general text mixed in, to "
                                "limit forgetting.")

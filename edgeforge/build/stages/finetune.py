@@ -33,7 +33,10 @@ class FinetuneStage:
 
     def settings(self) -> dict[str, Any]:
         ctx = self.ctx
-        return {**ctx.cfg.finetune.model_dump(exclude={"enabled"}), "task": ctx.task_identity, "seed": ctx.cfg.seed,
+        # gradient_checkpointing changes memory and time, not the trained weights (the same gradients, recomputed
+        # with the RNG state preserved): a cached fine-tune stays valid either way, so it is not in the key.
+        return {**ctx.cfg.finetune.model_dump(exclude={"enabled", "gradient_checkpointing"}), "task": ctx.task_identity,
+                "seed": ctx.cfg.seed,
                 "base": self.base, "eval_examples": ctx.finetune_config().eval_examples}
 
     def inputs(self) -> dict[str, Any]:
