@@ -35,6 +35,14 @@ def main(folder: Path) -> None:
     seconds = {s["name"]: s.get("seconds") for s in build["stages"]}
     plan = manifest["plan"]
     rows: list[tuple[str, str, float | None]] = [("plan", f"{plan['decision']}: {plan['reason']}", None)]
+    t = records.get("finetune-teacher")
+    if t:
+        n = (t.get("after") or {}).get("n_examples")
+        rows.append(("fine-tune the teacher", f"exact match on the {n} fixed held-out examples: base "
+                     f"{acc(t.get('before'))}, merged {acc(t.get('merge'))}; valid JSON "
+                     f"{pct(t['before'].get('valid_json_rate'))} -> {pct(t['after'].get('valid_json_rate'))}; general "
+                     f"perplexity {t['before']['general_perplexity']:.2f} -> {t['after']['general_perplexity']:.2f}",
+                     seconds.get("finetune-teacher")))
     d = records.get("distill")
     if d:
         ret = d.get("retention") or {}
@@ -44,7 +52,8 @@ def main(folder: Path) -> None:
                      f"teacher {d['before']['kl_to_teacher']:.3f} -> {d['after']['kl_to_teacher']:.3f}, "
                      f"held-out perplexity {d['before']['perplexity']:.2f} -> {d['after']['perplexity']:.2f} (teacher "
                      f"{d['teacher']['perplexity']:.2f}), top-1 {pct(d['before']['top1_agreement'])} -> "
-                     f"{pct(d['after']['top1_agreement'])}, retention {ret.get('after', 0):.3f}",
+                     f"{pct(d['after']['top1_agreement'])}, retention {ret.get('after', 0):.3f}"
+                     + (f"; exact match {acc(manifest['quality'].get('student'))}" if t else ""),
                      seconds.get("distill")))
     f = records.get("finetune")
     if f:
@@ -65,16 +74,23 @@ def main(folder: Path) -> None:
                      f"text mean KL "
                      f"{v.get('mean_kl', 0):.4f}, top-1 {pct(v.get('top1_agreement'))} (general prose "
                      f"{prose.get('mean_kl', 0):.4f} / {pct(prose.get('top1_agreement'))}); exact match {acc(task)}, "
-                     f"{vs.get('difference', 0):+.1%} ({lo:+.1%} to {hi:+.1%}) vs the merged model, McNemar p "
+                     f"{vs.get('difference', 0):+.1%} ({lo:+.1%} to {hi:+.1%}) vs its source "
+                     f"({vs.get('source', 'the merged model')}), McNemar p "
                      f"{vs.get('mcnemar_exact_p', 1):.2g}", seconds.get(f"export-{a.get('format')}")))
     speeds = [f"{a['format']} {a.get('measured_prefill_tokens_per_s') or 0:,.0f} prefill / "
-              f"{a.get('measured_decode_tokens_per_s') or 0:,.0f} decode tokens/s" for a in build["artifacts"]]
+              f"{a.get('measured_decode_tokens_per_s') or 0:,.0f} decode tokens/s" for a in build["artifacts"]
+              if a.get("measured_decode_tokens_per_s")]
     if speeds:
         rows.append(("bench (this machine, 2 cores)", "; ".join(speeds), seconds.get("bench")))
-    print(f"Build of {manifest['name']} in {build['seconds']:.0f} s end to end.\n")
+    stage_s = sum(float(s.get("seconds") or 0) for s in build["stages"])
+    print(f"Build of {manifest['name']}: {stage_s:.0f} s in its stages as they ran (this invocation "
+          f"{build['seconds']:.0f} s end to end; cached stages report the run that made them).\n")
     print("| stage | result | seconds |\n|---|---|---:|")
     for stage, result, secs in rows:
         print(f"| {stage} | {result} | {'' if secs is None else f'{secs:.0f}'} |")
+    kept = (build.get("teacher_or_student") or {}).get("kept")
+    if kept:
+        print(f"\n{kept}")
 
 
 if __name__ == "__main__":

@@ -285,9 +285,10 @@ def _compress(arch: ModelArch, profile: DeviceProfile, fmt: str, quant: str | No
     }
     reason = (
         f"the teacher is too big or too slow for {profile.name} (" + "; ".join(why) + "): compress it. "
-        f"Distill into a {student_arch.n_layers}-layer student ({student_arch.n_params / 1e6:.0f}M params, "
+        + ("Fine-tune the teacher on the task data, then distill it" if has_task else "Distill it")
+        + f" into a {student_arch.n_layers}-layer student ({student_arch.n_params / 1e6:.0f}M params, "
         f"pruned from {arch.n_layers} layers) that runs at {headline.estimated_decode_tokens_per_s:.1f} "
-        f"tokens/s at {sq}" + ("; then fine-tune it on the task data" if has_task else "")
+        f"tokens/s at {sq}"
     )
     return _Decision(decision, reason, headline, student, student_arch)
 
