@@ -27,6 +27,15 @@ def acc(scores: dict[str, Any] | None) -> str:
     return f"{scores['task_accuracy']:.1%}{ci}"
 
 
+def finetune_result(f: dict[str, Any], adapter: bool) -> str:
+    """A fine-tuning record's row: exact match (base, adapter, merged), valid JSON and general perplexity."""
+    n = (f.get("after") or {}).get("n_examples")
+    return (f"exact match on the {n} fixed held-out examples: base {acc(f.get('before'))}, "
+            + (f"adapter {acc(f.get('after'))}, " if adapter else "") + f"merged {acc(f.get('merge'))}; valid JSON "
+            f"{pct(f['before'].get('valid_json_rate'))} -> {pct(f['after'].get('valid_json_rate'))}; general "
+            f"perplexity {f['before']['general_perplexity']:.2f} -> {f['after']['general_perplexity']:.2f}")
+
+
 def main(folder: Path) -> None:
     build = json.loads((folder / "build.json").read_text(encoding="utf-8"))
     ship = folder / "ship"
@@ -37,12 +46,7 @@ def main(folder: Path) -> None:
     rows: list[tuple[str, str, float | None]] = [("plan", f"{plan['decision']}: {plan['reason']}", None)]
     t = records.get("finetune-teacher")
     if t:
-        n = (t.get("after") or {}).get("n_examples")
-        rows.append(("fine-tune the teacher", f"exact match on the {n} fixed held-out examples: base "
-                     f"{acc(t.get('before'))}, merged {acc(t.get('merge'))}; valid JSON "
-                     f"{pct(t['before'].get('valid_json_rate'))} -> {pct(t['after'].get('valid_json_rate'))}; general "
-                     f"perplexity {t['before']['general_perplexity']:.2f} -> {t['after']['general_perplexity']:.2f}",
-                     seconds.get("finetune-teacher")))
+        rows.append(("fine-tune the teacher", finetune_result(t, adapter=False), seconds.get("finetune-teacher")))
     d = records.get("distill")
     if d:
         ret = d.get("retention") or {}
@@ -57,12 +61,7 @@ def main(folder: Path) -> None:
                      seconds.get("distill")))
     f = records.get("finetune")
     if f:
-        n = (f.get("after") or {}).get("n_examples")
-        rows.append(("fine-tune", f"exact match on the {n} fixed held-out examples: base {acc(f.get('before'))}, "
-                     f"adapter {acc(f.get('after'))}, merged {acc(f.get('merge'))}; valid JSON "
-                     f"{pct(f['before'].get('valid_json_rate'))} -> {pct(f['after'].get('valid_json_rate'))}; general "
-                     f"perplexity {f['before']['general_perplexity']:.2f} -> {f['after']['general_perplexity']:.2f}",
-                     seconds.get("finetune")))
+        rows.append(("fine-tune", finetune_result(f, adapter=True), seconds.get("finetune")))
     arts = {a["file"]: a for a in build["artifacts"]}
     for path, v in manifest["quality"]["artifacts"].items():
         a = next((x for f, x in arts.items() if Path(f).name == path), {})
