@@ -154,7 +154,8 @@ def test_an_artifact_that_loses_task_accuracy_fails_and_the_build_falls_back(tmp
     builder = Builder(cfg, tmp_path / "out", log=logs.append)
     n = len(held_out_task_examples(builder))
     assert n == 12
-    state = BuildState(model_dir=model, finetune={"merge": {"correct": [True] * n, "task_accuracy": 1.0}})
+    state = BuildState(model_dir=model, source_scores={"model": "merged model", "correct": [True] * n,
+                                                      "task_accuracy": 1.0})
     runner = StageRunner(builder.cache, state, logs.append)
     with pytest.raises(QualityGateError) as err:
         for stage in export_with_fallback(builder, state, "gguf", "model-key"):
