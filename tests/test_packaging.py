@@ -91,7 +91,8 @@ def test_a_built_in_pipeline_is_found_by_name_from_anywhere(tmp_path: Path, monk
     monkeypatch.chdir(tmp_path)  # no pipelines/ folder here, as for a user of the installed wheel
     assert load_pipeline(Path("finetune-then-distill")).order == "finetune-then-distill"
     assert load_pipeline(Path("finetune-then-distill.yaml")).order == "finetune-then-distill"
-    with pytest.raises(BadInputError, match="one of: default, distill-then-finetune, finetune-then-distill, prune-then-finetune"):
+    with pytest.raises(BadInputError, match="one of: default, distill-then-finetune, finetune-then-distill, "
+                                             "prune-then-finetune"):
         load_pipeline(Path("finetune-then-distil"))
 
 
