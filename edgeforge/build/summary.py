@@ -81,6 +81,8 @@ def chat_template(model_dir: Path | None) -> str | None:
 
 def summary(ctx: BuildContext, state: BuildState, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The build summary (edgeforge.ship.folder.write_ship): ``rows`` are the shipped artifacts."""
+    from edgeforge.ship.folder import scores_summary
+
     ref = ctx.teacher_ref
     teacher_license = read_gguf_license(ref.path) if ref.format == "gguf" else hf_license(ref.path)
     template = chat_template(state.model_dir)
@@ -99,7 +101,7 @@ def summary(ctx: BuildContext, state: BuildState, rows: list[dict[str, Any]]) ->
         "distill": distill,
         "finetune": state.finetune,
         "finetuned_teacher": finetuned_teacher(ctx, state),
-        "source_scores": {k: v for k, v in (state.source_scores or {}).items() if k != "correct"} or None,
+        "source_scores": scores_summary(state.source_scores),
         "artifacts": rows,
         "speed": speed_rows(ctx, state),
         "lineage": lineage(ctx, state),
@@ -115,16 +117,14 @@ def finetuned_teacher(ctx: BuildContext, state: BuildState) -> dict[str, Any] | 
     (base and merged), and what shipping it instead would mean on the profile (the plan's figures for the teacher's
     architecture: the size at the plan's type, the estimated decode speed, fits, meets the latency goals). None when
     the build fine-tuned no teacher."""
+    from edgeforge.ship.folder import scores_summary
+
     f = state.teacher_finetune
     if not f:
         return None
     p = ctx.plan
-
-    def scores(d: Any) -> dict[str, Any] | None:
-        return {k: v for k, v in d.items() if k not in ("correct", "samples")} if isinstance(d, dict) else None
-
     return {"name": f"{ctx.teacher_ref.name} + {ctx.cfg.finetune.method} on {ctx.cfg.task}",
-            "base": scores(f.get("before")), "task": scores(f.get("merge") or f.get("after")),
+            "base": scores_summary(f.get("before")), "task": scores_summary(f.get("merge") or f.get("after")),
             "general_perplexity": (f.get("after") or {}).get("general_perplexity"),
             "quant": p.quant, "weights_bytes": p.weights_bytes,
             "estimated_decode_tokens_per_s": p.estimated_decode_tokens_per_s,

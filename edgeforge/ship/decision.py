@@ -9,13 +9,14 @@ from typing import Any
 HEADER = ["model", "task exact match (95% CI)", "size MB", "est. decode tok/s on the profile", "fits the profile"]
 
 
-def _acc(scores: Any) -> str:
+def accuracy_text(scores: Any, with_n: bool = False) -> str:
+    """``58.0% (52.3%-63.5%)``: an accuracy with its 95% interval (and ``, n=300`` with ``with_n``), or n/a."""
     if not isinstance(scores, dict) or scores.get("task_accuracy") is None:
         return "n/a"
     ci = scores.get("task_accuracy_ci95")
     tail = f" ({ci[0]:.1%}-{ci[1]:.1%})" if isinstance(ci, (list, tuple)) and len(ci) == 2 else ""
-    return f"{scores['task_accuracy']:.1%}{tail}" + (f", n={scores['n_examples']}" if scores.get("n_examples")
-                                                      else "")
+    n = f", n={scores['n_examples']}" if with_n and scores.get("n_examples") else ""
+    return f"{scores['task_accuracy']:.1%}{tail}{n}"
 
 
 def _mb(n: Any) -> str:
@@ -36,19 +37,21 @@ def decision_rows(summary: dict[str, Any]) -> list[list[str]]:
     plan = summary.get("plan") or {}
     student = plan.get("student") or {}
     budget_fits = {True: "yes", False: "no", None: "n/a"}
-    rows = [[f"fine-tuned teacher ({t.get('name')}, {t.get('quant')})", _acc(t.get("task")),
+    rows = [[f"fine-tuned teacher ({t.get('name')}, {t.get('quant')})", accuracy_text(t.get("task"), with_n=True),
              _mb(t.get("weights_bytes")), _speed(t.get("estimated_decode_tokens_per_s")),
              budget_fits[t.get("fits")] + ("" if t.get("meets_latency_goal") in (None, True)
                                            else ", misses the latency goals")]]
     if summary.get("source_scores"):
-        rows.append([f"distilled student ({student.get('layers', '?')} layers, torch)", _acc(summary["source_scores"]),
+        rows.append([f"distilled student ({student.get('layers', '?')} layers, torch)",
+                     accuracy_text(summary["source_scores"], with_n=True),
                      _mb(student.get("weights_bytes")), _speed(student.get("estimated_decode_tokens_per_s")), "yes"])
     speeds = {r.get("artifact"): r.get("estimated_decode_tokens_per_s") for r in summary.get("speed") or []
               if r.get("profile") == (summary.get("profile") or {}).get("name")}
     for a in summary.get("artifacts") or []:
         name = str(a.get("path", "?")).rsplit("/", 1)[-1]
         rows.append([f"shipped {a.get('format')} {a.get('quant') or ''} ({name})".replace("  ", " "),
-                     _acc(a.get("task")), _mb(a.get("size_bytes")), _speed(speeds.get(name)), "yes"])
+                     accuracy_text(a.get("task"), with_n=True), _mb(a.get("size_bytes")), _speed(speeds.get(name)),
+                     "yes"])
     return rows
 
 

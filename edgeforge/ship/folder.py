@@ -232,12 +232,10 @@ def _quality_md(summary: dict) -> list[str]:
 
 
 def _acc(scores: Any) -> str:
-    """``58.0% (52.3-63.5%)``: an accuracy with its 95% interval, or n/a."""
-    if not isinstance(scores, dict) or scores.get("task_accuracy") is None:
-        return "n/a"
-    ci = scores.get("task_accuracy_ci95")
-    tail = f" ({ci[0]:.1%}-{ci[1]:.1%})" if isinstance(ci, list) and len(ci) == 2 else ""
-    return f"{scores['task_accuracy']:.1%}{tail}"
+    """``58.0% (52.3%-63.5%)``: an accuracy with its 95% interval, or n/a (edgeforge.ship.decision's format)."""
+    from edgeforge.ship.decision import accuracy_text
+
+    return accuracy_text(scores)
 
 
 def _paired(task: Any) -> str:
@@ -380,7 +378,7 @@ def file_entries(ship_dir: Path) -> dict[str, dict]:
     return out
 
 
-def _scores(scores: Any) -> dict | None:
+def scores_summary(scores: Any) -> dict | None:
     """A task scoring as the manifest keeps it: accuracy, interval, example count, paired comparison; not the
     per-example list (records/ keeps that)."""
     return {k: v for k, v in scores.items() if k not in ("correct", "samples")} if isinstance(scores, dict) else None
@@ -392,15 +390,15 @@ def _quality(summary: dict) -> dict:
     d, f = summary.get("distill") or {}, summary.get("finetune") or {}
     return {
         "distill_retention": d.get("retention"),
-        "finetune": {"before": _scores(f.get("before")), "after": _scores(f.get("after")),
-                     "merged": _scores(f.get("merge"))} if f else None,
+        "finetune": {"before": scores_summary(f.get("before")), "after": scores_summary(f.get("after")),
+                     "merged": scores_summary(f.get("merge"))} if f else None,
         # fine-tune-then-distill: the teacher fine-tuned on the task, on the same fixed examples (the reference the
         # shipped student is compared with), and the distilled student itself
         "finetuned_teacher": {k: v for k, v in t.items() if k != "name"} if (t := summary.get("finetuned_teacher"))
         else None,
         "student": summary.get("source_scores"),
         "artifacts": {a.get("path"): {**(a.get("verify") or {}), "task_accuracy": a.get("task_accuracy"),
-                                      "task": _scores(a.get("task"))}
+                                      "task": scores_summary(a.get("task"))}
                       for a in _artifacts(summary)},
     }
 

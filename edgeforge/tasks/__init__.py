@@ -32,12 +32,9 @@ def generated_training_examples(name: str, n: int, seed: int = 0) -> list[dict]:
     """``n`` more examples of a built-in task drawn like its training split (its training phrasings and values,
     never the held-out ones), from another seed stream than the task's own split; any whose prompt equals a
     held-out prompt is dropped, so they can join training data without touching the fixed evaluation set."""
-    builder = _TASKS.get(name)
-    if builder is None:
-        raise BadInputError(f"unknown task '{name}'; built-in tasks: {', '.join(task_names())}")
-    _, held = builder(seed)
+    _, held = build_task(name, seed)  # refuses an unknown name
     held_prompts = {_prompt(e) for e in held}
-    more, _ = builder(seed + 1_000_003, n_train=n, n_heldout=0)  # type: ignore[call-arg]
+    more, _ = _TASKS[name](seed + 1_000_003, n_train=n, n_heldout=0)  # type: ignore[call-arg]
     return [e for e in more if _prompt(e) not in held_prompts]
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgeforge.build.config import BUILD_ONLY_DISTILL_SETTINGS
 from edgeforge.build.stage import BuildContext, BuildState
 from edgeforge.build.task_set import held_out_task_examples, score_model_dir
 
@@ -33,8 +34,6 @@ class DistillStage:
         a fine-tuned teacher, or for a task loss), each extra teacher (by content, not by path)."""
         ctx, d = self.ctx, self.ctx.cfg.distill
         reads_task = self.teacher_from is not None or d.task_loss != "none"
-        from edgeforge.build.config import BUILD_ONLY_DISTILL_SETTINGS
-
         settings = {**d.model_dump(exclude=BUILD_ONLY_DISTILL_SETTINGS), "student": ctx.student_shape(),
                     "seed": ctx.cfg.seed, "data": ctx.data_identity,
                     "task_data": ctx.task_identity if reads_task else None}

@@ -62,7 +62,7 @@ class FinetuneStage:
         state.lineage_stages.append(self.name)
         # The fine-tuned teacher is not what the exports come from (the student distilled from it is): its record
         # is the reference shown beside the student, never the exports' source scores (build.task_set).
-        if self.name == "finetune-teacher":
+        if self.teacher_first:
             state.teacher_finetune = record["record"]
         else:
             state.finetune = record["record"]
