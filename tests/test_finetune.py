@@ -109,6 +109,28 @@ def test_merge_equals_the_adapter_model(tiny: Path, tmp_path: Path, method: str)
     assert not (out / "checkpoint").exists()
 
 
+def test_a_merged_lora_is_scored_once_on_the_fixed_set(tiny: Path, tmp_path: Path, monkeypatch):
+    """With --merge, the held-out set is generated over twice (the base, the merged model), not three times: the
+    adapter model's "after" task scores are the merged model's, whose logits the merge check bounds."""
+    import edgeforge.finetune.adapter as adapter
+    import edgeforge.finetune.run as run
+
+    scored: list[int] = []
+    for module in (run, adapter):
+        real = module.task_metrics
+
+        def counting(model, tokenizer, examples, _real=real):
+            scored.append(len(examples))
+            return _real(model, tokenizer, examples)
+
+        monkeypatch.setattr(module, "task_metrics", counting)
+    cfg = _small_cfg("lora").model_copy(update={"checkpoint_every": 0})
+    rec = run_finetune(str(tiny), tmp_path / "m", cfg, task="home-commands", merge=True, log=lambda m: None)
+    assert scored == [cfg.eval_examples, cfg.eval_examples]
+    assert rec["after"]["correct"] == rec["merge"]["correct"] and "merged" in rec["after"]["scored_on"]
+    assert rec["accuracy_by_step"][-1]["task_accuracy"] == rec["merge"]["task_accuracy"]
+
+
 @pytest.mark.integration
 def test_qlora_runs_and_merges_into_full_precision(tiny: Path, tmp_path: Path):
     out = tmp_path / "qlora"
