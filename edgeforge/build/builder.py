@@ -63,6 +63,19 @@ class Builder:
         self.teacher_identity = content_identity(self.teacher_ref.path)
         self.data_identity = [content_identity(p) for p in self.data_files]
         self.task_identity = content_identity(self.task_path) if self.task_path else cfg.task
+        self._held_out_task: list[dict[str, Any]] | None = None
+
+    def held_out_task(self) -> list[dict[str, Any]]:
+        """Every held-out example of the task (none without one), split once per build: the task file's identity is
+        taken once at the start too, and a built-in task is generated, so splitting again per stage only cost time."""
+        if self._held_out_task is None:
+            self._held_out_task = []
+            if self.cfg.task is not None:
+                from edgeforge.tasks.examples import load_task_examples
+
+                _, self._held_out_task, _ = load_task_examples(None if self.task_path else self.cfg.task,
+                                                               self.task_path, self.cfg.seed)
+        return self._held_out_task
 
     def student_shape(self) -> dict[str, Any]:
         """The student's layers, hidden size, MLP width and KV heads: the pipeline's, else the plan's (None: the

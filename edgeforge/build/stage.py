@@ -73,6 +73,8 @@ class BuildContext(Protocol):
 
     def finetune_config(self) -> FinetuneConfig: ...
 
+    def held_out_task(self) -> list[dict[str, Any]]: ...
+
 
 
 class Stage(Protocol):

@@ -17,12 +17,9 @@ def held_out_task_examples(ctx: BuildContext, every: bool = False) -> list[dict[
     whatever the setting); none without a task.
 
     The held-out split is by content (edgeforge.data.text.split_by_content), with the build's seed, exactly as
-    ``edgeforge finetune`` splits, so the fine-tuning record's examples are these."""
-    if ctx.cfg.task is None:
-        return []
-    from edgeforge.tasks.examples import load_task_examples
-
-    _, held, _ = load_task_examples(None if ctx.task_path else ctx.cfg.task, ctx.task_path, ctx.cfg.seed)
+    ``edgeforge finetune`` splits, so the fine-tuning record's examples are these (split once per build:
+    ``BuildContext.held_out_task``)."""
+    held = ctx.held_out_task()
     n = ctx.cfg.verify.task_examples
     return held if n is None or every else held[:n]
 
