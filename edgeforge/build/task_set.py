@@ -51,7 +51,7 @@ def score_model_dir(model_dir: Path, examples: list[dict[str, Any]], log: Any) -
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from edgeforge.tasks.metrics import task_metrics
+    from edgeforge.tasks.metrics import SCORE_FIELDS, task_metrics
 
     log(f"scoring {model_dir.name} on the {len(examples)} fixed task examples")
     tok = AutoTokenizer.from_pretrained(str(model_dir))
@@ -59,5 +59,4 @@ def score_model_dir(model_dir: Path, examples: list[dict[str, Any]], log: Any) -
         tok.pad_token = tok.eos_token
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     metrics = task_metrics(model, tok, examples)
-    return {k: metrics[k] for k in ("task_accuracy", "task_accuracy_ci95", "valid_json_rate", "n_examples",
-                                    "correct")}
+    return {k: metrics[k] for k in SCORE_FIELDS}

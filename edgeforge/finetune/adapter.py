@@ -12,7 +12,7 @@ import torch
 from edgeforge.errors import BadInputError, EdgeforgeError, QualityGateError
 from edgeforge.finetune.config import FinetuneConfig, Method
 from edgeforge.models.files import save_tokenizer
-from edgeforge.tasks.metrics import task_metrics
+from edgeforge.tasks.metrics import SCORE_FIELDS, task_metrics
 from edgeforge.verify.metrics import log_softmax, mean_kl, top1_agreement
 
 
@@ -207,6 +207,4 @@ def merge_adapter(model: Any, base_dir: Path, adapter_dir: Path, out: Path, toke
     metrics = task_metrics(merged, tokenizer, held_ex)
     log(f"merged: max |logit difference| vs the adapter model {check['logit_max_abs_diff']:.2e} (tolerance "
         f"{MERGE_TOLERANCE:g}); task accuracy {metrics['task_accuracy']:.1%}")
-    return {**check, "task_accuracy": metrics["task_accuracy"], "valid_json_rate": metrics["valid_json_rate"],
-            "task_accuracy_ci95": metrics["task_accuracy_ci95"], "n_examples": metrics["n_examples"],
-            "correct": metrics["correct"]}
+    return {**check, **{k: metrics[k] for k in SCORE_FIELDS}}

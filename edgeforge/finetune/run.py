@@ -30,14 +30,12 @@ from edgeforge.finetune.config import FinetuneConfig
 from edgeforge.finetune.loss import answer_loss, general_perplexity
 from edgeforge.models.files import save_tokenizer
 from edgeforge.tasks.examples import collate, encode_example, load_task_examples
-from edgeforge.tasks.metrics import task_metrics
+from edgeforge.tasks.metrics import SCORE_FIELDS, task_metrics
 from edgeforge.train.loop import TrainConfig, pick_device, train
 
 Log = Callable[[str], None]
 Row = tuple[list[int], list[int]]  # (input ids, labels) of one training sequence
 Metrics = dict[str, Any]
-#: The fields of a task scoring (edgeforge.tasks.metrics.task_metrics) a record carries.
-TASK_SCORE_FIELDS = ("task_accuracy", "valid_json_rate", "task_accuracy_ci95", "n_examples", "correct")
 
 
 def run_finetune(model_ref: str, out: Path, cfg: FinetuneConfig, task: str | None = None, data: Path | None = None,
@@ -100,7 +98,7 @@ def run_finetune(model_ref: str, out: Path, cfg: FinetuneConfig, task: str | Non
     }
     _save(model, tokenizer, out, record, merge, base_dir, cfg, held_ex, log)
     if scored_when_merged:
-        after.update({k: record["merge"][k] for k in TASK_SCORE_FIELDS})
+        after.update({k: record["merge"][k] for k in SCORE_FIELDS})
         after["scored_on"] = "the merged model (equal to the adapter model within the merge check's tolerance)"
     curve_points.append({"step": state.step, "task_accuracy": after["task_accuracy"]})
     record["total_seconds"] = time.perf_counter() - t_start
@@ -248,5 +246,5 @@ def _save_full(model: Any, tokenizer: Any, out: Path, record: dict[str, Any], me
         record["merge"] = {"method": "full", "note": "full fine-tuning: no adapter, nothing to merge",
                            "logit_max_abs_diff": 0.0, "tolerance": 0.0, "equal_within_tolerance": True,
                            "failures": [],
-                           **{k: after[k] for k in TASK_SCORE_FIELDS}}
+                           **{k: after[k] for k in SCORE_FIELDS}}
     shutil.rmtree(out / "checkpoint", ignore_errors=True)

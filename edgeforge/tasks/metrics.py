@@ -117,6 +117,10 @@ def score_answer(want_text: str, got: str) -> tuple[bool, bool]:
     return bool(exact), parsed is not None
 
 
+#: The fields of a scoring (``score_answers``) that records carry: everything but the sample answers.
+SCORE_FIELDS = ("task_accuracy", "task_accuracy_ci95", "valid_json_rate", "n_examples", "correct")
+
+
 def score_answers(examples: list[dict], answers: list[str]) -> dict[str, Any]:
     """Task accuracy with its 95% Wilson interval, valid-JSON rate, and ``correct``: per-example exact match in
     example order (what ``paired_comparison`` takes)."""
