@@ -113,3 +113,62 @@ def test_export_errors_are_one_line(tmp_path: Path):
     assert code == 2 and "ending in .gguf" in err
     code, _, err = run("eval", str(tmp_path / "missing.gguf"), "--reference", "smollm2-135m-instruct")
     assert code == 2 and "artifact not found" in err
+
+
+def _task_file(path: Path, n: int, answer_words: int) -> Path:
+    rows = [{"prompt": f"question number {i}", "completion": " ".join(["word"] * answer_words) + f" {i}"}
+            for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_plan_task_reads_the_examples_for_the_fine_tuning_cost(tmp_path: Path):
+    """`plan --task FILE` counts the file's tokens with the teacher's tokenizer (the bundled teacher's GGUF
+    vocabulary): the fine-tuning stage's tokens are FinetuneSettings' steps x batch x the mean example length, not
+    the generic 2,000,000 the value used to be ignored for."""
+    from edgeforge.finetune.config import FinetuneSettings
+
+    task = _task_file(tmp_path / "long.jsonl", 60, answer_words=120)
+    code, out, err = run("plan", "--profile", "raspberry-pi-zero-2w", "--task", str(task), "--json")
+    assert code == 0, err
+    plan = json.loads(out)
+    t = plan["task"]
+    assert t["train_examples"] + t["heldout_examples"] == 60 and t["heldout_examples"] >= 1
+    assert t["mean_answer_tokens"] > 100  # 120 words and a number, each at least one token
+    assert t["steps"] == FinetuneSettings().steps and t["batch_size"] == FinetuneSettings().batch_size
+    stage = next(s for s in plan["training"]["stages"] if s["stage"].startswith("fine-tune"))
+    assert stage["tokens"] == t["finetune_tokens"] != 2_000_000
+    mean_tokens = t["mean_prompt_tokens"] + t["mean_answer_tokens"]
+    assert abs(t["finetune_tokens"] - t["steps"] * t["batch_size"] * mean_tokens) < t["steps"] * t["batch_size"]
+    assert plan["decision"] == "distill+fine-tune"
+
+
+def test_plan_explicit_finetune_tokens_win_over_the_task():
+    from edgeforge.models.refs import read_arch, resolve_model
+    from edgeforge.plan.planner import plan
+    from edgeforge.plan.profiles import load_registry
+    from edgeforge.plan.task_cost import TaskCost
+
+    reg = load_registry()
+    cost = TaskCost(source="t", train_examples=100, heldout_examples=10, mean_prompt_tokens=40.0,
+                    mean_answer_tokens=20.0, max_example_tokens=90, max_seq_len=256, examples_over_max_seq_len=0,
+                    steps=200, batch_size=8, epochs=16.0, finetune_tokens=96_000, seq_len=90)
+    arch = read_arch(resolve_model(None))
+
+    def ft_tokens(**kw: object) -> int:
+        p = plan(arch, reg.get("raspberry-pi-zero-2w"), "t", train_profile=reg.get("rtx-4090-24gb"), **kw)
+        return next(s["tokens"] for s in p.training["stages"] if s["stage"].startswith("fine-tune"))
+
+    assert ft_tokens(task=cost) == 96_000
+    assert ft_tokens(task=cost, finetune_tokens=5_000) == 5_000
+    assert ft_tokens() == 2_000_000
+
+
+def test_plan_bad_task_file_is_one_line(tmp_path: Path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "no prompt here"}\n{"text": "nor here"}\n', encoding="utf-8")
+    code, _, err = run("plan", "--profile", "raspberry-pi-zero-2w", "--task", str(bad))
+    assert code == 2 and "expected 'messages' or string fields 'prompt' and 'completion'" in err
+    assert len(err.strip().splitlines()) == 1
+    code, _, err = run("plan", "--profile", "raspberry-pi-zero-2w", "--task", "no-such-task")
+    assert code == 2 and "no-such-task" in err and len(err.strip().splitlines()) == 1

@@ -230,18 +230,21 @@ def models_list(as_json: bool) -> None:
 @click.option("--quant", default=None, help="Quant type to plan for (default: the profile's preferred types).")
 @click.option("--format", "fmt", type=click.Choice(["gguf", "onnx"]), default=None,
               help="Artifact format (default: the profile's primary runtime).")
-@click.option("--task", default=None, help="Task data (name or path): plan distill+fine-tune when compressing.")
+@click.option("--task", default=None, help="Fine-tuning task (built-in name or JSONL path): its examples, tokenized "
+              "with the teacher's tokenizer, give the fine-tuning tokens and training memory; plan distill+fine-tune "
+              "when compressing.")
 @click.option("--train-profile", default="rtx-4090-24gb", show_default=True,
               help="Profile of the machine that trains (for time, cost and training memory).")
 @click.option("--price-per-hour", type=click.FloatRange(min=0), default=None,
               help="Price of the training machine per hour, for the cost estimate.")
 @click.option("--distill-tokens", type=click.IntRange(min=1), default=100_000_000, show_default=True)
-@click.option("--finetune-tokens", type=click.IntRange(min=1), default=2_000_000, show_default=True)
+@click.option("--finetune-tokens", type=click.IntRange(min=1), default=None,
+              help="Fine-tuning tokens for the cost [default: from --task's examples, else 2,000,000].")
 @PROFILES_DIR_OPTION
 @JSON_OPTION
 def plan(profile_name: str, teacher: str | None, context: int, prompt_tokens: int, quant: str | None,
          fmt: str | None, task: str | None, train_profile: str, price_per_hour: float | None, distill_tokens: int,
-         finetune_tokens: int, profiles_dirs: tuple[Path, ...], as_json: bool) -> None:
+         finetune_tokens: int | None, profiles_dirs: tuple[Path, ...], as_json: bool) -> None:
     """Does the model fit the device, how fast will it run, and should it be fine-tuned, distilled, or both?"""
     from edgeforge.models.refs import read_arch, resolve_model
     from edgeforge.plan import planner
@@ -257,11 +260,16 @@ def plan(profile_name: str, teacher: str | None, context: int, prompt_tokens: in
     train = load_registry(profiles_dirs).get(train_profile) if train_profile else None
     ref = resolve_model(teacher)
     arch = read_arch(ref)
+    cost = None
+    if task is not None:
+        from edgeforge.plan.task_cost import task_cost
+
+        cost = task_cost(task, ref)
     try:
         result = planner.plan(arch, profile, ref.name, context=context, quant=quant, fmt=fmt,
                               prompt_tokens=prompt_tokens, has_task=task is not None, train_profile=train,
                               price_per_hour=price_per_hour, distill_tokens=distill_tokens,
-                              finetune_tokens=finetune_tokens)
+                              finetune_tokens=finetune_tokens, task=cost)
     except ValueError as e:
         raise BadInputError(str(e)) from None
     from edgeforge.plan.exportability import check_exportable

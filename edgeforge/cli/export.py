@@ -186,13 +186,14 @@ def _report_artifact(record: dict[str, Any], as_json: bool) -> None:
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="The directory to write.")
 @click.option("--quantize", type=click.Choice(["none", "int8", "int4"]), default="int8", show_default=True,
               help="Weight-only quantization with onnxruntime (every variant is verified).")
-@click.option("--isa", type=click.Choice(["auto", "arm64", "avx2", "avx512_vnni"]), default="auto",
-              show_default=True, help="Target instruction set for the quantized kernels.")
 @click.option("--verify/--no-verify", default=True, show_default=True)
 @FORCE_OPTION
 @JSON_OPTION
-def export_onnx_cmd(model: str, out: Path, quantize: str, isa: str, verify: bool, force: bool, as_json: bool) -> None:
-    """Export MODEL to an ONNX decoder with KV cache that optimum's ORTModelForCausalLM loads as is."""
+def export_onnx_cmd(model: str, out: Path, quantize: str, verify: bool, force: bool, as_json: bool) -> None:
+    """Export MODEL to an ONNX decoder with KV cache that optimum's ORTModelForCausalLM loads as is.
+
+    One quantization recipe serves every CPU: onnxruntime picks the integer kernels (ARM SDOT/I8MM, AVX2, AVX-512
+    VNNI) on the device when it runs the file, so the export does not depend on the machine that makes it."""
     from edgeforge.export.gguf import save_record
     from edgeforge.export.onnx.export import export_onnx
     from edgeforge.models.refs import resolve_model
@@ -207,7 +208,7 @@ def export_onnx_cmd(model: str, out: Path, quantize: str, isa: str, verify: bool
         hf_dir = materialize_hf(ref.path, hf_dir_for(ref.path, edgeforge_home()))
     else:
         hf_dir = ref.path
-    record = export_onnx(hf_dir, out, quantize=quantize, isa=isa, force=force)  # type: ignore[arg-type]
+    record = export_onnx(hf_dir, out, quantize=quantize, force=force)  # type: ignore[arg-type]
     record.setdefault("path", str(out))
     record.setdefault("quant", quantize)
     if verify:

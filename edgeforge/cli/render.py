@@ -19,6 +19,13 @@ def _mb(n: float) -> str:
     return f"{n / 1e6:,.0f} MB"
 
 
+def _duration(hours: float) -> str:
+    """Hours as a reader takes them: a task fine-tune of seconds is not "0.00 h"."""
+    if hours >= 1:
+        return f"{hours:.1f} h"
+    return f"{hours * 60:.1f} min" if hours * 60 >= 1 else f"{hours * 3600:.0f} s"
+
+
 def print_plan(plan: Plan, console: Console | None = None) -> None:
     """One plan: the candidates table, then the decision and its reason."""
     console = console or make_console()
@@ -48,12 +55,20 @@ def print_plan(plan: Plan, console: Console | None = None) -> None:
         mark = "ok" if v["ok"] else "[red]BLOCKED[/]"
         what = "trainable in torch" if fmt == "training" else f"exportable to {fmt}"
         console.print(f"[bold]{what}:[/] {mark}: {v['reason']}")
+    if plan.task:
+        t = plan.task
+        over = (f"; {t['examples_over_max_seq_len']} longer than max_seq_len {t['max_seq_len']} (cut)"
+                if t["examples_over_max_seq_len"] else "")
+        console.print(f"[bold]task:[/] {t['source']}: {t['train_examples']:,} training examples, "
+                      f"{t['mean_prompt_tokens']:.0f} prompt + {t['mean_answer_tokens']:.0f} answer tokens on average "
+                      f"(longest {t['max_example_tokens']}){over}; fine-tuning as edgeforge runs it: {t['steps']} "
+                      f"steps x batch {t['batch_size']} = {t['epochs']:.2f} epochs, {t['finetune_tokens']:,} tokens")
     tr = plan.training
     if tr:
         for st in tr["stages"]:
             cost = "" if st["cost"] is None else f", cost {st['cost']:.2f}"
             console.print(f"[bold]{st['stage']}:[/] {st['tokens']:,} tokens, {st['flops']:.2e} FLOPs, "
-                          f"{st['hours']:.2f} h on {st['training_profile']}{cost}")
+                          f"{_duration(st['hours'])} on {st['training_profile']}{cost}")
         mem = ", ".join(f"{m} {'fits' if f['fits'] else 'does not fit'}"
                         + (f" (batch {f['max_batch_size']})" if f["fits"] else f" ({_mb(f['bytes_at_batch_1'])})")
                         for m, f in tr["memory"].items())

@@ -19,6 +19,7 @@ from edgeforge.plan.sizing import (
     memory_estimate,
     runtime_overhead_bytes,
 )
+from edgeforge.plan.task_cost import TaskCost
 from edgeforge.plan.training_cost import (
     serving_energy_wh_per_million_tokens,
     training_cost,
@@ -87,6 +88,7 @@ class Plan:
     serving_energy_wh_per_million_tokens: float = 0.0
     training: dict[str, Any] = field(default_factory=dict)
     exportability: dict[str, Any] = field(default_factory=dict)
+    task: dict[str, Any] | None = None  # TaskCost.to_dict() of ``plan --task``: what the fine-tuning figures read
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -185,9 +187,16 @@ def plan(
     train_profile: DeviceProfile | None = None,
     price_per_hour: float | None = None,
     distill_tokens: int = DEFAULT_DISTILL_TOKENS,
-    finetune_tokens: int = DEFAULT_FINETUNE_TOKENS,
+    finetune_tokens: int | None = None,
+    task: TaskCost | None = None,
 ) -> Plan:
-    """Plan ``arch`` on ``profile``: memory, speed, the decision with its reason, the student, the cost."""
+    """Plan ``arch`` on ``profile``: memory, speed, the decision with its reason, the student, the cost.
+
+    ``task`` (``plan --task``): the fine-tuning tokens and the training rows' length come from the task's own
+    examples (``edgeforge.plan.task_cost``), and it implies ``has_task``. ``finetune_tokens`` given explicitly wins
+    over the task's; with neither, DEFAULT_FINETUNE_TOKENS.
+    """
+    has_task = has_task or task is not None
     fmt = fmt or profile.primary_runtime.format
     runtime = profile.runtime_for(fmt)  # type: ignore[arg-type]
     if runtime is None:
@@ -206,7 +215,7 @@ def plan(
     teacher_c = chosen or min(candidates, key=lambda c: c.total_bytes)
     energy = serving_energy_wh_per_million_tokens(profile.power_watts, headline.estimated_decode_tokens_per_s)
     training = _training_section(arch, d.student_arch, decision, train_profile, price_per_hour, distill_tokens,
-                                 finetune_tokens)
+                                 finetune_tokens, task)
     return Plan(
         profile=profile.name,
         teacher=teacher_name,
@@ -233,6 +242,7 @@ def plan(
         candidates=[asdict(c) for c in candidates],
         serving_energy_wh_per_million_tokens=energy,
         training=training,
+        task=task.to_dict() if task is not None else None,
     )
 
 
@@ -300,10 +310,15 @@ def _training_section(
     train_profile: DeviceProfile | None,
     price_per_hour: float | None,
     distill_tokens: int,
-    finetune_tokens: int,
+    finetune_tokens: int | None,
+    task: TaskCost | None,
 ) -> dict[str, Any]:
     if train_profile is None:
         return {}
+    if finetune_tokens is None:
+        finetune_tokens = task.finetune_tokens if task is not None else DEFAULT_FINETUNE_TOKENS
+    # a task's rows are as long as its longest example (capped at max_seq_len); without one, 512-token rows
+    seq_len = {"seq_len": task.seq_len} if task is not None else {}
     tuned = student or teacher
     stages = []
     if student is not None:
@@ -311,9 +326,9 @@ def _training_section(
         stages.append(training_cost("distill", flops, distill_tokens, train_profile, price_per_hour).to_dict())
     flops = training_flops("lora", finetune_tokens, tuned.n_params)
     stages.append(training_cost("fine-tune (LoRA)", flops, finetune_tokens, train_profile, price_per_hour).to_dict())
-    memory = {m: training_fit(m, tuned, train_profile).to_dict() for m in ("full", "lora", "qlora")}
+    memory = {m: training_fit(m, tuned, train_profile, **seq_len).to_dict() for m in ("full", "lora", "qlora")}
     if student is not None:
-        memory["distill"] = training_fit("distill", student, train_profile, teacher=teacher).to_dict()
+        memory["distill"] = training_fit("distill", student, train_profile, teacher=teacher, **seq_len).to_dict()
     return {
         "training_profile": train_profile.name,
         "price_per_hour": price_per_hour,

@@ -45,8 +45,8 @@ def test_onnx_int8_export_is_byte_identical(tmp_path: Path, tiny: Path) -> None:
     durations it reports (export_seconds, quantize_seconds)."""
     from edgeforge.export.onnx.export import RECORD_FILE, export_onnx
 
-    ra = export_onnx(tiny, tmp_path / "a", quantize="int8", isa="avx2")
-    rb = export_onnx(tiny, tmp_path / "b", quantize="int8", isa="avx2")
+    ra = export_onnx(tiny, tmp_path / "a", quantize="int8")
+    rb = export_onnx(tiny, tmp_path / "b", quantize="int8")
     names = sorted(p.name for p in (tmp_path / "a").iterdir())
     assert names == sorted(p.name for p in (tmp_path / "b").iterdir()) and "model.onnx" in names
     a, b = tmp_path / "a", tmp_path / "b"

@@ -2,8 +2,9 @@
 
 - The graph comes from optimum-onnx (``main_export``, task ``text-generation-with-past``): inputs ``input_ids``,
   ``attention_mask``, ``position_ids`` and ``past_key_values.N.key/value``; outputs ``logits`` and ``present.*``.
-- Quantization is weight-only and block-wise (edgeforge.export.onnx.quantize, which also holds the settings per
-  target instruction set); the embedding table and the output head stay at 8 bits (edgeforge.export.onnx.embedding).
+- Quantization is weight-only and block-wise (edgeforge.export.onnx.quantize: one recipe for every target;
+  onnxruntime picks the integer kernels for the CPU it runs on); the embedding table and the output head stay at
+  8 bits (edgeforge.export.onnx.embedding).
 - The result directory loads as is with ``optimum.onnxruntime.ORTModelForCausalLM.from_pretrained`` and with the
   on-device bench agent (``device_bench``), which reads ``runtime.json`` from it; its logits against the source
   model's are in edgeforge.export.onnx.logits.
@@ -27,14 +28,12 @@ from typing import Any
 from edgeforge.errors import BadInputError, EdgeforgeError, ModelError
 from edgeforge.export.gguf import installed_version
 from edgeforge.export.onnx.quantize import (
+    ACCURACY_LEVEL,
     EXTERNAL_DATA_FILE,
     QUANTIZE_MODES,
-    Isa,
-    IsaSettings,
     QuantizeMode,
     quantize_onnx,
     quiet_logs,
-    resolve_isa,
 )
 from edgeforge.models.files import LEGACY_TOKENIZER_FILES, TOKENIZER_FILES, read_model_config, tokenizer_files
 from edgeforge.models.support import TESTED_FAMILIES, onnx_model_types, onnx_supports
@@ -86,7 +85,6 @@ def export_onnx(
     model_dir: Path,
     out_dir: Path,
     quantize: QuantizeMode = "int8",
-    isa: Isa = "auto",
     threads: int | None = None,
     force: bool = False,
 ) -> dict[str, Any]:
@@ -97,7 +95,6 @@ def export_onnx(
         out_dir: the directory to create; an earlier export there is replaced only once the new one is complete.
         quantize: "none" (fp32), "int8" (8-bit blocks of 32, symmetric) or "int4" (4-bit linear layers except
             those of ``int4_8bit_nodes()``; 8-bit embedding and output head).
-        isa: target instruction set, for the activation precision of MatMulNBits ("auto": this machine).
         threads: intra-op threads written to ``runtime.json`` for the device (None: the runtime's default).
         force: replace whatever is at ``out_dir`` (by default only an earlier export or an empty directory).
 
@@ -109,7 +106,6 @@ def export_onnx(
         raise BadInputError(f"unknown quantize '{quantize}': expected one of {', '.join(QUANTIZE_MODES)}")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads <= 0):
         raise BadInputError(f"threads must be a positive integer or None, found {threads!r}")
-    settings = resolve_isa(isa)
     config = read_model_config(model_dir)
     check_exportable(config)
     claim_output(out_dir, kind="onnx", force=force)
@@ -117,17 +113,17 @@ def export_onnx(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     partial = out_dir.with_name(out_dir.name + ".partial")
     _remove_stale_partial(partial, out_dir)
-    quant_info, seconds = _assemble(model_dir, out_dir, partial, config, quantize, settings)
+    quant_info, seconds = _assemble(model_dir, out_dir, partial, config, quantize)
     runtime = {"n_threads": threads, "n_ctx": int(config.get("max_position_embeddings") or 2048)}
     (partial / RUNTIME_FILE).write_text(json.dumps(runtime, indent=2) + "\n", encoding="utf-8")
-    record = _export_record(partial, model_dir, config, quantize, isa, settings, quant_info, seconds, runtime)
+    record = _export_record(partial, model_dir, config, quantize, quant_info, seconds, runtime)
     (partial / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     publish(partial, out_dir)  # out_dir was claimed before the export began; the old one goes only afterwards
     return record
 
 
-def _assemble(model_dir: Path, out_dir: Path, partial: Path, config: dict[str, Any], quantize: str,
-              settings: IsaSettings) -> tuple[dict[str, Any], dict[str, float]]:
+def _assemble(model_dir: Path, out_dir: Path, partial: Path, config: dict[str, Any],
+              quantize: str) -> tuple[dict[str, Any], dict[str, float]]:
     """optimum's export (in a temporary directory beside ``out_dir``), quantized into ``partial`` with the side
     files; returns (the quantization's record fields, {"export": s, "quantize": s}). ``partial`` is removed when
     anything fails."""
@@ -140,7 +136,7 @@ def _assemble(model_dir: Path, out_dir: Path, partial: Path, config: dict[str, A
         partial.mkdir()
         try:
             t0 = time.perf_counter()
-            quant_info = _quantize_step(raw, partial, quantize, settings)
+            quant_info = _quantize_step(raw, partial, quantize)
             quantize_s = time.perf_counter() - t0
             # optimum's config.json is the one its ORTModel classes are tested with; take it, then the source's
             # tokenizer and generation files untouched (optimum re-saves the tokenizer, with the GGUF blob if any).
@@ -152,18 +148,14 @@ def _assemble(model_dir: Path, out_dir: Path, partial: Path, config: dict[str, A
     return quant_info, {"export": export_s, "quantize": quantize_s}
 
 
-def _export_record(partial: Path, model_dir: Path, config: dict[str, Any], quantize: str, isa: str,
-                   settings: IsaSettings, quant_info: dict[str, Any], seconds: dict[str, float],
-                   runtime: dict[str, Any]) -> dict[str, Any]:
+def _export_record(partial: Path, model_dir: Path, config: dict[str, Any], quantize: str,
+                   quant_info: dict[str, Any], seconds: dict[str, float], runtime: dict[str, Any]) -> dict[str, Any]:
     """The record of the export assembled in ``partial`` (written beside its files as RECORD_FILE)."""
     files = {p.name: p.stat().st_size for p in sorted(partial.iterdir()) if p.is_file()}
     return {
         "format": "onnx",
         "quantize": quantize,
-        "isa": settings.isa,
-        "isa_requested": isa,
-        "accuracy_level": settings.accuracy_level if quantize != "none" else None,
-        "isa_why": settings.why,
+        "accuracy_level": ACCURACY_LEVEL if quantize != "none" else None,
         **quant_info,
         "model_type": config.get("model_type"),
         "files": files,  # every file of the directory except this record
@@ -177,7 +169,7 @@ def _export_record(partial: Path, model_dir: Path, config: dict[str, Any], quant
     }
 
 
-def _quantize_step(raw: Path, partial: Path, quantize: str, settings: IsaSettings) -> dict[str, Any]:
+def _quantize_step(raw: Path, partial: Path, quantize: str) -> dict[str, Any]:
     """Move (none) or quantize (int8/int4) optimum's graph from ``raw`` into ``partial``; returns record fields."""
     if quantize == "none":
         for name in (MODEL_FILE, EXTERNAL_DATA_FILE):
@@ -185,7 +177,7 @@ def _quantize_step(raw: Path, partial: Path, quantize: str, settings: IsaSetting
                 shutil.move(raw / name, partial / name)
         return {"algorithm": "fp32"}
     try:
-        return quantize_onnx(raw / MODEL_FILE, partial / MODEL_FILE, quantize, settings)
+        return quantize_onnx(raw / MODEL_FILE, partial / MODEL_FILE, quantize)
     except EdgeforgeError:
         raise
     except Exception as err:  # onnxruntime's quantizer asserts and raises plain errors on graphs it cannot handle

@@ -1,4 +1,4 @@
-"""Weight-only quantization of an exported ONNX decoder, and the settings it takes per target instruction set.
+"""Weight-only quantization of an exported ONNX decoder, and the one recipe it uses on every target.
 
 - Quantization is weight-only, block-wise, through onnxruntime's ``MatMulNBitsQuantizer``: every linear layer becomes
   a ``MatMulNBits`` node (int8 or int4 weights, a float scale per block of 32). Activations are only quantized
@@ -16,10 +16,8 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import platform
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,10 +26,7 @@ from edgeforge.export.onnx.embedding import quantize_embedding_and_head
 
 QuantizeMode = Literal["none", "int8", "int4"]
 
-Isa = Literal["auto", "arm64", "avx2", "avx512_vnni"]
-
 QUANTIZE_MODES: tuple[str, ...] = ("none", "int8", "int4")
-ISAS: tuple[str, ...] = ("auto", "arm64", "avx2", "avx512_vnni")
 #: Weights per quantization block. 32 is what kept SmolLM2-135M at KLD 0.003 in int8 (shared/DESIGN.md) and is the
 #: block the arm64 int8-dot kernels of onnxruntime (KleidiAI) are built for.
 BLOCK_SIZE = 32
@@ -45,73 +40,35 @@ EXTERNAL_DATA_FILE = "model.onnx_data"
 _EXTERNAL_DATA_THRESHOLD_BYTES = 1_800_000_000
 
 
-@dataclass(frozen=True)
-class IsaSettings:
-    """Settings chosen for a target instruction set; recorded in the export record.
-
-    ``accuracy_level`` is MatMulNBits' minimum precision of the activations: 4 lets onnxruntime quantize each
-    activation block to int8 on the fly and use integer dot products (ARM SDOT/I8MM, x86 VPMADDUBSW/VPDPBUSD).
-    Measured here (avx512_vnni, 2 threads), int8 weights decode at ~21 tokens/s with 4 and ~1.4 with 0, where
-    onnxruntime dequantizes the weights on every call; fp32 ran at ~10 under the same load.
-    ``int4_algorithm`` is a key of INT4_ALGORITHMS.
-    """
-
-    isa: str
-    accuracy_level: int
-    int4_algorithm: str
-    why: str
-
-
-# All three targets take the same settings today; the table is where a target that needs others would differ.
-# Symmetric int4 (no zero points) everywhere: onnxruntime's arm64 KleidiAI kernels only take blocks without zero
-# points (MLAS UseKleidiAI: BlkLen % 32 == 0, K % BlkLen == 0, no zero point, dotprod), and on SmolLM2-135M
-# asymmetric RTN or k-quant were no better with the int4 recipe below (mean KLD 0.077 / 0.076 against 0.079).
-ISA_SETTINGS: dict[str, IsaSettings] = {
-    "arm64": IsaSettings("arm64", 4, "rtn_sym", "int8 dot products (SDOT/I8MM); symmetric int4 takes KleidiAI"),
-    "avx2": IsaSettings("avx2", 4, "rtn_sym", "int8 dot products (VPMADDUBSW)"),
-    "avx512_vnni": IsaSettings("avx512_vnni", 4, "rtn_sym", "int8 dot products (VPDPBUSD)"),
-}
-
-
-def resolve_isa(isa: str) -> IsaSettings:
-    """``isa`` ("auto" = the machine running the export) -> its settings. Raises BadInputError when unknown.
-
-    An export is usually made on another machine than the device: pass the device's ISA then, not "auto".
-    """
-    if isa not in ISAS:
-        raise BadInputError(f"unknown isa '{isa}': expected one of {', '.join(ISAS)}")
-    if isa != "auto":
-        return ISA_SETTINGS[isa]
-    machine = platform.machine().lower()
-    if machine in ("aarch64", "arm64"):
-        return ISA_SETTINGS["arm64"]
-    from edgeforge.plan.detect import cpu_info
-
-    flags = set(cpu_info()["isa_flags"])
-    if "avx512_vnni" in flags:
-        return ISA_SETTINGS["avx512_vnni"]
-    if "avx2" in flags:
-        return ISA_SETTINGS["avx2"]
-    raise BadInputError(f"isa 'auto': this machine ({machine}, flags {sorted(flags) or 'none'}) is none of arm64, "
-                        "avx2, avx512_vnni; pass the target device's isa explicitly")
+#: MatMulNBits' minimum precision of the activations. 4 lets onnxruntime quantize each activation block to int8 on
+#: the fly and use integer dot products where the CPU has them (ARM SDOT/I8MM, x86 VPMADDUBSW/VPDPBUSD; elsewhere its
+#: portable kernels): measured here (avx512_vnni, 2 threads), int8 weights decode at ~21 tokens/s with 4 and ~1.4
+#: with 0, where onnxruntime dequantizes the weights on every call; fp32 ran at ~10 under the same load.
+#:
+#: One recipe for every target, chosen by the runtime rather than at export: the level is a minimum, and onnxruntime
+#: picks the kernel for the CPU it runs on. A per-ISA setting (the former ``export onnx --isa``) wrote identical files
+#: for arm64, avx2 and avx512_vnni, so it was removed rather than kept as an option that changes nothing (#16).
+ACCURACY_LEVEL = 4
+#: Symmetric int4 (no zero points): onnxruntime's arm64 KleidiAI kernels only take blocks without zero points (MLAS
+#: UseKleidiAI: BlkLen % 32 == 0, K % BlkLen == 0, no zero point, dotprod), and on SmolLM2-135M asymmetric RTN or
+#: k-quant were no better with the int4 recipe below (mean KLD 0.077 / 0.076 against 0.079). A key of INT4_ALGORITHMS.
+INT4_ALGORITHM = "rtn_sym"
 
 
 # ---------------------------------------------------------------------------------------------------- quantization
-def quantize_onnx(src: Path, dst: Path, mode: QuantizeMode, settings: IsaSettings,
-                  int4_algorithm: str | None = None) -> dict[str, Any]:
+def quantize_onnx(src: Path, dst: Path, mode: QuantizeMode, int4_algorithm: str = INT4_ALGORITHM) -> dict[str, Any]:
     """Weight-only quantize the decoder at ``src`` into ``dst``; returns what was done, for the record.
 
     int8: every linear layer, the embedding and the head at 8 bits, symmetric blocks of 32.
     int4: the linear layers at 4 bits, except ``int4_8bit_nodes()`` (v_proj, down_proj, first and last layer) and
-    the embedding/head, which stay at 8 bits. ``int4_algorithm`` overrides ``settings.int4_algorithm`` (one of
-    INT4_ALGORITHMS), for experiments.
+    the embedding/head, which stay at 8 bits. ``int4_algorithm`` (one of INT4_ALGORITHMS) is for experiments.
     """
     import onnx
 
     if mode not in ("int8", "int4"):
         raise BadInputError(f"quantize_onnx: mode must be int8 or int4, found '{mode}'")
     model = onnx.load(str(src))  # loads external data too
-    level = settings.accuracy_level
+    level = ACCURACY_LEVEL
     with quiet_logs(logging.WARNING, "onnxruntime.quantization"):
         info = quantize_embedding_and_head(model, EMBEDDING_BITS, BLOCK_SIZE, level)
         linear = _linear_nodes(model)
@@ -119,7 +76,7 @@ def quantize_onnx(src: Path, dst: Path, mode: QuantizeMode, settings: IsaSetting
             algorithm, kept_8bit = "rtn_sym", linear
             model = _quantize_body(model, 8, algorithm, level)
         else:
-            algorithm = int4_algorithm or settings.int4_algorithm
+            algorithm = int4_algorithm
             kept_8bit = int4_8bit_nodes(model)
             model = _quantize_body(model, 4, algorithm, level, exclude=kept_8bit)
             model = _quantize_body(model, 8, "rtn_sym", level)  # what is left: the layers kept at 8 bits
