@@ -115,3 +115,35 @@ def test_exportability_gate(config_dir):
     verdict = check_exportable(ModelRef("gpt2", gpt2, "hf"))
     assert verdict["gguf"]["reason"].startswith("architectures ['GPT2LMHeadModel'] are registered")
     assert not verdict["gguf"]["ok"] and "No tokenizer.json" in verdict["gguf"]["reason"]
+
+
+def test_the_student_quant_weighs_quality_per_byte(reg, teacher):
+    """Q4_0 saves 13% of Q4_K_M's bytes for 5x its KL on the bundled teacher: a profile offering both sizes its
+    student at Q4_K_M (it took Q4_0, the most compact type of at least 4 bits, before); where IQ4_XS is offered it
+    is both smaller and better than Q4_0, and stays the choice."""
+    from edgeforge.plan.planner import quant_cost, student_quant
+
+    assert student_quant(reg.get("rtx-4060-8gb"), "gguf") == "Q4_K_M"
+    assert student_quant(reg.get("raspberry-pi-zero-2w"), "gguf") == "IQ4_XS"
+    assert quant_cost("Q4_0") > quant_cost("Q4_K_M") > quant_cost("IQ4_XS")
+    p = plan(teacher, reg.get("raspberry-pi-zero-2w"), "t")
+    assert p.student["quant"] == "IQ4_XS" and p.student["expected_mean_kl"] == pytest.approx(0.0762)
+
+
+def test_expected_kl_is_the_readme_export_table():
+    """The planner's per-type KL is the measured table it cites (README, from benchmarks/export_table.py), the type
+    made as the export makes it (IQ4_XS with an importance matrix, the others without)."""
+    import re
+    from pathlib import Path
+
+    from edgeforge.plan.planner import EXPECTED_MEAN_KL
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    rows = {m.group(2): float(m.group(3)) for m in re.finditer(
+        r"^\| (gguf|onnx) \| ([A-Za-z0-9_+]+) \| [\d.]+ \| [\d.]+ \| ([\d.]+) \|", readme, re.M)}
+    made_as = {"IQ4_XS": "IQ4_XS+imatrix"}
+    for quant, kl in EXPECTED_MEAN_KL.items():
+        name = made_as.get(quant, quant)
+        if name in rows:
+            assert kl == pytest.approx(rows[name], abs=1e-4), quant
+    assert len([q for q in EXPECTED_MEAN_KL if made_as.get(q, q) in rows]) >= 10

@@ -49,7 +49,9 @@ def print_plan(plan: Plan, console: Console | None = None) -> None:
         s = plan.student
         console.print(f"[bold]student:[/] {s['layers']} layers, hidden {s['hidden_size']}, MLP "
                       f"{s['intermediate_size']}, {s['params'] / 1e6:.0f}M params, {_mb(s['weights_bytes'])} at "
-                      f"{s['quant']}, ~{s['estimated_decode_tokens_per_s']:.1f} tok/s")
+                      f"{s['quant']}, ~{s['estimated_decode_tokens_per_s']:.1f} tok/s"
+                      + (f", expected mean KL {s['expected_mean_kl']:.3f} (measured on the bundled teacher)"
+                         if s.get("expected_mean_kl") is not None else ""))
     console.print(f"[bold]serving energy:[/] {plan.serving_energy_wh_per_million_tokens:.0f} Wh per million tokens")
     for fmt, v in plan.exportability.items():
         mark = "ok" if v["ok"] else "[red]BLOCKED[/]"

@@ -34,8 +34,21 @@ DEFAULT_PROMPT_TOKENS = 128
 DEFAULT_DISTILL_TOKENS = 100_000_000
 DEFAULT_FINETUNE_TOKENS = 2_000_000
 # At a fixed size, a larger model at ~4-5 bits beats a smaller one at 8 bits (Dettmers & Zettlemoyer 2023,
-# "The case for 4-bit precision"), so students are sized at the profile's most compact type of at least 4 bits.
+# "The case for 4-bit precision"), so students are sized at a type of at least 4 bits: the one with the best quality
+# per byte (student_quant).
 MIN_STUDENT_BITS = 4.0
+#: Mean KL (nats per token) of each type against the fp32 torch model, measured on the bundled teacher
+#: (SmolLM2-135M-Instruct) over 1,000 tokens of held-out prose by ``benchmarks/export_table.py`` (README, "Size,
+#: quality and speed of every export"), each type made as edgeforge's export makes it (an importance matrix for
+#: IQ4_XS only, edgeforge.export.gguf.NEEDS_IMATRIX). An ordering, not a promise for other models: SmolLM2's
+#: 576-wide rows make llama.cpp store Q5_K_M's K-quant rows as Q5_1, which is why Q5_K_M measures worse than Q4_K_M
+#: here. Unquantized types are 0.
+EXPECTED_MEAN_KL: dict[str, float] = {
+    "F32": 0.0, "F16": 0.0, "BF16": 0.0, "Q8_0": 0.0039, "Q6_K": 0.0089, "Q5_K_M": 0.0662, "Q4_K_M": 0.0522,
+    "Q4_0": 0.2468, "IQ4_XS": 0.0762, "fp32": 0.0, "fp16": 0.0, "int8": 0.0041, "int4": 0.0791,
+}
+#: A type without a measurement is taken at the worst measured KL: it must not win the choice by being unknown.
+_UNKNOWN_TYPE_KL = max(EXPECTED_MEAN_KL.values())
 _APPROX_BITS = {"F32": 32, "F16": 16, "BF16": 16, "Q8_0": 8.5, "Q6_K": 6.56, "Q5_K_M": 5.7, "Q4_K_M": 4.9,
                 "Q4_0": 4.5, "IQ4_XS": 4.25, **ONNX_BITS_PER_WEIGHT}
 
@@ -130,11 +143,19 @@ def _quants_for(profile: DeviceProfile, fmt: str) -> list[str]:
     return [q for q in prefs if q in known] or (["Q4_K_M"] if fmt == "gguf" else ["int8"])
 
 
+def quant_cost(quant: str) -> float:
+    """What a type costs in the student choice: its bits per weight x (1 + its expected mean KL), so that 0.1 nats
+    of KL weigh as much as 10% more bytes. Q4_0 (4.5 bits, KL 0.247 on the bundled teacher) then costs more than
+    Q4_K_M (4.9 bits, KL 0.052): 13% fewer bytes do not pay for 5x the KL; IQ4_XS (4.25, 0.076) costs least."""
+    return _APPROX_BITS.get(quant, 16) * (1 + EXPECTED_MEAN_KL.get(quant, _UNKNOWN_TYPE_KL))
+
+
 def student_quant(profile: DeviceProfile, fmt: str) -> str:
-    """The most compact preferred type with at least MIN_STUDENT_BITS bits per weight."""
+    """The preferred type of at least MIN_STUDENT_BITS bits per weight with the best quality per byte
+    (the lowest ``quant_cost``); the most compact types are taken only when their KL is worth the bytes saved."""
     quants = _quants_for(profile, fmt)
     ok = [q for q in quants if _APPROX_BITS.get(q, 16) >= MIN_STUDENT_BITS]
-    return min(ok or quants, key=lambda q: _APPROX_BITS.get(q, 16))
+    return min(ok or quants, key=quant_cost)
 
 
 def shrink(arch: ModelArch, n_layers: int, width_fraction: float = 1.0) -> ModelArch:
@@ -290,6 +311,7 @@ def _compress(arch: ModelArch, profile: DeviceProfile, fmt: str, quant: str | No
         "intermediate_size": student_arch.intermediate_size,
         "params": student_arch.n_params,
         "quant": sq,
+        "expected_mean_kl": EXPECTED_MEAN_KL.get(sq),
         "weights_bytes": headline.weights_bytes,
         "estimated_decode_tokens_per_s": headline.estimated_decode_tokens_per_s,
     }
