@@ -11,7 +11,7 @@ answers, cut at --max-seq-len; distillation packs to --seq-len), so the run and 
 Measured: the process's peak resident memory (the kernel's high-water mark) minus its resident memory just before
 the model loads (the Python, torch and transformers libraries, which the prediction does not model). Predicted:
 ``edgeforge.train.preflight.check_training_memory`` / ``check_distill_memory`` (the planner's
-``training_memory_bytes`` plus the CPU's fp32 weights). Goal (issue #16): every case within +-20%.
+``training_memory_bytes`` for a CPU: fp32 weights and activations). Goal (issue #16): every case within +-20%.
 """
 
 from __future__ import annotations

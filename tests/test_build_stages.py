@@ -168,3 +168,51 @@ def test_an_artifact_that_loses_task_accuracy_fails_and_the_build_falls_back(tmp
         assert any("task exact match" in f for f in r["verify"]["failures"])
     assert "task exact match" in str(err.value)
     assert any("trying the next larger type" in line for line in logs)
+
+
+def test_a_budget_between_two_presets_falls_back_to_a_fitted_mix(tmp_path: Path) -> None:
+    """A profile whose GGUF budget holds Q5_K_M but not Q8_0 (both preferred): when every preset that fits fails,
+    the last candidate is ``fit``, laid out with the profile's budget as its byte limit and that budget in its key."""
+    import yaml
+
+    from edgeforge.models.refs import arch_from_config
+    from edgeforge.plan.planner import DEFAULT_CONTEXT, gguf_budget_bytes
+    from edgeforge.plan.profiles import resolve_profile
+    from edgeforge.plan.sizing import memory_estimate
+
+    arch = arch_from_config(TEACHER_CONFIG)
+    stock = resolve_profile("raspberry-pi-5-8gb", ())
+    ctx_tokens = DEFAULT_CONTEXT
+    low = memory_estimate(arch, "gguf", "Q5_K_M", ctx_tokens).total_bytes
+    high = memory_estimate(arch, "gguf", "Q8_0", ctx_tokens).total_bytes
+    assert low < high
+    data = yaml.safe_load((Path(__file__).resolve().parent.parent / "profiles" / "raspberry-pi-5-8gb.yaml")
+                          .read_text(encoding="utf-8"))
+    data.update(name="tight-pi", memory_budget_bytes=(low + high) // 2)
+    data["preferred_quants"]["gguf"] = ["Q8_0", "Q5_K_M", "Q4_K_M"]
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    (profiles / "tight-pi.yaml").write_text(yaml.safe_dump(data), encoding="utf-8")
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    (teacher / "config.json").write_text(json.dumps(TEACHER_CONFIG), encoding="utf-8")
+    cfg = validate_pipeline({"teacher": str(teacher), "profile": "tight-pi", "task": None,
+                             "export": {"formats": ["gguf"], "gguf_quant": "Q4_K_M"}}, "test")
+    b = Builder(cfg, tmp_path / "out", profiles_dirs=(profiles,))
+    assert b.plan.context_tokens == ctx_tokens
+    assert stock.memory_budget_bytes > high  # the stock profile holds every preset: no fit there (test above)
+    logs: list[str] = []
+    b.log = logs.append
+    state = BuildState(model_dir=teacher)
+    laid_out = []
+    for stage in export_with_fallback(b, state, "gguf", "model-key"):
+        laid_out.append(stage)
+        ok = stage.quant == "fit"
+        stage.absorb({"path": f"/kept/{stage.quant}/m.gguf", "format": "gguf", "quant": stage.quant,
+                      "verify": {"passed": ok, "failures": [] if ok else [f"{stage.quant} task drop"]}}, state)
+    assert [s.quant for s in laid_out] == ["Q4_K_M", "Q5_K_M", "fit"]
+    budget = gguf_budget_bytes(arch, b.profile, b.plan.context_tokens)
+    assert laid_out[-1].max_bytes == budget and laid_out[-1].settings()["max_bytes"] == budget
+    assert "max_bytes" not in laid_out[0].settings()
+    assert [(a["quant"], [t["quant"] for t in a["tried"]]) for a in state.artifacts] == \
+        [("fit", ["Q4_K_M", "Q5_K_M", "fit"])]

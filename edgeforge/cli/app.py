@@ -262,7 +262,7 @@ def plan(profile_name: str, teacher: str | None, context: int, prompt_tokens: in
     arch = read_arch(ref)
     cost = None
     if task is not None:
-        from edgeforge.plan.task_cost import task_cost
+        from edgeforge.finetune.task_cost import task_cost
 
         cost = task_cost(task, ref)
     try:

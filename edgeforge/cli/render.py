@@ -52,6 +52,16 @@ def print_plan(plan: Plan, console: Console | None = None) -> None:
                       f"{s['quant']}, ~{s['estimated_decode_tokens_per_s']:.1f} tok/s"
                       + (f", expected mean KL {s['expected_mean_kl']:.3f} (measured on the bundled teacher)"
                          if s.get("expected_mean_kl") is not None else ""))
+    if plan.gguf_fit:
+        f = plan.gguf_fit
+        who = "the student" if plan.student else "the teacher"
+        where = (f"largest preferred preset that fits: {f['largest_preset_that_fits']} "
+                 f"({_mb(f['largest_preset_bytes'])})" if f["largest_preset_that_fits"] else "no preferred preset fits")
+        nxt = (f"; {f['smallest_preset_over']} ({_mb(f['smallest_over_bytes'])}) does not: --quant fit fills the "
+               f"{_mb(f['room_bytes'])} between with a measured per-tensor mix (build's last fallback)"
+               if f["between_presets"] else "; every preferred preset fits")
+        console.print(f"[bold]GGUF budget:[/] {_mb(f['budget_bytes'])} for {who} at {plan.context_tokens} tokens of "
+                      f"context ({where}{nxt})")
     console.print(f"[bold]serving energy:[/] {plan.serving_energy_wh_per_million_tokens:.0f} Wh per million tokens")
     for fmt, v in plan.exportability.items():
         mark = "ok" if v["ok"] else "[red]BLOCKED[/]"

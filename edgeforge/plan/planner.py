@@ -102,6 +102,7 @@ class Plan:
     training: dict[str, Any] = field(default_factory=dict)
     exportability: dict[str, Any] = field(default_factory=dict)
     task: dict[str, Any] | None = None  # TaskCost.to_dict() of ``plan --task``: what the fine-tuning figures read
+    gguf_fit: dict[str, Any] | None = None  # gguf_fit_room(): the budget a fitted mix fills, between which presets
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -135,6 +136,23 @@ def gguf_budget_bytes(arch: ModelArch, profile: DeviceProfile, context: int) -> 
     minus the KV cache and the runtime's own memory, as ``evaluate`` counts them."""
     return (profile.memory_budget_bytes - kv_cache_bytes(arch, context)
             - runtime_overhead_bytes(arch, context))
+
+
+def gguf_fit_room(arch: ModelArch, profile: DeviceProfile, context: int) -> dict[str, Any]:
+    """Where the GGUF budget of ``arch`` on ``profile`` sits among the profile's preferred preset types: the
+    largest preset that fits it, the smallest that does not, and the bytes a fitted mix (``export gguf --quant
+    fit``, ``build``'s last fallback) can use beyond the largest fitting preset. The mix itself is chosen from
+    sensitivities measured on the real model's file (edgeforge.export.fit), which a plan does not have."""
+    budget = gguf_budget_bytes(arch, profile, context)
+    sizes = {q: memory_estimate(arch, "gguf", q, context).weights_bytes for q in _quants_for(profile, "gguf")}
+    under = [q for q in sizes if sizes[q] <= budget]
+    over = [q for q in sizes if sizes[q] > budget]
+    below = max(under, key=lambda q: sizes[q]) if under else None
+    above = min(over, key=lambda q: sizes[q]) if over else None
+    return {"budget_bytes": budget, "largest_preset_that_fits": below,
+            "largest_preset_bytes": sizes[below] if below else None, "smallest_preset_over": above,
+            "smallest_over_bytes": sizes[above] if above else None, "between_presets": above is not None,
+            "room_bytes": budget - sizes[below] if below else budget}
 
 
 def _quants_for(profile: DeviceProfile, fmt: str) -> list[str]:
@@ -264,6 +282,7 @@ def plan(
         serving_energy_wh_per_million_tokens=energy,
         training=training,
         task=task.to_dict() if task is not None else None,
+        gguf_fit=gguf_fit_room(d.student_arch or arch, profile, context) if fmt == "gguf" else None,
     )
 
 

@@ -55,59 +55,103 @@ def lora_adapter_params(arch: ModelArch, rank: int = DEFAULT_LORA_RANK) -> int:
     return rank * per_layer * arch.n_layers
 
 
-def activation_bytes(arch: ModelArch, batch: int, seq_len: int, checkpointing: bool) -> int:
-    """Activation memory of one training step (bf16), after Korthikanti et al. 2022 (34 + 5*a*s/h bytes per
-    hidden unit per token per layer). With checkpointing only each layer's input is kept, plus one layer in full.
-    Logits and their gradient ([batch, seq_len, vocab] fp32, twice) are counted separately: they dominate for small
-    models with large vocabularies.
+#: Training devices edgeforge runs on: "cpu" (fp32 throughout) or "cuda" (bf16 autocast, edgeforge.train.loop).
+TrainDevice = Literal["cpu", "cuda"]
+#: Bytes of one activation element: fp32 on a CPU, bf16 under CUDA autocast.
+ACTIVATION_BYTES: dict[str, int] = {"cpu": 4, "cuda": 2}
+#: Bytes per frozen base weight: edgeforge loads every base model in fp32 (finetune.adapter.load_base), on every
+#: device; peft's prepare_model_for_kbit_training also keeps QLoRA's embedding, head and norms in fp32.
+FROZEN_WEIGHT_BYTES = 4
+#: Logits copies alive at the peak of a step, fp32 ([batch, seq_len, vocab] each): the logits the model returns and
+#: the loss's log-softmax that autograd keeps (the gradient takes the place of one of them in the backward pass).
+LOGITS_COPIES = 2
+#: DoRA's weight-sized tensors kept for the backward pass, per adapted layer (peft computes the norm of W + BA in
+#: fp32): measured with autograd's saved-tensor hooks on tiny Llamas, about 1.5 weights' worth of fp32.
+DORA_WEIGHT_COPIES = 1.5
+
+
+def layer_activation_elements(arch: ModelArch, adapters: bool) -> int:
+    """Activation elements autograd keeps per token for one Llama-style decoder layer (SDPA attention, no
+    attention-probability matrix), counted tensor by tensor: the attention block keeps its input, the RMSNorm's
+    normalised and scaled outputs (3h), the rotated query and the attention output (2q), key and value (2kv); the
+    MLP its input and both norm outputs (3h), gate, SiLU(gate), up and their product (4I). With LoRA adapters on
+    every linear layer each adapter also keeps its dropped-out input (in_features of q, k, v, o, gate, up, down:
+    5h + q + I) and its rank-r intermediate (7r). tests/test_planner.py checks the count against the tensors
+    autograd actually saves."""
+    h, q, kv, inter = arch.hidden_size, arch.n_heads * arch.head_dim, arch.n_kv_heads * arch.head_dim, \
+        arch.intermediate_size
+    base = 6 * h + 2 * q + 2 * kv + 4 * inter
+    return base + (5 * h + q + inter) + 7 * DEFAULT_LORA_RANK if adapters else base
+
+
+def activation_bytes(arch: ModelArch, batch: int, seq_len: int, checkpointing: bool, device: TrainDevice = "cuda",
+                     adapters: bool = False, dropout: bool = True) -> int:
+    """Activation memory of one training step at ``batch`` x ``seq_len`` tokens on ``device``.
+
+    Per layer ``layer_activation_elements`` at ACTIVATION_BYTES (an adapter's dropout mask adds a byte per input
+    element when ``dropout``); with checkpointing only each layer's input is kept, plus one layer in full. The
+    logits (LOGITS_COPIES x [batch, seq_len, vocab] fp32) are counted apart: they dominate for small models with
+    large vocabularies.
     """
-    per_layer = batch * seq_len * arch.hidden_size * (34 + 5 * arch.n_heads * seq_len / arch.hidden_size)
-    layers = arch.n_layers * batch * seq_len * arch.hidden_size * 2 + per_layer if checkpointing else (
-        arch.n_layers * per_layer)
-    logits = 2 * batch * seq_len * arch.vocab_size * 4
+    width = ACTIVATION_BYTES[device]
+    h, q, inter = arch.hidden_size, arch.n_heads * arch.head_dim, arch.intermediate_size
+    per_token = layer_activation_elements(arch, adapters) * width
+    if adapters and dropout:
+        per_token += 5 * h + q + inter  # the bool mask of each adapter's dropout
+    tokens = batch * seq_len
+    if checkpointing:
+        layers = tokens * (arch.n_layers * h * width + per_token)
+    else:
+        layers = tokens * arch.n_layers * per_token
+    logits = LOGITS_COPIES * tokens * arch.vocab_size * 4
     return int(layers + logits)
 
 
-def dora_extra_bytes(arch: ModelArch, batch: int, seq_len: int) -> int:
+def dora_extra_bytes(arch: ModelArch, batch: int, seq_len: int, device: TrainDevice = "cuda") -> int:
     """What DoRA adds to LoRA (peft's implementation): a trained magnitude vector per adapted linear layer (its
-    output features, with optimizer state), and for each adapted layer the base layer's output kept for the
-    backward pass of the magnitude rescaling ([batch, seq_len, out] fp32 each); the per-layer weight norm is
-    detached (DoRA paper, section 4.3), so the merged weight matrix it is computed from is transient."""
+    output features, with optimizer state); per adapted layer the base layer's output kept for the backward pass of
+    the magnitude rescaling ([batch, seq_len, out] each); and the weight-sized fp32 tensors of the norm of W + BA
+    (DORA_WEIGHT_COPIES per layer, independent of the batch)."""
     h, q, kv, inter = arch.hidden_size, arch.n_heads * arch.head_dim, arch.n_kv_heads * arch.head_dim, \
         arch.intermediate_size
     outputs_per_layer = q + 2 * kv + h + 2 * inter + h  # q, k, v, o, gate, up, down
     magnitudes = FULL_TRAINING_BYTES_PER_PARAM * outputs_per_layer * arch.n_layers
-    return int(magnitudes + batch * seq_len * outputs_per_layer * 4 * arch.n_layers)
+    kept_outputs = batch * seq_len * outputs_per_layer * ACTIVATION_BYTES[device] * arch.n_layers
+    weight_norms = DORA_WEIGHT_COPIES * arch.layer_params * 4 * arch.n_layers
+    return int(magnitudes + kept_outputs + weight_norms)
 
 
 def training_memory_bytes(
     method: Method, arch: ModelArch, batch: int, seq_len: int, teacher: ModelArch | None = None,
-    checkpointing: bool = False,
+    checkpointing: bool = False, device: TrainDevice = "cuda",
 ) -> int:
-    """Peak memory of one training step for ``method`` at ``batch`` x ``seq_len`` tokens. ``checkpointing``: the
-    adapter methods with gradient checkpointing (``finetune --gradient-checkpointing``); full fine-tuning and
-    distillation in edgeforge never checkpoint."""
+    """Peak memory of one training step for ``method`` at ``batch`` x ``seq_len`` tokens on ``device``, as
+    edgeforge runs it: frozen weights in fp32 (FROZEN_WEIGHT_BYTES), activations at the device's compute precision.
+    ``checkpointing``: the adapter methods with gradient checkpointing (``finetune --gradient-checkpointing``); full
+    fine-tuning and distillation in edgeforge never checkpoint."""
     n = arch.n_params
     if method == "full":
         state = FULL_TRAINING_BYTES_PER_PARAM * n
-        act = activation_bytes(arch, batch, seq_len, checkpointing=False)
+        act = activation_bytes(arch, batch, seq_len, checkpointing=False, device=device)
     elif method in ("lora", "dora"):
-        state = 2 * n + FULL_TRAINING_BYTES_PER_PARAM * lora_adapter_params(arch)
-        act = activation_bytes(arch, batch, seq_len, checkpointing=checkpointing)
+        state = FROZEN_WEIGHT_BYTES * n + FULL_TRAINING_BYTES_PER_PARAM * lora_adapter_params(arch)
+        act = activation_bytes(arch, batch, seq_len, checkpointing, device, adapters=True)
         if method == "dora":
-            act += dora_extra_bytes(arch, batch, seq_len)
+            act += dora_extra_bytes(arch, batch, seq_len, device)
     elif method == "qlora":
-        # bitsandbytes keeps the embedding (and an untied output) in bf16; the decoder layers in NF4.
+        # bitsandbytes stores the decoder layers in NF4; the embedding (and an untied output) stay at full size
         embed = arch.embedding_params * (1 if arch.tied_embeddings else 2)
-        state = (2 * embed + NF4_BYTES_PER_PARAM * (n - embed)
+        state = (FROZEN_WEIGHT_BYTES * embed + NF4_BYTES_PER_PARAM * (n - embed)
                  + FULL_TRAINING_BYTES_PER_PARAM * lora_adapter_params(arch))
-        act = activation_bytes(arch, batch, seq_len, checkpointing=checkpointing)
+        act = activation_bytes(arch, batch, seq_len, checkpointing, device, adapters=True)
     else:
         if teacher is None:
             raise ValueError("distillation memory needs the teacher's architecture")
-        # Teacher in bf16 for inference; its logits kept for the KD loss ([batch, seq_len, vocab] fp32).
-        state = 2 * teacher.n_params + FULL_TRAINING_BYTES_PER_PARAM * n
-        act = activation_bytes(arch, batch, seq_len, checkpointing=False) + batch * seq_len * teacher.vocab_size * 4
+        # The teacher for inference (bf16 on CUDA; fp32 on a CPU, counted so even where AMX lets it run in bf16);
+        # its logits kept for the KD loss ([batch, seq_len, vocab] fp32).
+        state = ACTIVATION_BYTES[device] * teacher.n_params + FULL_TRAINING_BYTES_PER_PARAM * n
+        act = (activation_bytes(arch, batch, seq_len, checkpointing=False, device=device)
+               + batch * seq_len * teacher.vocab_size * 4)
     return int(state + act)
 
 
@@ -137,10 +181,12 @@ def training_fit(
         budget = profile.memory_total_bytes - CUDA_CONTEXT_BYTES
     else:
         budget = profile.memory_budget_bytes
+    _, kind = training_throughput_flops_per_s(profile)
+    device: TrainDevice = "cuda" if kind == "gpu" else "cpu"
     # As edgeforge runs it: no gradient checkpointing; an adapter method that does not fit so is tried with it.
     for checkpointing in (False, True) if method in ADAPTER_METHODS else (False,):
         def need(b: int, ckpt: bool = checkpointing) -> int:
-            return training_memory_bytes(method, arch, b, seq_len, teacher, checkpointing=ckpt)
+            return training_memory_bytes(method, arch, b, seq_len, teacher, checkpointing=ckpt, device=device)
 
         best = max((b for b in BATCH_SIZES if need(b) <= budget), default=0)
         if best:

@@ -1,8 +1,9 @@
 """Pre-flight: before a training stage loads anything, does this machine have the memory the stage will need?
 
 The prediction is the planner's own (``edgeforge.plan.training_cost.training_memory_bytes``, the figure ``plan`` shows),
-plus the difference between the bf16 weights it assumes and the fp32 weights training on a CPU keeps. It errs
-high (it counts logits at every position, where fine-tuning computes them at the answer tokens only), so a refusal
+for this device: fp32 weights as edgeforge loads them, activations in fp32 on a CPU and bf16 under CUDA autocast.
+It errs high for fine-tuning (it counts logits at every position, where fine-tuning computes them at the answer
+tokens only) and is checked against real runs by ``benchmarks/train_memory.py``, so a refusal
 means the run would most likely be killed by the kernel's out-of-memory killer part-way, losing the work so far.
 
 What is available: psutil's available memory, capped by a cgroup v2 limit when the process runs in a container;
@@ -59,15 +60,8 @@ def available_memory_bytes(device: str = "cpu") -> int:
 def check_training_memory(stage: str, method: Method, arch: ModelArch, batch: int, seq_len: int, device: str = "cpu",
                           teacher: ModelArch | None = None, checkpointing: bool = False) -> int:
     """Raise ResourceError when ``stage`` would need more memory than is available; returns the prediction."""
-    need = training_memory_bytes(method, arch, batch, seq_len, teacher, checkpointing=checkpointing)
-    if device == "cpu":
-        # The frozen weights the prediction counts in bf16 are fp32 on a CPU: 4 bytes a parameter, not 2. The
-        # trained weights are fp32 already (in FULL_TRAINING_BYTES_PER_PARAM), so full and distillation students
-        # add nothing here (they were counted twice before); QLoRA's NF4 base is what it is.
-        if method in ("lora", "dora"):
-            need += 2 * arch.n_params
-        if teacher is not None:
-            need += 2 * teacher.n_params
+    need = training_memory_bytes(method, arch, batch, seq_len, teacher, checkpointing=checkpointing,
+                                 device="cpu" if device == "cpu" else "cuda")
     have = available_memory_bytes(device)
     if need > have:
         fix = ("lower --batch-size or --seq-len, or distill into a smaller student" if method == "distill"

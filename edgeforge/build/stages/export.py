@@ -5,7 +5,10 @@ With a task, an artifact fails verification when its exact match on the fixed se
 model's (paired, McNemar) or more than ``verify.task_max_drop`` below it (edgeforge.tasks.metrics.task_gate), and
 its KL / top-1 are gated on the task set's text, general prose being measured beside. A GGUF type that fails
 verification falls back to the profile's next larger preferred type that still fits
-(``export_with_fallback``); every type tried is recorded with the artifact that passed.
+(``export_with_fallback``); every type tried is recorded with the artifact that passed. When the profile's GGUF
+budget sits between two preset types (a larger preferred type exists but does not fit), the last fallback is
+``fit``: the per-group mix measured to lose least within that budget (edgeforge.export.fit), which uses the room
+the largest fitting preset leaves. ``export.gguf_quant: fit`` asks for it first.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 from edgeforge.build.stage import BuildContext, BuildState
 from edgeforge.build.task_set import held_out_task_examples, source_task_scores, task_text
 from edgeforge.errors import BadInputError, QualityGateError
+from edgeforge.export.gguf import FIT
 from edgeforge.models.files import read_model_config
 from edgeforge.tasks.metrics import task_gate
 
@@ -28,8 +32,10 @@ class ExportStage:
 
     ctx: BuildContext
     fmt: str  # "gguf" or "onnx"
-    quant: str  # a GGUF type (Q4_K_M, ...) or an ONNX mode (int8, int4, none)
+    quant: str  # a GGUF type (Q4_K_M, ...), "fit" (a mix fitted to the profile's budget) or an ONNX mode
     upstream_key: str
+    max_bytes: int | None = None  # with quant "fit": the budget the mix fills (fit_budget_bytes)
+    judged_as: str = ""  # the type whose thresholds verification uses: the quant, or a fitted mix's file type
 
     @property
     def name(self) -> str:
@@ -40,8 +46,11 @@ class ExportStage:
         return f"{self.fmt} {self.quant}"
 
     def settings(self) -> dict[str, Any]:
-        return {"format": self.fmt, "quant": self.quant, "verify": self.ctx.cfg.verify.model_dump(),
-                "task": self.ctx.task_identity}
+        out = {"format": self.fmt, "quant": self.quant, "verify": self.ctx.cfg.verify.model_dump(),
+               "task": self.ctx.task_identity}
+        if self.quant == FIT:  # the mix depends on the budget it fills
+            out["max_bytes"] = self.max_bytes
+        return out
 
     def inputs(self) -> dict[str, Any]:
         return {"model": self.upstream_key}
@@ -53,6 +62,7 @@ class ExportStage:
         assert state.model_dir is not None
         ctx = self.ctx
         ref = ModelRef(name=f"{ctx.teacher_ref.name}-{ctx.profile.name}", path=state.model_dir, format="hf")
+        self.judged_as = self.quant
         path, record = self._export(ref, stage_dir, state)
         reference = Reference(ref)
         examples = held_out_task_examples(ctx)
@@ -69,8 +79,11 @@ class ExportStage:
                     f"{gate['difference_ci95'][1]:+.1%}, McNemar p {gate['mcnemar_exact_p']:.3g})")
             if not gate["passed"]:
                 verify = {**verify, "passed": False, "failures": [*verify["failures"], gate["reason"]]}
-        return {"path": str(path), "format": self.fmt, "quant": self.quant, "verify": verify, "task": task,
-                "size_bytes": size_bytes(path), "export": {k: record.get(k) for k in ("seconds", "sha256", "lineage")}}
+        out = {"path": str(path), "format": self.fmt, "quant": self.quant, "verify": verify, "task": task,
+               "size_bytes": size_bytes(path), "export": {k: record.get(k) for k in ("seconds", "sha256", "lineage")}}
+        if "fit" in record:
+            out["fit"] = record["fit"]
+        return out
 
     def _verify(self, path: Path, reference: Any, examples: list[dict[str, Any]]) -> dict[str, Any]:
         """KL / top-1 against the source. With a task, gated on the fixed task set's text (the job the model was
@@ -89,11 +102,11 @@ class ExportStage:
                         "KL and top-1 are measured on held-out prose only")
             ctx.log(f"[{self.name}] verifying {path.name} against {reference.ref.path.name} ({n} tokens of "
                     "held-out prose)")
-            return verify_artifact(path, reference, self.quant, n_tokens=n, enforce=False)
+            return verify_artifact(path, reference, self.judged_as, n_tokens=n, enforce=False)
         ctx.log(f"[{self.name}] verifying {path.name} against {reference.ref.path.name} ({n_task} tokens of "
                 "held-out task examples)")
-        verify = verify_artifact(path, reference, self.quant, text, n_tokens=n_task, enforce=False)
-        prose = verify_artifact(path, reference, self.quant, n_tokens=n, enforce=False)
+        verify = verify_artifact(path, reference, self.judged_as, text, n_tokens=n_task, enforce=False)
+        prose = verify_artifact(path, reference, self.judged_as, n_tokens=n, enforce=False)
         return {**verify, "text": "task", "general_prose": {k: prose[k] for k in (
             "mean_kl", "top1_agreement", "perplexity_reference", "perplexity_artifact", "passed", "failures")}}
 
@@ -103,14 +116,17 @@ class ExportStage:
             from edgeforge.export.gguf import NEEDS_IMATRIX, export_gguf
 
             imatrix_data = None
-            if self.quant in NEEDS_IMATRIX:
+            if self.quant in NEEDS_IMATRIX or self.quant == FIT:  # a mix is measured with an importance matrix
                 from edgeforge.data.builtin import write_calibration_text
 
                 imatrix_data = write_calibration_text(stage_dir / "calibration.txt")
             from edgeforge.ship.runtime_settings import write_runtime_settings
 
             path = stage_dir / f"{build_slug(self.ctx)}-{self.quant}.gguf"
-            record = export_gguf(ref, self.quant, path, imatrix_data, self.ctx.profile.name, [*state.lineage_stages])
+            record = export_gguf(ref, self.quant, path, imatrix_data, self.ctx.profile.name, [*state.lineage_stages],
+                                 max_bytes=self.max_bytes)
+            if self.quant == FIT:  # judged at the thresholds of the type holding most of its bytes
+                self.judged_as = record["fit"]["file_type"]
             # beside the file from the start: the bench stage measures with the settings that ship
             write_runtime_settings(path, self.ctx.plan.context_tokens)
             return path, record
@@ -158,8 +174,23 @@ def onnx_quant(ctx: BuildContext) -> str:
     return ctx.cfg.export.onnx_quantize or (ctx.profile.preferred_quants.onnx or ["int8"])[0]
 
 
+def fit_budget_bytes(ctx: BuildContext, state: BuildState) -> int:
+    """The largest GGUF file of the build's model that fits the profile at the plan's context (``plan``'s count)."""
+    from edgeforge.models.refs import arch_from_config
+    from edgeforge.plan.planner import gguf_budget_bytes
+
+    assert state.model_dir is not None
+    budget = gguf_budget_bytes(arch_from_config(read_model_config(state.model_dir)), ctx.profile,
+                               ctx.plan.context_tokens)
+    if budget <= 0:
+        raise BadInputError(f"export.gguf_quant fit: {ctx.profile.name} has no memory left for weights at "
+                            f"{ctx.plan.context_tokens} tokens of context; choose a preset type or a smaller context")
+    return budget
+
+
 def gguf_candidates(ctx: BuildContext, state: BuildState) -> list[str]:
-    """The chosen GGUF type, then (with fallback) every larger preferred type of the profile that still fits."""
+    """The chosen GGUF type, then (with fallback) every larger preferred type of the profile that still fits, and
+    ``fit`` last when a larger preferred type exists that does not fit (the budget sits between two presets)."""
     from edgeforge.models.refs import arch_from_config
     from edgeforge.plan.sizing import GGUF_QUANT_TYPES, memory_estimate
 
@@ -167,9 +198,10 @@ def gguf_candidates(ctx: BuildContext, state: BuildState) -> list[str]:
     if first is None:
         first = (ctx.plan.student or {}).get("quant") if state.distill is not None else None
         first = first or ctx.plan.quant
-    if first not in GGUF_QUANT_TYPES:
-        raise BadInputError(f"export.gguf_quant: expected one of {', '.join(GGUF_QUANT_TYPES)}, found {first}")
-    if not ctx.cfg.export.fallback:
+    if first not in GGUF_QUANT_TYPES and first != FIT:
+        raise BadInputError(f"export.gguf_quant: expected one of {', '.join(GGUF_QUANT_TYPES)} or {FIT}, found "
+                            f"{first}")
+    if not ctx.cfg.export.fallback or first == FIT:
         return [first]
     assert state.model_dir is not None
     arch = arch_from_config(read_model_config(state.model_dir))
@@ -185,7 +217,10 @@ def gguf_candidates(ctx: BuildContext, state: BuildState) -> list[str]:
     # Every larger type that fits, smallest first: the task gate can refuse several 4-bit types in a row (the demo's
     # 86M student lost 8.7, 10.3 and 2.6 points at IQ4_XS, Q4_0 and Q4_K_M), and stopping at two would fail a
     # build that a 5- or 6-bit type would have shipped.
-    return [first, *larger]
+    too_big = [q for q in ctx.profile.preferred_quants.gguf
+               if q in GGUF_QUANT_TYPES and memory_estimate(arch, "gguf", q, ctx_tokens).total_bytes
+               > ctx.profile.memory_budget_bytes]
+    return [first, *larger, *([FIT] if too_big else [])]
 
 
 def export_with_fallback(ctx: BuildContext, state: BuildState, fmt: str, upstream_key: str) -> Iterator[ExportStage]:
@@ -195,7 +230,7 @@ def export_with_fallback(ctx: BuildContext, state: BuildState, fmt: str, upstrea
     (``--dry-run``)."""
     quants = gguf_candidates(ctx, state) if fmt == "gguf" else [onnx_quant(ctx)]
     for attempt, q in enumerate(quants, start=1):
-        yield ExportStage(ctx, fmt, q, upstream_key)
+        yield ExportStage(ctx, fmt, q, upstream_key, max_bytes=fit_budget_bytes(ctx, state) if q == FIT else None)
         tried = state.exports.get(fmt, [])
         if len(tried) < attempt:  # laid out but not run: whether it passes is not known yet
             return
