@@ -13,6 +13,8 @@ Variants (pipeline settings in VARIANTS; each one a build of its own under OUT/<
   d  as c, full fine-tuning instead of LoRA
   e  as the better of c / d, with the layers and channels chosen by importance on task data
   b2 as b with 150 LoRA and 75 distillation steps: about variant a's measured training seconds
+  b3 as b, with the built-in general training prose added to the distillation data (``--data``): what general text
+     buys back of b's general perplexity, and what it costs of the task
 The teacher fine-tuned alone (variant b's first stage, the same LoRA settings) is the reference: "kept" is the
 shipped GGUF's exact match over the fine-tuned teacher's, on the same examples. Budgets: step counts chosen so each
 variant trains for about as long as variant a (their measured training seconds are in the table); --scale multiplies
@@ -53,6 +55,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # cost 1.8x the student's)
     "b2": {"order": "finetune-then-distill", "distill": {"steps": 75, "generated_task_examples": 6000},
            "finetune": {"steps": 150}},
+    # b with general text beside the task data: the remedy the README offers for b's forgetting, measured
+    "b3": {"order": "finetune-then-distill", "distill": {"steps": 150, "generated_task_examples": 6000},
+           "finetune": {"steps": 200}, "general_data": True},
     "c": {"order": "distill-then-finetune", "distill": {"steps": 0}, "finetune": {"steps": 450}},
     "d": {"order": "distill-then-finetune", "distill": {"steps": 0},
           "finetune": {"steps": 400, "method": "full", "lr": 1e-4}},
@@ -62,6 +67,7 @@ DESCRIPTION = {
     "a": "distill (general text), then LoRA on the student",
     "b": "LoRA on the teacher, then distill it on task data",
     "b2": "as b, 150 LoRA + 75 distillation steps (a's training time)",
+    "b3": "as b, general prose added to the distillation data",
     "c": "pruned student, LoRA on the task (no distillation)",
     "d": "pruned student, full fine-tuning on the task",
     "e": "as the better of c/d, pruned by task-data importance",
@@ -91,6 +97,12 @@ def pipeline_for(name: str, out: Path, scale: float, chosen_method: dict[str, An
     cfg["distill"] = scaled({"enabled": True, **v.get("distill", {})}, scale)
     ft = v.get("finetune") or chosen_method or VARIANTS["c"]["finetune"]
     cfg["finetune"] = scaled({"enabled": True, **ft}, scale)
+    if v.get("general_data"):  # the built-in training prose (held out by content from the evaluation prose)
+        from edgeforge.data.builtin import training_prose
+
+        general = out / f"{name}-general.txt"
+        general.write_text(training_prose(), encoding="utf-8")
+        cfg["data"] = [str(general)]
     if v.get("task_importance"):
         # the pruning importance pass reads the first distillation sequences: here, the task's training examples
         cfg["data"] = [str(task_training_file(out / f"{name}-task-data.jsonl", 0))]
@@ -225,7 +237,7 @@ def print_table(rows: list[dict[str, Any]], teacher: dict[str, Any] | None, scal
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("/tmp/edgeforge-pipelines"))
-    ap.add_argument("--variants", default="a,b,b2,c,d,e")
+    ap.add_argument("--variants", default="a,b,b2,b3,c,d,e")
     ap.add_argument("--scale", type=float, default=1.0, help="Multiply every step count (0.5: a cheaper run).")
     args = ap.parse_args()
     names = [v.strip() for v in args.variants.split(",") if v.strip()]

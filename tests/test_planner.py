@@ -211,3 +211,28 @@ def test_plan_shows_where_the_gguf_budget_sits_among_the_presets(reg):
     assert not big["between_presets"] and big["smallest_preset_over"] is None
     p = plan(arch, small, "llama-3-8b")
     assert p.gguf_fit == room or p.student is not None  # the room of what ships: the teacher here, or its student
+
+
+def test_a_lower_bit_teacher_is_weighed_against_distillation(reg):
+    """Llama-3-8B on an 8 GB card: at the stock goal (50 tokens/s) Q3_K_M is short too, and the plan says so beside
+    its distillation; with a goal between the best preferred type's speed and Q3_K_M's, the plan quantizes the
+    teacher to Q3_K_M instead of distilling, with its expected KL in the reason and the distillation hours avoided."""
+    from edgeforge.plan.planner import EXPECTED_MEAN_KL, LOW_BIT_MAX_KL, evaluate
+
+    arch = arch_from_config(LLAMA_3_8B)
+    stock = reg.get("rtx-4060-8gb")
+    p = plan(arch, stock, "llama-3-8b")
+    assert p.decision == "distill" and "the teacher at Q3_K_M" in p.reason and "short of the goal too" in p.reason
+    low = evaluate(arch, stock, "gguf", "Q3_K_M", 2048, 128)
+    best = max(c["estimated_decode_tokens_per_s"] for c in p.candidates if c["fits"])
+    assert low.fits and best < low.estimated_decode_tokens_per_s < stock.latency_goals.decode_tokens_per_s
+    goal = (best + low.estimated_decode_tokens_per_s) / 2
+    eased = stock.model_copy(update={"latency_goals": stock.latency_goals.model_copy(
+        update={"decode_tokens_per_s": goal})})
+    q = plan(arch, eased, "llama-3-8b", train_profile=reg.get("rtx-4090-24gb"))
+    assert (q.decision, q.quant, q.student) == ("fine-tune", "Q3_K_M", None)
+    assert EXPECTED_MEAN_KL["Q3_K_M"] <= LOW_BIT_MAX_KL and f"{EXPECTED_MEAN_KL['Q3_K_M']:.3f}" in q.reason
+    assert "instead of distilling" in q.reason and "h of distillation on rtx-4090-24gb" in q.reason
+    assert [s["stage"] for s in q.training["stages"]] == ["fine-tune (LoRA)"]  # no distillation stage any more
+    # a quant forced by the user is not second-guessed
+    assert plan(arch, eased, "llama-3-8b", quant="Q4_K_M").decision == "distill"

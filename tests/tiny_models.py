@@ -116,10 +116,12 @@ def tiny_config(arch: str = "llama", layers: int = 2) -> Any:
 
 
 def make_tiny_model(out: Path, arch: str = "llama", seed: int = 0, layers: int = 2,
-                    embedding_std: float = 0.08, tokenizer: str = "bundled") -> Path:
+                    embedding_std: float = 0.08, tokenizer: str = "bundled",
+                    overrides: dict[str, Any] | None = None) -> Path:
     """Save a random decoder of family ``arch`` (see FAMILIES) with the bundled teacher's tokenizer to ``out``
     (``tokenizer="sentencepiece"``: a SentencePiece vocabulary trained in-test, see write_sentencepiece_tokenizer).
 
+    ``overrides``: config fields set on the tiny config (hidden_size, heads, ...).
     ``embedding_std`` above the other weights' 0.08 gives (tied) output logits with wider margins, so a quantized
     artifact's top-1 agreement measures the export rather than near-ties of a flat random distribution.
     """
@@ -128,6 +130,8 @@ def make_tiny_model(out: Path, arch: str = "llama", seed: int = 0, layers: int =
     if tokenizer not in ("bundled", "sentencepiece"):
         raise ValueError(f"tokenizer '{tokenizer}': expected 'bundled' or 'sentencepiece'")
     config = tiny_config(arch, layers)
+    for key, value in (overrides or {}).items():  # e.g. rows wide enough for llama.cpp's 256-weight K-quant blocks
+        setattr(config, key, value)
     if tokenizer == "sentencepiece":
         config.vocab_size, ids = write_sentencepiece_tokenizer(out, arch)
         config.bos_token_id, config.eos_token_id, config.pad_token_id = ids["bos_id"], ids["eos_id"], ids["pad_id"]

@@ -77,8 +77,8 @@ def _quant_auto(ref, out: Path, profile_name: str | None, max_kl: float, imatrix
 @export.command("gguf")
 @click.argument("model")
 @click.option("--quant", default="Q4_K_M", show_default=True,
-              help="F32, F16, BF16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, IQ4_XS (needs --imatrix-data), auto, or fit "
-              "(a per-tensor-group mix measured to lose least within --max-bytes or the --profile's memory).")
+              help="F32, F16, BF16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, IQ4_XS and Q3_K_M (need --imatrix-data), auto, "
+              "or fit (a per-tensor-group mix measured to lose least within --max-bytes or the --profile's memory).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="The .gguf file to write.")
 @click.option("--imatrix-data", type=click.Path(path_type=Path), default=None,
               help="Calibration text for an importance matrix ('builtin' for edgeforge's built-in text).")

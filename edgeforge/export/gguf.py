@@ -30,9 +30,10 @@ from edgeforge.outputs import ONNX_RECORD_FILE, claim_output, gguf_record_path, 
 from edgeforge.progress import ProgressStep, progress
 from edgeforge.quiet import captured_stderr
 
-GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "IQ4_XS")
+GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "IQ4_XS", "Q3_K_M")
 FIT = "fit"  # a per-tensor-group mix fitted to a byte budget (edgeforge.export.fit)
-NEEDS_IMATRIX = {"IQ4_XS"}
+# Q3_K_M is offered with an importance matrix only: its expected KL (plan.planner.EXPECTED_MEAN_KL) was measured so.
+NEEDS_IMATRIX = {"IQ4_XS", "Q3_K_M"}
 CONVERTER_OUTTYPE = {"F32": "f32", "BF16": "bf16"}  # every other type starts from an F16 conversion
 
 

@@ -46,11 +46,20 @@ MIN_STUDENT_BITS = 4.0
 EXPECTED_MEAN_KL: dict[str, float] = {
     "F32": 0.0, "F16": 0.0, "BF16": 0.0, "Q8_0": 0.0039, "Q6_K": 0.0089, "Q5_K_M": 0.0662, "Q4_K_M": 0.0522,
     "Q4_0": 0.2468, "IQ4_XS": 0.0762, "fp32": 0.0, "fp16": 0.0, "int8": 0.0041, "int4": 0.0791,
+    # with the importance matrix, 1,000 tokens of held-out prose: benchmarks/budget_quant.py's table in the README
+    "Q3_K_M": 0.0778,
 }
 #: A type without a measurement is taken at the worst measured KL: it must not win the choice by being unknown.
 _UNKNOWN_TYPE_KL = max(EXPECTED_MEAN_KL.values())
 _APPROX_BITS = {"F32": 32, "F16": 16, "BF16": 16, "Q8_0": 8.5, "Q6_K": 6.56, "Q5_K_M": 5.7, "Q4_K_M": 4.9,
-                "Q4_0": 4.5, "IQ4_XS": 4.25, **ONNX_BITS_PER_WEIGHT}
+                "Q4_0": 4.5, "IQ4_XS": 4.25, "Q3_K_M": 3.9, **ONNX_BITS_PER_WEIGHT}
+#: Lower-bit GGUF types of the teacher that the plan weighs against distillation when none of the profile's
+#: preferred types meets the goal (with an importance matrix; edgeforge.export.gguf.NEEDS_IMATRIX).
+LOW_BIT_TEACHER_QUANTS = ("Q3_K_M",)
+#: A lower-bit teacher is taken instead of distillation only up to this expected mean KL (``--quant auto``'s
+#: default budget): distillation kept 71-87% of the fine-tuned teacher's task accuracy (benchmarks/pipelines.py),
+#: where an export within this KL lost at most 2.3 points against its source in the same runs.
+LOW_BIT_MAX_KL = 0.1
 
 
 @dataclass(frozen=True)
@@ -249,6 +258,23 @@ def plan(
         d = _Decision("fine-tune", _fits_reason(chosen, profile), chosen)
     else:
         d = _compress(arch, profile, fmt, quant, candidates, context, prompt_tokens, has_task)
+        low_bit = None if quant is not None or fmt != "gguf" else _low_bit_teacher(arch, profile, quants, context,
+                                                                                   prompt_tokens)
+        if low_bit is not None and not low_bit.ok:  # weighed, and short too: say so beside the distillation
+            d = replace(d, reason=d.reason + f" (the teacher at {low_bit.quant}, expected mean KL "
+                        f"{EXPECTED_MEAN_KL[low_bit.quant]:.3f}, would need {low_bit.total_bytes / 1e6:.0f} MB and run "
+                        f"at {low_bit.estimated_decode_tokens_per_s:.1f} tokens/s: "
+                        + ("short of the goal too)" if low_bit.fits else "it does not fit either)"))
+            low_bit = None
+        if low_bit is not None:  # a lower-bit quant of the teacher meets the goal: no distillation needed
+            candidates.append(low_bit)
+            chosen = low_bit
+            reason = _low_bit_reason(low_bit, candidates[:-1], profile, d)
+            if train_profile is not None and d.student_arch is not None:
+                flops = training_flops("distill", distill_tokens, d.student_arch.n_params, arch.n_params)
+                hours = training_cost("distill", flops, distill_tokens, train_profile, price_per_hour).hours
+                reason += f"; it avoids about {hours:.1f} h of distillation on {train_profile.name}"
+            d = _Decision("fine-tune", reason, low_bit)
     headline, decision = d.headline, d.decision
     # The teacher's own figures: at the chosen quant, or at the most compact one when nothing is good enough.
     teacher_c = chosen or min(candidates, key=lambda c: c.total_bytes)
@@ -284,6 +310,34 @@ def plan(
         task=task.to_dict() if task is not None else None,
         gguf_fit=gguf_fit_room(d.student_arch or arch, profile, context) if fmt == "gguf" else None,
     )
+
+
+def _low_bit_teacher(arch: ModelArch, profile: DeviceProfile, tried: list[str], context: int,
+                     prompt_tokens: int) -> Candidate | None:
+    """The first of LOW_BIT_TEACHER_QUANTS (not among the preferred types tried, expected mean KL within
+    LOW_BIT_MAX_KL) at which the teacher fits and meets the goal; else the last one weighed (``ok`` False, for the
+    plan to say why it does not do); None when none was weighed."""
+    weighed = None
+    for q in LOW_BIT_TEACHER_QUANTS:
+        if q in tried or EXPECTED_MEAN_KL.get(q, _UNKNOWN_TYPE_KL) > LOW_BIT_MAX_KL:
+            continue
+        weighed = evaluate(arch, profile, "gguf", q, context, prompt_tokens)
+        if weighed.ok:
+            return weighed
+    return weighed
+
+
+def _low_bit_reason(c: Candidate, preferred: list[Candidate], profile: DeviceProfile, avoided: _Decision) -> str:
+    best = max(preferred, key=lambda x: (x.fits, x.estimated_decode_tokens_per_s))
+    student = avoided.student_arch
+    instead = (f"instead of distilling a {student.n_layers}-layer student" if student is not None
+               else "instead of distilling")
+    return ("at the profile's preferred types it " + "; ".join(_shortfalls(best, profile)) + f", but at {c.quant} "
+            f"(with an importance matrix; expected mean KL {EXPECTED_MEAN_KL[c.quant]:.3f}, measured on the bundled "
+            f"teacher) it fits ({c.total_bytes / 1e6:.0f} MB of {profile.memory_budget_bytes / 1e6:.0f} MB) and "
+            f"meets the goal ({c.estimated_decode_tokens_per_s:.1f} tokens/s decode, TTFT "
+            f"{c.estimated_ttft_ms:.0f} ms): quantize the teacher {instead} (distillation kept 71-87% of the "
+            "fine-tuned teacher's task accuracy in benchmarks/pipelines.py) and fine-tune it on the task data")
 
 
 def _fits_reason(chosen: Candidate, profile: DeviceProfile) -> str:

@@ -28,6 +28,7 @@ GGUF_QUANT_TYPES: dict[str, Q] = {
     "Q4_K_M": Q.Q4_K,
     "Q4_0": Q.Q4_0,
     "IQ4_XS": Q.IQ4_XS,
+    "Q3_K_M": Q.Q3_K,
 }
 _MIXES_PROMOTING_V_AND_DOWN = {"Q4_K_M", "Q5_K_M"}
 # llama.cpp's fallback when a row length is not a multiple of QK_K (tensor_type_fallback in llama-quant.cpp).
@@ -71,6 +72,19 @@ def row_type(qtype: Q, row_len: int) -> Q:
 
 
 
+def _mix_layer_types(arch: ModelArch, quant: str, base: Q, i_layer: int) -> tuple[Q, Q, Q]:
+    """The types llama.cpp's mix ``quant`` gives layer ``i_layer``'s attn_v, attn_output and ffn_down
+    (llama_tensor_get_type in llama-quant.cpp, for the non-MoE, non-Falcon, below-70B models edgeforge sizes)."""
+    n = arch.n_layers
+    if quant in _MIXES_PROMOTING_V_AND_DOWN and _use_more_bits(i_layer, n):
+        return Q.Q6_K, base, Q.Q6_K
+    if quant == "Q3_K_M":  # attn_v Q5_K in the first two layers, Q4_K after; attn_output Q4_K; ffn_down Q5_K / Q4_K
+        return (Q.Q5_K if i_layer < 2 else Q.Q4_K), Q.Q4_K, (Q.Q5_K if i_layer < n // 16 else Q.Q4_K)
+    if quant == "IQ4_XS" and arch.n_heads // arch.n_kv_heads >= 4:  # grouped KV heads: attn_v shared, given Q5_K
+        return Q.Q5_K, base, base
+    return base, base, base
+
+
 def gguf_weights_bytes(arch: ModelArch, quant: str) -> int:
     """Bytes of tensor data in a GGUF file of ``arch`` at llama.cpp file type ``quant`` (metadata excluded)."""
     try:
@@ -92,11 +106,10 @@ def gguf_weights_bytes(arch: ModelArch, quant: str) -> int:
     if not arch.tied_embeddings:
         total += tensor(base, h, arch.vocab_size)
     for i in range(arch.n_layers):
-        promote = quant in _MIXES_PROMOTING_V_AND_DOWN and _use_more_bits(i, arch.n_layers)
-        wide = Q.Q6_K if promote else base
-        total += tensor(base, h, q_out) + tensor(base, h, kv_out) + tensor(wide, h, kv_out)
-        total += tensor(base, q_out, h)
-        total += 2 * tensor(base, h, arch.intermediate_size) + tensor(wide, arch.intermediate_size, h)
+        v_type, o_type, down_type = _mix_layer_types(arch, quant, base, i)
+        total += tensor(base, h, q_out) + tensor(base, h, kv_out) + tensor(v_type, h, kv_out)
+        total += tensor(o_type, q_out, h)
+        total += 2 * tensor(base, h, arch.intermediate_size) + tensor(down_type, arch.intermediate_size, h)
         total += 2 * h * 4  # the two RMSNorm weights stay F32
         if arch.qkv_bias:
             total += (q_out + 2 * kv_out) * 4
