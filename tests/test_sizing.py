@@ -62,7 +62,7 @@ def test_the_size_estimate_is_the_written_file_for_every_type_the_planner_offers
 
     model = make_tiny_model(tmp_path / "m", layers=16, tokenizer="sentencepiece",
                             overrides={"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4,
-                                       "num_key_value_heads": 1})
+                                       "head_dim": 64, "num_key_value_heads": 1})
     ref = ModelRef("m", model, "hf")
     arch = read_arch(ref)
     calibration = write_calibration_text(tmp_path / "calibration.txt")
