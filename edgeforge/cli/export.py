@@ -99,7 +99,7 @@ def export_gguf_cmd(model: str, quant: str, out: Path, imatrix_data: Path | None
                     max_bytes: int | None, context: int, max_kl: float, verify: bool, force: bool,
                     profiles_dirs: tuple[Path, ...], as_json: bool) -> None:
     """Export MODEL (HF dir, .gguf, or alias) to a GGUF file that llama.cpp runs."""
-    from edgeforge.export.gguf import export_gguf, save_record
+    from edgeforge.export.gguf import export_gguf, judged_type, save_record
     from edgeforge.models.refs import resolve_model
     from edgeforge.outputs import claim_output
 
@@ -127,8 +127,7 @@ def export_gguf_cmd(model: str, quant: str, out: Path, imatrix_data: Path | None
 
         # --quant auto chose the type by the user's KL budget; that budget is then the gate.
         gate = Threshold(max_kl, 0.0) if tried is not None else None
-        # a fitted mix is judged at the thresholds of the type holding most of its bytes (its general.file_type)
-        judged_as = record["fit"]["file_type"] if "fit" in record else quant
+        judged_as = judged_type(record)
         try:
             record["verification"] = verify_artifact(out, Reference(ref), judged_as, enforce=True, threshold=gate)
         except EdgeforgeError as e:

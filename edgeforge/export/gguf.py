@@ -406,6 +406,12 @@ def record_path(artifact: Path) -> Path:
     return artifact / ONNX_RECORD_FILE if artifact.is_dir() else gguf_record_path(artifact)
 
 
+def judged_type(record: dict[str, Any]) -> str:
+    """The type whose verification thresholds an exported GGUF is judged at: its quant, or for a fitted mix the type
+    holding most of its bytes (the ``general.file_type`` it declares)."""
+    return record["fit"]["file_type"] if "fit" in record else record["quant"]
+
+
 def save_record(artifact: Path, record: dict[str, Any]) -> Path:
     p = record_path(artifact)
     tmp = p.with_name(f".{p.name}.partial")

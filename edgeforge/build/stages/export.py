@@ -21,7 +21,7 @@ from typing import Any
 from edgeforge.build.stage import BuildContext, BuildState
 from edgeforge.build.task_set import held_out_task_examples, source_task_scores, task_text
 from edgeforge.errors import BadInputError, QualityGateError
-from edgeforge.export.gguf import FIT
+from edgeforge.export.gguf import FIT, judged_type
 from edgeforge.models.files import read_model_config
 from edgeforge.tasks.metrics import task_gate
 
@@ -35,7 +35,6 @@ class ExportStage:
     quant: str  # a GGUF type (Q4_K_M, ...), "fit" (a mix fitted to the profile's budget) or an ONNX mode
     upstream_key: str
     max_bytes: int | None = None  # with quant "fit": the budget the mix fills (fit_budget_bytes)
-    judged_as: str = ""  # the type whose thresholds verification uses: the quant, or a fitted mix's file type
 
     @property
     def name(self) -> str:
@@ -62,11 +61,10 @@ class ExportStage:
         assert state.model_dir is not None
         ctx = self.ctx
         ref = ModelRef(name=f"{ctx.teacher_ref.name}-{ctx.profile.name}", path=state.model_dir, format="hf")
-        self.judged_as = self.quant
         path, record = self._export(ref, stage_dir, state)
         reference = Reference(ref)
         examples = held_out_task_examples(ctx)
-        verify = self._verify(path, reference, examples)
+        verify = self._verify(path, reference, examples, judged_type(record) if self.fmt == "gguf" else self.quant)
         task = None
         if examples:
             task = self._task_metrics(path, reference.tokenizer, examples)
@@ -85,10 +83,10 @@ class ExportStage:
             out["fit"] = record["fit"]
         return out
 
-    def _verify(self, path: Path, reference: Any, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        """KL / top-1 against the source. With a task, gated on the fixed task set's text (the job the model was
-        specialised for) and measured on general prose beside it (``general_prose``, not gated); without one, on
-        general prose."""
+    def _verify(self, path: Path, reference: Any, examples: list[dict[str, Any]], judged_as: str) -> dict[str, Any]:
+        """KL / top-1 against the source, at the thresholds of ``judged_as``. With a task, gated on the fixed task
+        set's text (the job the model was specialised for) and measured on general prose beside it
+        (``general_prose``, not gated); without one, on general prose."""
         from edgeforge.verify.artifact import MIN_VERIFY_TOKENS, verify_artifact
 
         ctx, n = self.ctx, self.ctx.cfg.verify.tokens
@@ -102,11 +100,11 @@ class ExportStage:
                         "KL and top-1 are measured on held-out prose only")
             ctx.log(f"[{self.name}] verifying {path.name} against {reference.ref.path.name} ({n} tokens of "
                     "held-out prose)")
-            return verify_artifact(path, reference, self.judged_as, n_tokens=n, enforce=False)
+            return verify_artifact(path, reference, judged_as, n_tokens=n, enforce=False)
         ctx.log(f"[{self.name}] verifying {path.name} against {reference.ref.path.name} ({n_task} tokens of "
                 "held-out task examples)")
-        verify = verify_artifact(path, reference, self.judged_as, text, n_tokens=n_task, enforce=False)
-        prose = verify_artifact(path, reference, self.judged_as, n_tokens=n, enforce=False)
+        verify = verify_artifact(path, reference, judged_as, text, n_tokens=n_task, enforce=False)
+        prose = verify_artifact(path, reference, judged_as, n_tokens=n, enforce=False)
         return {**verify, "text": "task", "general_prose": {k: prose[k] for k in (
             "mean_kl", "top1_agreement", "perplexity_reference", "perplexity_artifact", "passed", "failures")}}
 
@@ -125,8 +123,6 @@ class ExportStage:
             path = stage_dir / f"{build_slug(self.ctx)}-{self.quant}.gguf"
             record = export_gguf(ref, self.quant, path, imatrix_data, self.ctx.profile.name, [*state.lineage_stages],
                                  max_bytes=self.max_bytes)
-            if self.quant == FIT:  # judged at the thresholds of the type holding most of its bytes
-                self.judged_as = record["fit"]["file_type"]
             # beside the file from the start: the bench stage measures with the settings that ship
             write_runtime_settings(path, self.ctx.plan.context_tokens)
             return path, record
@@ -192,6 +188,7 @@ def gguf_candidates(ctx: BuildContext, state: BuildState) -> list[str]:
     """The chosen GGUF type, then (with fallback) every larger preferred type of the profile that still fits, and
     ``fit`` last when a larger preferred type exists that does not fit (the budget sits between two presets)."""
     from edgeforge.models.refs import arch_from_config
+    from edgeforge.plan.planner import gguf_fit_room
     from edgeforge.plan.sizing import GGUF_QUANT_TYPES, memory_estimate
 
     first = ctx.cfg.export.gguf_quant
@@ -217,10 +214,8 @@ def gguf_candidates(ctx: BuildContext, state: BuildState) -> list[str]:
     # Every larger type that fits, smallest first: the task gate can refuse several 4-bit types in a row (the demo's
     # 86M student lost 8.7, 10.3 and 2.6 points at IQ4_XS, Q4_0 and Q4_K_M), and stopping at two would fail a
     # build that a 5- or 6-bit type would have shipped.
-    too_big = [q for q in ctx.profile.preferred_quants.gguf
-               if q in GGUF_QUANT_TYPES and memory_estimate(arch, "gguf", q, ctx_tokens).total_bytes
-               > ctx.profile.memory_budget_bytes]
-    return [first, *larger, *([FIT] if too_big else [])]
+    between = gguf_fit_room(arch, ctx.profile, ctx_tokens)["between_presets"]  # what `plan` prints
+    return [first, *larger, *([FIT] if between else [])]
 
 
 def export_with_fallback(ctx: BuildContext, state: BuildState, fmt: str, upstream_key: str) -> Iterator[ExportStage]:
