@@ -176,7 +176,7 @@ def test_a_budget_between_two_presets_falls_back_to_a_fitted_mix(tmp_path: Path)
     import yaml
 
     from edgeforge.models.refs import arch_from_config
-    from edgeforge.plan.planner import DEFAULT_CONTEXT, gguf_budget_bytes
+    from edgeforge.plan.planner import DEFAULT_CONTEXT, weights_budget_bytes
     from edgeforge.plan.profiles import resolve_profile
     from edgeforge.plan.sizing import memory_estimate
 
@@ -211,8 +211,77 @@ def test_a_budget_between_two_presets_falls_back_to_a_fitted_mix(tmp_path: Path)
         stage.absorb({"path": f"/kept/{stage.quant}/m.gguf", "format": "gguf", "quant": stage.quant,
                       "verify": {"passed": ok, "failures": [] if ok else [f"{stage.quant} task drop"]}}, state)
     assert [s.quant for s in laid_out] == ["Q4_K_M", "Q5_K_M", "fit"]
-    budget = gguf_budget_bytes(arch, b.profile, b.plan.context_tokens)
+    budget = weights_budget_bytes(arch, b.profile, b.plan.context_tokens)
     assert laid_out[-1].max_bytes == budget and laid_out[-1].settings()["max_bytes"] == budget
     assert "max_bytes" not in laid_out[0].settings()
     assert [(a["quant"], [t["quant"] for t in a["tried"]]) for a in state.artifacts] == \
         [("fit", ["Q4_K_M", "Q5_K_M", "fit"])]
+
+
+def test_an_onnx_int4_that_fails_falls_back_to_int8_or_to_a_fit_between_them(tmp_path: Path) -> None:
+    """ONNX fallback: a stock profile holds int8 (int4 -> int8); a profile whose budget sits between the int4 and
+    int8 sizes lays out ``fit`` with that budget instead."""
+    import yaml
+
+    from edgeforge.models.refs import arch_from_config
+    from edgeforge.plan.planner import DEFAULT_CONTEXT, weights_budget_bytes
+    from edgeforge.plan.sizing import kv_cache_bytes, onnx_weights_bytes, runtime_overhead_bytes
+
+    config = {**TEACHER_CONFIG, "num_hidden_layers": 4}  # int4 keeps the first and last layer at 8 bits
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    (teacher / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    arch = arch_from_config(config)
+    assert onnx_weights_bytes(arch, "int4") < onnx_weights_bytes(arch, "int8")
+    between = (onnx_weights_bytes(arch, "int4") + onnx_weights_bytes(arch, "int8")) // 2
+    data = yaml.safe_load((Path(__file__).resolve().parent.parent / "profiles" / "raspberry-pi-5-8gb.yaml")
+                          .read_text(encoding="utf-8"))
+    data.update(name="tight-onnx", memory_budget_bytes=between + kv_cache_bytes(arch, DEFAULT_CONTEXT)
+                + runtime_overhead_bytes(arch, DEFAULT_CONTEXT))
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    (profiles / "tight-onnx.yaml").write_text(yaml.safe_dump(data), encoding="utf-8")
+
+    def laid_out(profile: str) -> list[ExportStage]:
+        cfg = validate_pipeline({"teacher": str(teacher), "profile": profile, "task": None,
+                                 "export": {"formats": ["onnx"], "onnx_quantize": "int4"}}, "test")
+        b = Builder(cfg, tmp_path / f"out-{profile}", profiles_dirs=(profiles,), log=lambda _: None)
+        state, stages = BuildState(model_dir=teacher), []
+        with pytest.raises(QualityGateError):
+            for stage in export_with_fallback(b, state, "onnx", "model-key"):
+                stages.append(stage)
+                stage.absorb({"path": f"/kept/{stage.quant}", "format": "onnx", "quant": stage.quant,
+                              "verify": {"passed": False, "failures": ["task drop"]}}, state)
+        assert all(s.max_bytes == (weights_budget_bytes(arch, b.profile, b.plan.context_tokens)
+                                   if s.quant == "fit" else None) for s in stages)
+        return stages
+
+    assert [s.quant for s in laid_out("raspberry-pi-5-8gb")] == ["int4", "int8"]
+    tight = laid_out("tight-onnx")
+    assert [s.quant for s in tight] == ["int4", "fit"] and tight[-1].settings()["max_bytes"] == tight[-1].max_bytes
+
+
+def test_a_fit_in_a_build_with_a_task_calibrates_on_its_training_examples_only(tmp_path: Path) -> None:
+    """The calibration text of a fitted mix holds the task's training examples, never a held-out one (those are
+    what the task gate scores), then the built-in prose."""
+    from transformers import AutoTokenizer
+
+    from edgeforge.build.task_set import fit_calibration_text, task_text
+    from edgeforge.data.builtin import calibration_text
+    from edgeforge.data.chat import conversation_text
+    from edgeforge.models.gguf_hf import write_canonical_tokenizer
+    from edgeforge.models.refs import resolve_model
+
+    write_canonical_tokenizer(resolve_model(None).path, tmp_path / "tok")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    (teacher / "config.json").write_text(json.dumps(TEACHER_CONFIG), encoding="utf-8")
+    cfg = validate_pipeline({"teacher": str(teacher), "profile": "raspberry-pi-5-8gb", "task": "home-commands"},
+                            "test")
+    b = Builder(cfg, tmp_path / "out")
+    text = fit_calibration_text(b, tokenizer)
+    assert text.startswith(task_text(tokenizer, b.training_task()[:3])) and text.endswith(calibration_text())
+    task_part = text[: len(text) - len(calibration_text())]
+    held = [conversation_text(tokenizer, e["messages"]) for e in b.held_out_task()]
+    assert held and not any(h in task_part for h in held)

@@ -172,3 +172,30 @@ def test_plan_bad_task_file_is_one_line(tmp_path: Path):
     assert len(err.strip().splitlines()) == 1
     code, _, err = run("plan", "--profile", "raspberry-pi-zero-2w", "--task", "no-such-task")
     assert code == 2 and "no-such-task" in err and len(err.strip().splitlines()) == 1
+
+
+def test_plan_between_presets_names_the_fit_and_how_to_measure_its_mix(tmp_path: Path):
+    """A board whose budget sits between the teacher's Q6_K and Q8_0: plan shows the fitted mix when sensitivities
+    of the file were measured, and otherwise the command that measures them (a plan measures nothing)."""
+    import yaml
+
+    from edgeforge.models.refs import read_arch, resolve_model
+    from edgeforge.plan.sizing import kv_cache_bytes, memory_estimate, runtime_overhead_bytes
+
+    arch = read_arch(resolve_model(None))
+    weights = {q: memory_estimate(arch, "gguf", q, 2048).weights_bytes for q in ("Q6_K", "Q8_0")}
+    budget = (weights["Q6_K"] + weights["Q8_0"]) // 2 + kv_cache_bytes(arch, 2048) + runtime_overhead_bytes(arch, 2048)
+    profile = yaml.safe_load((Path(__file__).parent.parent / "profiles" / "rtx-4090-24gb.yaml").read_text())
+    profile.update(name="tight-board", memory_budget_bytes=budget)
+    profile["preferred_quants"]["gguf"] = ["Q8_0", "Q6_K", "Q4_K_M"]
+    (tmp_path / "profiles").mkdir()
+    (tmp_path / "profiles" / "tight-board.yaml").write_text(yaml.safe_dump(profile))
+    code, out, err = run("plan", "--profile", "tight-board", "--profiles-dir", str(tmp_path / "profiles"), "--json")
+    assert code == 0, err
+    fit = json.loads(out)["gguf_fit"]
+    assert fit["between_presets"] and fit["largest_preset_that_fits"] == "Q6_K"
+    if fit["mix"] is None:  # the teacher's sensitivities not measured on this machine
+        assert "--quant fit --profile tight-board" in fit["mix_command"]
+    else:
+        assert fit["mix"]["planned_file_bytes"] <= fit["budget_bytes"] and fit["mix_command"] is None
+        assert sum(fit["mix"]["groups_per_type"].values()) == len(fit["mix"]["group_types"]) > 2 * arch.n_layers

@@ -167,3 +167,48 @@ def test_table_errors_name_the_row(tmp_path, registry, row, message):
     path.write_text(f"measurements:\n  - {row}\n")
     with pytest.raises(BadInputError, match=message):
         load_measurements(path, registry)
+
+
+def test_calibrated_efficiencies_reproduce_the_rates_they_were_measured_from():
+    """``profiles detect --calibrate``'s solve: efficiencies taken from a model's measured decode and prefill make
+    the estimator give those rates back for that model (and differ from the fitted defaults when the device does)."""
+    from edgeforge.bench.calibrate import efficiencies
+
+    p = detect_profile(bandwidth_size_bytes=32 * 2**20)
+    arch = arch_from_config({**TINYLLAMA_1_1B, "num_hidden_layers": 8})
+    weights = gguf_file_bytes(arch, "Q4_K_M")
+    plain = estimate_speed(p, arch, weights, backend="cpu")
+    measured_decode, measured_prefill = plain.decode_tokens_per_s * 0.4, plain.prefill_tokens_per_s * 0.5
+    eff = efficiencies(p, arch, weights, measured_decode, measured_prefill, 128, estimator.DEFAULT_DECODE_TOKENS)
+    assert eff["compute_efficiency"] == pytest.approx(SPEED_CONSTANTS["cpu"].compute_efficiency * 0.5)
+    data = p.model_dump(mode="json")
+    data["decode_efficiency"] = {"cpu": eff["decode_efficiency"]}
+    data["compute_efficiency"] = {"cpu": eff["compute_efficiency"]}
+    calibrated = type(p).model_validate(data)
+    again = estimate_speed(calibrated, arch, weights, backend="cpu")
+    assert again.prefill_tokens_per_s == pytest.approx(measured_prefill, rel=1e-6)
+    assert again.decode_tokens_per_s == pytest.approx(measured_decode, rel=1e-3)
+
+
+def test_an_efficiency_above_one_is_refused():
+    p = detect_profile(bandwidth_size_bytes=32 * 2**20)
+    data = p.model_dump(mode="json")
+    data["compute_efficiency"] = {"cpu": 1.5}
+    with pytest.raises(ValueError, match=r"compute_efficiency\[cpu\] must be in \(0, 1\]"):
+        type(p).model_validate(data)
+
+
+@pytest.mark.integration  # a synthetic 8-layer model through llama.cpp and device_bench: about a minute
+def test_profiles_detect_calibrate_measures_both_efficiencies(tmp_path: Path):
+    from click.testing import CliRunner
+
+    from edgeforge.cli.app import cli
+    from edgeforge.plan.profiles import load_profile_file
+
+    out = tmp_path / "calibrated.yaml"
+    r = CliRunner().invoke(cli, ["profiles", "detect", "--calibrate", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    p = load_profile_file(out)
+    assert 0 < p.decode_efficiency["cpu"] <= 1 and 0 < p.compute_efficiency["cpu"] <= 1
+    assert any("profiles detect --calibrate" in s and "tokens/s" in s for s in p.sources)
+    assert not any("decode_efficiency.cpu is 1.0" in s for s in p.sources)

@@ -197,6 +197,79 @@ def test_int4_keeps_sensitive_layers_at_8_bits(llama_exports: dict[str, tuple[Pa
     assert (record["linear_layers_int8"], record["linear_layers_int4"]) == (18, 10)
 
 
+def _node_bits(onnx_dir: Path) -> dict[str, int]:
+    """MatMulNBits bits by the MatMul's name before quantization (the quantizer appends _Q4 / _Q8)."""
+    import re
+
+    import onnx
+
+    graph = onnx.load(str(onnx_dir / MODEL_FILE)).graph
+    return {re.sub(r"_Q\d+$", "", n.name): next(a.i for a in n.attribute if a.name == "bits")
+            for n in graph.node if n.op_type == "MatMulNBits"}
+
+
+def test_fitted_mix_fills_a_budget_between_int4_and_int8(tiny_llama: Path, llama_exports: dict[str, tuple[Path, dict]],
+                                                         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A budget halfway between the int4 and int8 exports: the fitted graph is within it, holds both widths, and
+    every linear layer has the bits the record claims (read from the graph); a second fit reuses the measured
+    sensitivities."""
+    from edgeforge.export.onnx.fit import weights_file_bytes
+    from edgeforge.verify.artifact import artifact_quant
+
+    monkeypatch.setenv("EDGEFORGE_HOME", str(tmp_path / "home"))
+    sizes = {m: weights_file_bytes(llama_exports[m][0] / MODEL_FILE) for m in ("int4", "int8")}
+    budget = (sizes["int4"] + sizes["int8"]) // 2
+    out = tmp_path / "fit"
+    record = export_onnx(tiny_llama, out, quantize="fit", max_bytes=budget)
+    fit = record["fit"]
+    assert weights_file_bytes(out / MODEL_FILE) <= budget
+    in_graph = _node_bits(out)
+    claimed = fit["node_bits"]
+    assert {n: b for n, b in in_graph.items() if n in claimed} == claimed
+    assert set(in_graph) - set(claimed) == {"/lm_head/MatMul"}  # the head, always 8 bits, is not a fitted group
+    assert set(claimed.values()) == {4, 8} and fit["judged_as"] == "int4"
+    assert artifact_quant(out, record) == "int4"
+    assert len(fit["group_bits"]) == 4 * 4 and fit["sensitivity"]["from_cache"] is False
+    assert fit["measured_mean_kl"] >= 0 and fit["predicted_mean_kl"] >= fit["sensitivity"]["int8_mean_kl"]
+    # more room than int4 used: the mix spends it (at least one group above the int4 recipe's 8-bit share)
+    assert sum(b == 8 for b in claimed.values()) > 0
+    again = export_onnx(tiny_llama, tmp_path / "fit2", quantize="fit", max_bytes=budget)
+    assert again["fit"]["sensitivity"]["from_cache"] is True and again["fit"]["node_bits"] == claimed
+
+
+def test_a_budget_below_every_layer_at_4_bits_is_one_clear_error(tiny_llama: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EDGEFORGE_HOME", str(tmp_path / "home"))
+    with pytest.raises(BadInputError) as excinfo:
+        export_onnx(tiny_llama, tmp_path / "out", quantize="fit", max_bytes=100_000)
+    assert "every linear layer at 4 bits" in one_line_error(excinfo)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob("*.partial"))
+
+
+def test_fit_on_the_command_line(tiny_llama: Path, llama_exports: dict[str, tuple[Path, dict]], tmp_path: Path,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """``export onnx --quantize fit`` needs a budget (one line, exit 2), and with one writes and verifies the mix."""
+    from click.testing import CliRunner
+
+    from edgeforge.cli.app import cli
+    from edgeforge.export.onnx.fit import weights_file_bytes
+
+    monkeypatch.setenv("EDGEFORGE_HOME", str(tmp_path / "home"))
+    r = CliRunner().invoke(cli, ["export", "onnx", str(tiny_llama), "--quantize", "fit", "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "--max-bytes" in r.stderr and "Traceback" not in r.stderr
+    r = CliRunner().invoke(cli, ["export", "onnx", str(tiny_llama), "--max-bytes", "1000",
+                                 "--out", str(tmp_path / "y")])
+    assert r.exit_code == 2 and "--quantize fit only" in r.stderr
+    budget = weights_file_bytes(llama_exports["int4"][0] / MODEL_FILE) + 8_000
+    r = CliRunner().invoke(cli, ["export", "onnx", str(tiny_llama), "--quantize", "fit", "--max-bytes", str(budget),
+                                 "--out", str(tmp_path / "z")])
+    assert r.exit_code == 0, r.output
+    assert "fitted mix within" in r.stdout and "PASS" in r.stdout
+    record = load_record(tmp_path / "z")
+    assert record["quantize"] == "fit" and record["verification"]["passed"]
+    assert record["verification"]["threshold"]["quant"] == "int4"
+
+
 def test_record_runtime_and_side_files(tiny_llama: Path, llama_exports: dict[str, tuple[Path, dict]]) -> None:
     out, rec = llama_exports["int8"]
     assert RECORD_KEYS <= rec.keys()
@@ -305,7 +378,8 @@ def test_unsupported_architecture_names_it_and_the_supported_ones(tmp_path: Path
     assert isinstance(excinfo.value, EdgeforgeError)
 
 
-@pytest.mark.parametrize("kwargs", [{"quantize": "int3"}, {"threads": 0}])
+@pytest.mark.parametrize("kwargs", [{"quantize": "int3"}, {"threads": 0}, {"quantize": "fit"},
+                                    {"quantize": "int8", "max_bytes": 400_000}])
 def test_bad_options(tiny_llama: Path, tmp_path: Path, kwargs: dict[str, Any]) -> None:
     with pytest.raises(BadInputError) as excinfo:
         export_onnx(tiny_llama, tmp_path / "out", **kwargs)

@@ -138,6 +138,16 @@ def test_a_fitted_file_fits_its_budget_with_the_types_its_record_claims(fit_mode
     assert not fit["sensitivity"]["from_cache"]
     again = export_gguf(ref, "fit", tmp_path / "fit2.gguf", imatrix_data=calibration, max_bytes=budget)
     assert again["fit"]["sensitivity"]["from_cache"] and again["fit"]["group_types"] == fit["group_types"]
+    # what `plan` shows: the same mix from the measured sensitivities, measuring nothing; none for unmeasured text
+    from edgeforge.export.fit.mix import cached_fit
+    from edgeforge.export.gguf import installed_version
+    from edgeforge.paths import edgeforge_home
+
+    lookup = (edgeforge_home() / "fit-sensitivity", installed_version("llama-cpp-python"))
+    shown = cached_fit(fit_model, budget, calibration.read_text(encoding="utf-8"), *lookup)
+    assert shown is not None and shown.types == fit["group_types"]
+    assert shown.predicted_mean_kl == pytest.approx(fit["predicted_mean_kl"])
+    assert cached_fit(fit_model, budget, calibration.read_text(encoding="utf-8") + " unmeasured", *lookup) is None
 
 
 def test_fit_on_the_command_line_needs_a_budget(fit_model: Path, tmp_path: Path):

@@ -63,19 +63,28 @@ class Builder:
         self.teacher_identity = content_identity(self.teacher_ref.path)
         self.data_identity = [content_identity(p) for p in self.data_files]
         self.task_identity = content_identity(self.task_path) if self.task_path else cfg.task
-        self._held_out_task: list[dict[str, Any]] | None = None
+        self._task_split: tuple[list[dict[str, Any]], list[dict[str, Any]]] | None = None
 
-    def held_out_task(self) -> list[dict[str, Any]]:
-        """Every held-out example of the task (none without one), split once per build: the task file's identity is
-        taken once at the start too, and a built-in task is generated, so splitting again per stage only cost time."""
-        if self._held_out_task is None:
-            self._held_out_task = []
+    def _split_task(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """(training, held-out) examples of the task, split once per build: the task file's identity is taken once
+        at the start too, and a built-in task is generated, so splitting again per stage only cost time."""
+        if self._task_split is None:
+            self._task_split = ([], [])
             if self.cfg.task is not None:
                 from edgeforge.tasks.examples import load_task_examples
 
-                _, self._held_out_task, _ = load_task_examples(None if self.task_path else self.cfg.task,
-                                                               self.task_path, self.cfg.seed)
-        return self._held_out_task
+                train, held, _ = load_task_examples(None if self.task_path else self.cfg.task, self.task_path,
+                                                    self.cfg.seed)
+                self._task_split = (train, held)
+        return self._task_split
+
+    def held_out_task(self) -> list[dict[str, Any]]:
+        """Every held-out example of the task (none without one)."""
+        return self._split_task()[1]
+
+    def training_task(self) -> list[dict[str, Any]]:
+        """Every training example of the task (none without one): what calibration may read, never the held-out."""
+        return self._split_task()[0]
 
     def student_shape(self) -> dict[str, Any]:
         """The student's layers, hidden size, MLP width and KV heads: the pipeline's, else the plan's (None: the

@@ -69,12 +69,14 @@ class ExportSettings(_Strict):
     formats: list[Literal["gguf", "onnx"]] | None = Field(None, description="null: every format the profile runs.")
     gguf_quant: str | None = Field(None, description="null: the plan's type (the student's, when distilling); fit: "
                                    "the per-tensor-group mix that loses least within the profile's GGUF budget.")
-    onnx_quantize: Literal["none", "int8", "int4"] | None = Field(None, description="null: the profile's first "
-                                                                 "preferred ONNX mode.")
+    onnx_quantize: Literal["none", "int8", "int4", "fit"] | None = Field(
+        None, description="null: the profile's first preferred ONNX mode; fit: 4 or 8 bits per layer group, the mix "
+        "that loses least within the profile's budget.")
     # A small distilled student can lose more per bit than the teacher; the record says what was tried.
     fallback: bool = Field(True, description="When the chosen GGUF type fails verification, try the profile's next "
                            "larger preferred type that still fits, and last a mix fitted to the profile's budget when "
-                           "a larger preferred type does not fit.")
+                           "a larger preferred type does not fit; ONNX int4 likewise falls back to int8, or to a "
+                           "fitted 4/8-bit mix when int8 does not fit.")
 
 
 class VerifySettings(_Strict):

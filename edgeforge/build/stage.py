@@ -75,6 +75,8 @@ class BuildContext(Protocol):
 
     def held_out_task(self) -> list[dict[str, Any]]: ...
 
+    def training_task(self) -> list[dict[str, Any]]: ...
+
 
 
 class Stage(Protocol):

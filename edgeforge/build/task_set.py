@@ -60,3 +60,22 @@ def score_model_dir(model_dir: Path, examples: list[dict[str, Any]], log: Any) -
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     metrics = task_metrics(model, tok, examples)
     return {k: metrics[k] for k in SCORE_FIELDS}
+
+
+#: Characters of rendered training task examples put before the built-in calibration text of a fitted mix, so
+#: the first calibration tokens (a fit measures 384) are half the task's own text, half general prose.
+TASK_CALIBRATION_CHARS = 3000
+
+
+def fit_calibration_text(ctx: BuildContext, tokenizer: Any) -> str:
+    """The calibration text of a fitted mix (and its importance matrix) in a build: with a task, its training
+    examples as the chat template renders them (never the held-out ones the gate scores), then the built-in
+    training prose; without one, the prose alone."""
+    from edgeforge.data.builtin import calibration_text
+
+    examples = ctx.training_task()
+    if not examples:
+        return calibration_text()
+    task = task_text(tokenizer, examples)[:TASK_CALIBRATION_CHARS]
+    return task + "\n\n" + calibration_text()
+

@@ -161,9 +161,12 @@ def profiles_validate(paths: tuple[Path, ...], as_json: bool) -> None:
 @profiles.command("detect")
 @click.option("--name", default="this-machine", show_default=True, help="Name of the detected profile.")
 @click.option("--out", type=click.Path(path_type=Path), help="Write the profile YAML here.")
+@click.option("--calibrate", is_flag=True, default=False,
+              help="Also measure the decode and compute efficiency llama.cpp's kernels reach here, on a synthetic "
+              "8-layer Q4_K_M model (about a minute): the speed estimates then use them.")
 @FORCE_OPTION
 @JSON_OPTION
-def profiles_detect(name: str, out: Path | None, force: bool, as_json: bool) -> None:
+def profiles_detect(name: str, out: Path | None, calibrate: bool, force: bool, as_json: bool) -> None:
     """Build a profile of this machine: cores, RAM, ISA flags, measured memory bandwidth."""
     from edgeforge.fileio import write_text_atomic
     from edgeforge.outputs import claim_output
@@ -172,6 +175,8 @@ def profiles_detect(name: str, out: Path | None, force: bool, as_json: bool) -> 
     if out:
         claim_output(out, kind="profile", force=force)
     p = detect_profile(name)
+    if calibrate:
+        p = calibrated(p)
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out, profile_to_yaml(p))
@@ -181,6 +186,19 @@ def profiles_detect(name: str, out: Path | None, force: bool, as_json: bool) -> 
         click.echo(profile_to_yaml(p).rstrip())
         if out:
             click.echo(f"# written to {out}", err=True)
+
+
+def calibrated(profile: Any) -> Any:
+    """``profile`` calibrated with llama.cpp on the synthetic model (edgeforge.bench.calibrate)."""
+    import tempfile
+
+    from edgeforge.bench.calibrate import calibrate_profile
+    from edgeforge.export.calibration_model import calibration_gguf, describe
+
+    with tempfile.TemporaryDirectory(prefix="edgeforge-calibrate-") as tmp:
+        click.echo("calibrating: a synthetic model through llama.cpp's converter, quantizer and device_bench",
+                   err=True)
+        return calibrate_profile(profile, calibration_gguf(Path(tmp)), describe())
 
 
 # ---------------------------------------------------------------- models
@@ -277,12 +295,48 @@ def plan(profile_name: str, teacher: str | None, context: int, prompt_tokens: in
     gate = check_exportable(ref)
     needed = {r.format for r in profile.runtimes}
     result.exportability = {fmt: v for fmt, v in gate.items() if fmt in needed or fmt == "training"}
+    if result.gguf_fit and result.gguf_fit["between_presets"]:
+        _attach_fitted_mix(result, ref, teacher, profile.name, context)
     if as_json:
         _print_json(result.to_dict())
     else:
         from edgeforge.cli.render import print_plan
 
         print_plan(result)
+
+
+def _attach_fitted_mix(result: Any, ref: Any, teacher: str | None, profile_name: str, context: int) -> None:
+    """The per-group mix ``export gguf --quant fit`` would write for the plan's budget, when the model exists as a
+    GGUF file and its sensitivities were measured before (a plan measures nothing); else the command that
+    measures it. A student to distill does not exist yet: its mix is measured when the build exports it."""
+    fit = result.gguf_fit
+    command = (f"edgeforge export gguf {teacher or 'smollm2-135m-instruct'} --quant fit --profile {profile_name} "
+               f"--context {context} --out OUT.gguf")
+    fit["mix"], fit["mix_command"] = None, None
+    if result.student:
+        fit["mix_note"] = "measured on the distilled student's file when the build exports it"
+        return
+    if ref.format != "gguf":
+        fit["mix_note"] = "measured on the converted file by export gguf --quant fit"
+        fit["mix_command"] = command
+        return
+    from edgeforge.data.builtin import calibration_text
+    from edgeforge.export.fit.mix import cached_fit
+    from edgeforge.export.gguf import installed_version
+    from edgeforge.paths import edgeforge_home
+
+    mix = cached_fit(ref.path, fit["budget_bytes"], calibration_text(), edgeforge_home() / "fit-sensitivity",
+                     installed_version("llama-cpp-python"))
+    if mix is None:
+        fit["mix_note"] = "not measured yet for this file: the command below measures it, then plan shows it"
+        fit["mix_command"] = command
+        return
+    counts: dict[str, int] = {}
+    for t in mix.types.values():
+        counts[t] = counts.get(t, 0) + 1
+    fit["mix"] = {"group_types": mix.types, "groups_per_type": counts, "planned_file_bytes": mix.group_bytes +
+                  mix.fixed_bytes, "predicted_mean_kl": mix.predicted_mean_kl,
+                  "calibration_tokens": mix.sensitivity.n_tokens}
 
 
 # ---------------------------------------------------------------- export / eval

@@ -141,17 +141,17 @@ def export_gguf_cmd(model: str, quant: str, out: Path, imatrix_data: Path | None
 
 
 def _fit_budget(ref, profile_name: str | None, max_bytes: int | None, context: int,
-                profiles_dirs: tuple[Path, ...]) -> int:
-    """--quant fit's byte budget: --max-bytes, else the largest file that fits the profile at --context."""
+                profiles_dirs: tuple[Path, ...], option: str = "--quant") -> int:
+    """A fitted mix's byte budget: --max-bytes, else the most weight bytes that fit the profile at --context."""
     if max_bytes is not None:
         return max_bytes
     if profile_name is None:
-        raise BadInputError("--quant fit needs a budget: pass --max-bytes B or --profile NAME")
+        raise BadInputError(f"{option} fit needs a budget: pass --max-bytes B or --profile NAME")
     from edgeforge.models.refs import read_arch
-    from edgeforge.plan.planner import gguf_budget_bytes
+    from edgeforge.plan.planner import weights_budget_bytes
     from edgeforge.plan.profiles import resolve_profile
 
-    budget = gguf_budget_bytes(read_arch(ref), resolve_profile(profile_name, profiles_dirs), context)
+    budget = weights_budget_bytes(read_arch(ref), resolve_profile(profile_name, profiles_dirs), context)
     if budget <= 0:
         raise BadInputError(f"profile '{profile_name}' has no memory left for weights at --context {context} (the KV "
                             "cache and runtime take it all); lower --context or distill a smaller student")
@@ -166,10 +166,11 @@ def _report_artifact(record: dict[str, Any], as_json: bool) -> None:
     click.echo(f"wrote {record['path']} ({size / 1e6:.1f} MB, {record.get('quant') or record.get('quantize')})")
     fit = record.get("fit")
     if fit:
+        group_types = fit.get("group_types") or {g: f"int{b}" for g, b in fit["group_bits"].items()}
         counts: dict[str, int] = {}
-        for t in fit["group_types"].values():
+        for t in group_types.values():
             counts[t] = counts.get(t, 0) + 1
-        click.echo(f"fitted mix within {fit['budget_bytes'] / 1e6:.1f} MB: {len(fit['group_types'])} tensor groups ("
+        click.echo(f"fitted mix within {fit['budget_bytes'] / 1e6:.1f} MB: {len(group_types)} tensor groups ("
                    + ", ".join(f"{n} {t}" for t, n in sorted(counts.items())) + f"); predicted mean KL "
                    f"{fit['predicted_mean_kl']:.4f} on {fit['sensitivity']['n_tokens']} calibration tokens")
     v = record.get("verification")
@@ -183,12 +184,22 @@ def _report_artifact(record: dict[str, Any], as_json: bool) -> None:
 @export.command("onnx")
 @click.argument("model")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="The directory to write.")
-@click.option("--quantize", type=click.Choice(["none", "int8", "int4"]), default="int8", show_default=True,
-              help="Weight-only quantization with onnxruntime (every variant is verified).")
+@click.option("--quantize", type=click.Choice(["none", "int8", "int4", "fit"]), default="int8", show_default=True,
+              help="Weight-only quantization with onnxruntime (every variant is verified); fit: 4 or 8 bits per "
+              "layer group, the mix measured to lose least within --max-bytes or the --profile's memory.")
+@click.option("--profile", "profile_name", default=None,
+              help="With --quantize fit: the device whose memory budget the weights must fit.")
+@click.option("--max-bytes", type=click.IntRange(min=1), default=None,
+              help="With --quantize fit: the most bytes the graph and its weights may take [default: what fits "
+              "--profile].")
+@click.option("--context", type=click.IntRange(min=1), default=2048, show_default=True,
+              help="With --quantize fit --profile: the context the KV cache is sized for.")
 @click.option("--verify/--no-verify", default=True, show_default=True)
 @FORCE_OPTION
+@PROFILES_DIR_OPTION
 @JSON_OPTION
-def export_onnx_cmd(model: str, out: Path, quantize: str, verify: bool, force: bool, as_json: bool) -> None:
+def export_onnx_cmd(model: str, out: Path, quantize: str, profile_name: str | None, max_bytes: int | None,
+                    context: int, verify: bool, force: bool, profiles_dirs: tuple[Path, ...], as_json: bool) -> None:
     """Export MODEL to an ONNX decoder with KV cache that optimum's ORTModelForCausalLM loads as is.
 
     One quantization recipe serves every CPU: onnxruntime picks the integer kernels (ARM SDOT/I8MM, AVX2, AVX-512
@@ -199,6 +210,10 @@ def export_onnx_cmd(model: str, out: Path, quantize: str, verify: bool, force: b
     from edgeforge.outputs import claim_output
 
     ref = resolve_model(model)
+    if quantize == "fit":
+        max_bytes = _fit_budget(ref, profile_name, max_bytes, context, profiles_dirs, option="--quantize")
+    elif max_bytes is not None:
+        raise BadInputError("--max-bytes applies to --quantize fit only")
     claim_output(out, kind="onnx", force=force)  # before a GGUF source is dequantized
     if ref.format == "gguf":
         from edgeforge.models.gguf_hf import hf_dir_for, materialize_hf
@@ -207,14 +222,14 @@ def export_onnx_cmd(model: str, out: Path, quantize: str, verify: bool, force: b
         hf_dir = materialize_hf(ref.path, hf_dir_for(ref.path, edgeforge_home()))
     else:
         hf_dir = ref.path
-    record = export_onnx(hf_dir, out, quantize=quantize, force=force)  # type: ignore[arg-type]
+    record = export_onnx(hf_dir, out, quantize=quantize, force=force, max_bytes=max_bytes)  # type: ignore[arg-type]
     record.setdefault("path", str(out))
     record.setdefault("quant", quantize)
     if verify:
-        from edgeforge.verify.artifact import Reference, verify_artifact
+        from edgeforge.verify.artifact import Reference, artifact_quant, verify_artifact
 
         try:
-            record["verification"] = verify_artifact(out, Reference(ref), quantize, enforce=True)
+            record["verification"] = verify_artifact(out, Reference(ref), artifact_quant(out, record), enforce=True)
         except EdgeforgeError as e:
             record["verification"] = {"passed": False, "error": str(e)}
             save_record(out, record)

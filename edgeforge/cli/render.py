@@ -62,6 +62,15 @@ def print_plan(plan: Plan, console: Console | None = None) -> None:
                if f["between_presets"] else "; every preferred preset fits")
         console.print(f"[bold]GGUF budget:[/] {_mb(f['budget_bytes'])} for {who} at {plan.context_tokens} tokens of "
                       f"context ({where}{nxt})")
+        mix = f.get("mix")
+        if mix:
+            console.print(f"[bold]fitted mix:[/] {sum(mix['groups_per_type'].values())} tensor groups ("
+                          + ", ".join(f"{n} {t}" for t, n in sorted(mix["groups_per_type"].items()))
+                          + f"), {_mb(mix['planned_file_bytes'])}, predicted mean KL {mix['predicted_mean_kl']:.4f} "
+                          f"on {mix['calibration_tokens']} calibration tokens (from measured sensitivities)")
+        elif f.get("mix_note"):
+            console.print(f"[bold]fitted mix:[/] {f['mix_note']}"
+                          + (f": {f['mix_command']}" if f.get("mix_command") else ""))
     console.print(f"[bold]serving energy:[/] {plan.serving_energy_wh_per_million_tokens:.0f} Wh per million tokens")
     for fmt, v in plan.exportability.items():
         mark = "ok" if v["ok"] else "[red]BLOCKED[/]"

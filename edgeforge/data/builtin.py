@@ -93,8 +93,18 @@ def training_prose(max_chars: int | None = None) -> str:
     return text if max_chars is None else text[:max_chars]
 
 
-def write_calibration_text(path: Path, max_chars: int = 200_000) -> Path:
-    """Calibration text (e.g. for an importance matrix) written to ``path``: training text only."""
+#: Characters of the built-in calibration text (importance matrices, fitted mixes): training prose only.
+CALIBRATION_TEXT_CHARS = 200_000
+
+
+def calibration_text() -> str:
+    """The built-in calibration text ('builtin' for --imatrix-data): the start of the training prose."""
+    return training_prose(CALIBRATION_TEXT_CHARS)
+
+
+def write_calibration_text(path: Path, max_chars: int = CALIBRATION_TEXT_CHARS) -> Path:
+    """The built-in calibration text written to ``path`` (llama-imatrix reads a file); ``max_chars`` shorter for
+    tests."""
     path.write_text(training_prose(max_chars), encoding="utf-8")
     return path
 

@@ -25,7 +25,8 @@ NPU's rate for ``npu``, and the GPU's dense FP16 throughput otherwise. The const
 per device: :data:`SPEED_CONSTANTS` is the output of ``benchmarks/fit_estimator.py`` (least squares on the log ratio
 over the published measurements of ``benchmarks/data/speed_measurements.yaml``; ``tests/test_estimator.py`` checks
 the leave-one-out error). A profile may override the bandwidth efficiency, e.g. ``profiles detect``, whose bandwidth
-is measured and so is taken at face value (1.0).
+is measured and so is taken at face value (1.0), and both efficiencies, as ``profiles detect --calibrate`` does with
+the rates llama.cpp reaches on a synthetic model of another shape (edgeforge.bench.calibrate).
 """
 
 from __future__ import annotations
@@ -88,6 +89,11 @@ def device_compute_ops_per_s(profile: DeviceProfile, backend: str) -> float:
 def decode_bandwidth_efficiency(profile: DeviceProfile, backend: str) -> float:
     """The profile's override for ``backend`` (e.g. a measured bandwidth: 1.0), else the fitted constant."""
     return profile.decode_efficiency.get(backend, SPEED_CONSTANTS[backend].bandwidth_efficiency)  # type: ignore[call-overload]
+
+
+def compute_efficiency(profile: DeviceProfile, backend: str) -> float:
+    """The profile's override for ``backend`` (measured by ``profiles detect --calibrate``), else the fitted one."""
+    return profile.compute_efficiency.get(backend, SPEED_CONSTANTS[backend].compute_efficiency)  # type: ignore[call-overload]
 
 
 def mean_decode_depth(decode_tokens: int, decode_depth: int = 0) -> float:
@@ -159,6 +165,9 @@ def estimate_speed(
     """
     backend = backend or profile.primary_runtime.backend
     constants = SPEED_CONSTANTS[backend]
+    if backend in profile.compute_efficiency:  # measured on this device (profiles detect --calibrate)
+        constants = BackendConstants(constants.bandwidth_efficiency, constants.layer_overhead_s,
+                                     compute_efficiency(profile, backend))
     compute = device_compute_ops_per_s(profile, backend)
     kv_tokens = mean_decode_depth(decode_tokens)
     seconds_per_token = float(decode_seconds_per_token(

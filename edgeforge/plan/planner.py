@@ -140,9 +140,10 @@ def evaluate(
     )
 
 
-def gguf_budget_bytes(arch: ModelArch, profile: DeviceProfile, context: int) -> int:
-    """The largest GGUF file of ``arch`` that fits ``profile`` at ``context`` tokens: the profile's memory budget
-    minus the KV cache and the runtime's own memory, as ``evaluate`` counts them."""
+def weights_budget_bytes(arch: ModelArch, profile: DeviceProfile, context: int) -> int:
+    """The most weight bytes of ``arch`` (a GGUF file, an ONNX graph with its data) that fit ``profile`` at
+    ``context`` tokens: the profile's memory budget minus the KV cache and the runtime's own memory, as
+    ``evaluate`` counts them for either format."""
     return (profile.memory_budget_bytes - kv_cache_bytes(arch, context)
             - runtime_overhead_bytes(arch, context))
 
@@ -152,7 +153,7 @@ def gguf_fit_room(arch: ModelArch, profile: DeviceProfile, context: int) -> dict
     largest preset that fits it, the smallest that does not, and the bytes a fitted mix (``export gguf --quant
     fit``, ``build``'s last fallback) can use beyond the largest fitting preset. The mix itself is chosen from
     sensitivities measured on the real model's file (edgeforge.export.fit), which a plan does not have."""
-    budget = gguf_budget_bytes(arch, profile, context)
+    budget = weights_budget_bytes(arch, profile, context)
     sizes = {q: memory_estimate(arch, "gguf", q, context).weights_bytes for q in _quants_for(profile, "gguf")}
     under = [q for q in sizes if sizes[q] <= budget]
     over = [q for q in sizes if sizes[q] > budget]

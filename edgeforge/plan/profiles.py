@@ -96,6 +96,11 @@ class DeviceProfile(_Strict):
         description="optional per-backend overrides of the estimator's bandwidth efficiency (0-1], e.g. "
         "from 'profiles detect'; built-in profiles leave it empty and use the general defaults",
     )
+    compute_efficiency: dict[Backend, float] = Field(
+        default_factory=dict,
+        description="optional per-backend overrides of the estimator's compute efficiency (0-1], measured by "
+        "'profiles detect --calibrate'; built-in profiles leave it empty and use the general defaults",
+    )
     latency_goals: LatencyGoals
     power_watts: float = Field(gt=0, description="power draw while generating (W)")
     sources: list[str] = Field(min_length=1, description="where each figure comes from")
@@ -107,9 +112,11 @@ class DeviceProfile(_Strict):
                 f"memory_budget_bytes ({self.memory_budget_bytes}) exceeds memory_total_bytes "
                 f"({self.memory_total_bytes}); the budget is what is left after the OS"
             )
-        for backend, eff in self.decode_efficiency.items():
-            if not 0 < eff <= 1:
-                raise ValueError(f"decode_efficiency[{backend}] must be in (0, 1], found {eff}")
+        for field, overrides in (("decode_efficiency", self.decode_efficiency),
+                                 ("compute_efficiency", self.compute_efficiency)):
+            for backend, eff in overrides.items():
+                if not 0 < eff <= 1:
+                    raise ValueError(f"{field}[{backend}] must be in (0, 1], found {eff}")
         return self
 
     @property

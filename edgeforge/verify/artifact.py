@@ -94,9 +94,11 @@ def onnx_weight_bits(model_dir: Path) -> str:
 def artifact_quant(artifact: Path, record: dict[str, Any]) -> str:
     """The quant type an artifact really is, for its thresholds: a GGUF's own ``general.file_type`` (the file is
     the truth; its record only when the file declares none), an ONNX directory's record (``quantize``) or else its
-    graph. ``record``: the artifact's export record, {} when it has none."""
+    graph (a fitted mix: the type it is judged as). ``record``: the artifact's export record, {} when it has none."""
     if artifact.is_dir() or artifact.suffix == ".onnx":
         found = record.get("quantize") or record.get("quant")
+        if found == "fit":  # a fitted 4/8-bit mix is judged by what it holds (export.onnx.fit.OnnxFit.judged_as)
+            found = (record.get("fit") or {}).get("judged_as")
         return str(found) if found else onnx_weight_bits(artifact if artifact.is_dir() else artifact.parent)
     declared = gguf_file_type(artifact)
     if declared is not None:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeforge.build.stage import BuildContext, BuildState
-from edgeforge.build.task_set import held_out_task_examples, source_task_scores, task_text
+from edgeforge.build.task_set import fit_calibration_text, held_out_task_examples, source_task_scores, task_text
 from edgeforge.errors import BadInputError, QualityGateError
 from edgeforge.export.gguf import FIT, judged_type
 from edgeforge.models.files import read_model_config
@@ -56,15 +56,16 @@ class ExportStage:
 
     def run(self, stage_dir: Path, state: BuildState) -> dict[str, Any]:
         from edgeforge.models.refs import ModelRef
-        from edgeforge.verify.artifact import Reference
+        from edgeforge.verify.artifact import Reference, artifact_quant
 
         assert state.model_dir is not None
         ctx = self.ctx
         ref = ModelRef(name=f"{ctx.teacher_ref.name}-{ctx.profile.name}", path=state.model_dir, format="hf")
-        path, record = self._export(ref, stage_dir, state)
         reference = Reference(ref)
+        path, record = self._export(ref, stage_dir, state, reference.tokenizer)
         examples = held_out_task_examples(ctx)
-        verify = self._verify(path, reference, examples, judged_type(record) if self.fmt == "gguf" else self.quant)
+        verify = self._verify(path, reference, examples, judged_type(record) if self.fmt == "gguf" else
+                              artifact_quant(path, record))
         task = None
         if examples:
             task = self._task_metrics(path, reference.tokenizer, examples)
@@ -108,13 +109,17 @@ class ExportStage:
         return {**verify, "text": "task", "general_prose": {k: prose[k] for k in (
             "mean_kl", "top1_agreement", "perplexity_reference", "perplexity_artifact", "passed", "failures")}}
 
-    def _export(self, ref: Any, stage_dir: Path, state: BuildState) -> tuple[Path, dict[str, Any]]:
-        """Write the artifact into ``stage_dir``; returns its path and the exporter's record."""
+    def _export(self, ref: Any, stage_dir: Path, state: BuildState, tokenizer: Any) -> tuple[Path, dict[str, Any]]:
+        """Write the artifact into ``stage_dir``; returns its path and the exporter's record. A fitted mix is
+        measured on the task's training examples and the built-in prose (``fit_calibration_text``)."""
         if self.fmt == "gguf":
             from edgeforge.export.gguf import NEEDS_IMATRIX, export_gguf
 
             imatrix_data = None
-            if self.quant in NEEDS_IMATRIX or self.quant == FIT:  # a mix is measured with an importance matrix
+            if self.quant == FIT:  # a mix is measured with an importance matrix, on text of the model's job
+                imatrix_data = stage_dir / "calibration.txt"
+                imatrix_data.write_text(fit_calibration_text(self.ctx, tokenizer), encoding="utf-8")
+            elif self.quant in NEEDS_IMATRIX:
                 from edgeforge.data.builtin import write_calibration_text
 
                 imatrix_data = write_calibration_text(stage_dir / "calibration.txt")
@@ -129,7 +134,9 @@ class ExportStage:
         from edgeforge.export.onnx.export import export_onnx
 
         path = stage_dir / "onnx"
-        return path, export_onnx(state.model_dir, path, quantize=self.quant)  # type: ignore[arg-type]
+        text = fit_calibration_text(self.ctx, tokenizer) if self.quant == FIT else None
+        return path, export_onnx(state.model_dir, path, quantize=self.quant,  # type: ignore[arg-type]
+                                 max_bytes=self.max_bytes, calibration_text=text)
 
     def _task_metrics(self, path: Path, tokenizer: Any, examples: list[dict[str, Any]]) -> dict[str, Any]:
         """Exact match of the artifact, through its own engine, on the fixed task set."""
@@ -170,16 +177,35 @@ def onnx_quant(ctx: BuildContext) -> str:
     return ctx.cfg.export.onnx_quantize or (ctx.profile.preferred_quants.onnx or ["int8"])[0]
 
 
-def fit_budget_bytes(ctx: BuildContext, state: BuildState) -> int:
-    """The largest GGUF file of the build's model that fits the profile at the plan's context (``plan``'s count)."""
+def onnx_candidates(ctx: BuildContext, state: BuildState) -> list[str]:
+    """The chosen ONNX mode, then (with fallback, from int4) int8 when it fits the profile, else a 4/8-bit mix
+    fitted to the profile's budget (export.onnx.fit): the budget sits between int4 and int8."""
     from edgeforge.models.refs import arch_from_config
-    from edgeforge.plan.planner import gguf_budget_bytes
+    from edgeforge.plan.planner import weights_budget_bytes
+    from edgeforge.plan.sizing import onnx_weights_bytes
+
+    first = onnx_quant(ctx)
+    if not ctx.cfg.export.fallback or first != "int4":
+        return [first]
+    assert state.model_dir is not None
+    arch = arch_from_config(read_model_config(state.model_dir))
+    budget = weights_budget_bytes(arch, ctx.profile, ctx.plan.context_tokens)
+    if onnx_weights_bytes(arch, "int8") <= budget:
+        return [first, "int8"]
+    return [first, FIT] if onnx_weights_bytes(arch, "int4") < budget else [first]
+
+
+def fit_budget_bytes(ctx: BuildContext, state: BuildState, fmt: str = "gguf") -> int:
+    """The most weight bytes of the build's model that fit the profile at the plan's context (``plan``'s count)."""
+    from edgeforge.models.refs import arch_from_config
+    from edgeforge.plan.planner import weights_budget_bytes
 
     assert state.model_dir is not None
-    budget = gguf_budget_bytes(arch_from_config(read_model_config(state.model_dir)), ctx.profile,
+    budget = weights_budget_bytes(arch_from_config(read_model_config(state.model_dir)), ctx.profile,
                                ctx.plan.context_tokens)
     if budget <= 0:
-        raise BadInputError(f"export.gguf_quant fit: {ctx.profile.name} has no memory left for weights at "
+        setting = "gguf_quant" if fmt == "gguf" else "onnx_quantize"
+        raise BadInputError(f"export.{setting} fit: {ctx.profile.name} has no memory left for weights at "
                             f"{ctx.plan.context_tokens} tokens of context; choose a preset type or a smaller context")
     return budget
 
@@ -223,9 +249,10 @@ def export_with_fallback(ctx: BuildContext, state: BuildState, fmt: str, upstrea
 
     Raises QualityGateError when none passes. Stops without a verdict when the last one laid out has not run
     (``--dry-run``)."""
-    quants = gguf_candidates(ctx, state) if fmt == "gguf" else [onnx_quant(ctx)]
+    quants = gguf_candidates(ctx, state) if fmt == "gguf" else onnx_candidates(ctx, state)
     for attempt, q in enumerate(quants, start=1):
-        yield ExportStage(ctx, fmt, q, upstream_key, max_bytes=fit_budget_bytes(ctx, state) if q == FIT else None)
+        yield ExportStage(ctx, fmt, q, upstream_key,
+                          max_bytes=fit_budget_bytes(ctx, state, fmt) if q == FIT else None)
         tried = state.exports.get(fmt, [])
         if len(tried) < attempt:  # laid out but not run: whether it passes is not known yet
             return

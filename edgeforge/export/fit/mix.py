@@ -112,11 +112,33 @@ def fit_mix(base: Path, max_bytes: int, calibration_text: str, imatrix: Path | N
     (``quantize``: export.gguf's, which writes every measured file; ``runtime_version``: llama-cpp-python's, part of
     the cache key; ``layout``: ``check_budget``'s result when the caller has it)."""
     layout = layout or check_budget(base, max_bytes)
-    groups, fixed = layout.groups, layout.fixed_bytes
-    budget = max_bytes - fixed
     ids = calibration_ids(base, calibration_text)
     key = hashlib.sha256(calibration_text.encode()).hexdigest()
-    sens = measure_sensitivity(base, groups, ids, imatrix, key, threads, cache_dir, quantize, runtime_version)
+    sens = measure_sensitivity(base, layout.groups, ids, imatrix, key, threads, cache_dir, quantize, runtime_version)
+    return _choose(layout, sens, ids, max_bytes)
+
+
+def cached_fit(base: Path, max_bytes: int, calibration_text: str, cache_dir: Path,
+               runtime_version: str) -> FitPlan | None:
+    """The mix ``fit_mix`` would choose for ``base`` within ``max_bytes``, from sensitivities measured before
+    (``export gguf --quant fit`` of the same file and calibration text); None when they were not, or when nothing
+    fits. Measures nothing: ``plan`` shows it."""
+    from edgeforge.export.fit.sensitivity import cached_sensitivity
+
+    try:
+        layout = check_budget(base, max_bytes)
+    except BadInputError:
+        return None
+    ids = calibration_ids(base, calibration_text)
+    key = hashlib.sha256(calibration_text.encode()).hexdigest()
+    sens = cached_sensitivity(base, layout.groups, ids, key, cache_dir, runtime_version)
+    return _choose(layout, sens, ids, max_bytes) if sens is not None else None
+
+
+def _choose(layout: Layout, sens: Sensitivity, ids: list[int], max_bytes: int) -> FitPlan:
+    """The least predicted-loss mix of the measured ``sens`` within ``max_bytes`` (exact knapsack)."""
+    groups, fixed = layout.groups, layout.fixed_bytes
+    budget = max_bytes - fixed
     options: dict[str, list[Option]] = {}
     for g in groups:
         seen: set[tuple[str, ...]] = set()

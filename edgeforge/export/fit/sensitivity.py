@@ -92,6 +92,18 @@ def role_of(group: TensorGroup) -> str:
     return group.name.rsplit(".", 1)[-1] if group.name.startswith("blk.") else group.name
 
 
+def cached_sensitivity(base: Path, groups: list[TensorGroup], token_ids: list[int], imatrix_key: str,
+                       cache_dir: Path, runtime_version: str) -> Sensitivity | None:
+    """``measure_sensitivity``'s result when it was measured before for exactly these inputs, else None (nothing
+    is measured: what ``plan`` uses to show the mix a fit would choose)."""
+    cached = cache_dir / f"{_cache_key(base, token_ids, imatrix_key, groups, runtime_version)}.json"
+    if not cached.is_file():
+        return None
+    d = json.loads(cached.read_text(encoding="utf-8"))
+    return Sensitivity(d["top_mean_kl"], d["cost"], d["n_tokens"], d["files_measured"], d["seconds"],
+                       d["role_curves"], from_cache=True)
+
+
 def measure_sensitivity(base: Path, groups: list[TensorGroup], token_ids: list[int], imatrix: Path | None,
                         imatrix_key: str, threads: int, cache_dir: Path, quantize: Quantize,
                         runtime_version: str) -> Sensitivity:
@@ -109,12 +121,10 @@ def measure_sensitivity(base: Path, groups: list[TensorGroup], token_ids: list[i
 
     from edgeforge.progress import progress
 
-    key = _cache_key(base, token_ids, imatrix_key, groups, runtime_version)
-    cached = cache_dir / f"{key}.json"
-    if cached.is_file():
-        d = json.loads(cached.read_text(encoding="utf-8"))
-        return Sensitivity(d["top_mean_kl"], d["cost"], d["n_tokens"], d["files_measured"], d["seconds"],
-                           d["role_curves"], from_cache=True)
+    found = cached_sensitivity(base, groups, token_ids, imatrix_key, cache_dir, runtime_version)
+    if found is not None:
+        return found
+    cached = cache_dir / f"{_cache_key(base, token_ids, imatrix_key, groups, runtime_version)}.json"
     t0 = time.perf_counter()
     ref = _logprobs(base, token_ids, threads)
     top = {g.name: TOP_TYPE for g in groups}

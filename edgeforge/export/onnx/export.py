@@ -22,6 +22,7 @@ import shutil
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,8 @@ def export_onnx(
     quantize: QuantizeMode = "int8",
     threads: int | None = None,
     force: bool = False,
+    max_bytes: int | None = None,
+    calibration_text: str | None = None,
 ) -> dict[str, Any]:
     """Export a Hugging Face decoder to an ONNX directory with KV cache, weight-only quantized.
 
@@ -94,9 +97,13 @@ def export_onnx(
         model_dir: Hugging Face model directory (config.json, safetensors, tokenizer files).
         out_dir: the directory to create; an earlier export there is replaced only once the new one is complete.
         quantize: "none" (fp32), "int8" (8-bit blocks of 32, symmetric) or "int4" (4-bit linear layers except
-            those of ``int4_8bit_nodes()``; 8-bit embedding and output head).
+            those of ``int4_8bit_nodes()``; 8-bit embedding and output head) or "fit" (4 or 8 bits per layer group,
+            the least-loss mix whose weights fit ``max_bytes``: edgeforge.export.onnx.fit).
         threads: intra-op threads written to ``runtime.json`` for the device (None: the runtime's default).
         force: replace whatever is at ``out_dir`` (by default only an earlier export or an empty directory).
+        max_bytes: with "fit", the most bytes the graph and its weights may take (required).
+        calibration_text: with "fit", the text the sensitivities are measured on [default: the built-in training
+            prose, the GGUF importance matrix's text].
 
     Returns:
         The export record, also written to ``out_dir/edgeforge-export.json``.
@@ -106,14 +113,19 @@ def export_onnx(
         raise BadInputError(f"unknown quantize '{quantize}': expected one of {', '.join(QUANTIZE_MODES)}")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads <= 0):
         raise BadInputError(f"threads must be a positive integer or None, found {threads!r}")
+    if (quantize == "fit") != (max_bytes is not None):
+        raise BadInputError("quantize='fit' needs max_bytes, and max_bytes applies to 'fit' only")
+    if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes <= 0):
+        raise BadInputError(f"max_bytes must be a positive integer, found {max_bytes!r}")
     config = read_model_config(model_dir)
     check_exportable(config)
+    fit = _FitRequest(max_bytes, calibration_text) if quantize == "fit" else None
     claim_output(out_dir, kind="onnx", force=force)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     partial = out_dir.with_name(out_dir.name + ".partial")
     _remove_stale_partial(partial, out_dir)
-    quant_info, seconds = _assemble(model_dir, out_dir, partial, config, quantize)
+    quant_info, seconds = _assemble(model_dir, out_dir, partial, config, quantize, fit)
     runtime = {"n_threads": threads, "n_ctx": int(config.get("max_position_embeddings") or 2048)}
     (partial / RUNTIME_FILE).write_text(json.dumps(runtime, indent=2) + "\n", encoding="utf-8")
     record = _export_record(partial, model_dir, config, quantize, quant_info, seconds, runtime)
@@ -122,8 +134,14 @@ def export_onnx(
     return record
 
 
+@dataclass(frozen=True)
+class _FitRequest:
+    max_bytes: int
+    calibration_text: str | None
+
+
 def _assemble(model_dir: Path, out_dir: Path, partial: Path, config: dict[str, Any],
-              quantize: str) -> tuple[dict[str, Any], dict[str, float]]:
+              quantize: str, fit: _FitRequest | None = None) -> tuple[dict[str, Any], dict[str, float]]:
     """optimum's export (in a temporary directory beside ``out_dir``), quantized into ``partial`` with the side
     files; returns (the quantization's record fields, {"export": s, "quantize": s}). ``partial`` is removed when
     anything fails."""
@@ -136,7 +154,7 @@ def _assemble(model_dir: Path, out_dir: Path, partial: Path, config: dict[str, A
         partial.mkdir()
         try:
             t0 = time.perf_counter()
-            quant_info = _quantize_step(raw, partial, quantize)
+            quant_info = _quantize_step(raw, partial, quantize, model_dir, config, fit)
             quantize_s = time.perf_counter() - t0
             # optimum's config.json is the one its ORTModel classes are tested with; take it, then the source's
             # tokenizer and generation files untouched (optimum re-saves the tokenizer, with the GGUF blob if any).
@@ -169,14 +187,24 @@ def _export_record(partial: Path, model_dir: Path, config: dict[str, Any], quant
     }
 
 
-def _quantize_step(raw: Path, partial: Path, quantize: str) -> dict[str, Any]:
-    """Move (none) or quantize (int8/int4) optimum's graph from ``raw`` into ``partial``; returns record fields."""
+def _quantize_step(raw: Path, partial: Path, quantize: str, model_dir: Path, config: dict[str, Any],
+                   fit: _FitRequest | None) -> dict[str, Any]:
+    """Move (none) or quantize (int8/int4/fit) optimum's graph from ``raw`` into ``partial``; returns record
+    fields."""
     if quantize == "none":
         for name in (MODEL_FILE, EXTERNAL_DATA_FILE):
             if (raw / name).exists():
                 shutil.move(raw / name, partial / name)
         return {"algorithm": "fp32"}
     try:
+        if fit is not None:
+            from edgeforge.data.builtin import training_prose
+            from edgeforge.export.onnx.fit import calibration_ids, fit_onnx
+            from edgeforge.paths import edgeforge_home
+
+            ids = calibration_ids(model_dir, fit.calibration_text or training_prose())
+            return fit_onnx(raw / MODEL_FILE, partial / MODEL_FILE, fit.max_bytes, ids, config,
+                            edgeforge_home() / "fit-sensitivity")
         return quantize_onnx(raw / MODEL_FILE, partial / MODEL_FILE, quantize)
     except EdgeforgeError:
         raise

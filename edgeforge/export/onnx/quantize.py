@@ -24,9 +24,10 @@ from typing import Any, Literal
 from edgeforge.errors import BadInputError
 from edgeforge.export.onnx.embedding import quantize_embedding_and_head
 
-QuantizeMode = Literal["none", "int8", "int4"]
+QuantizeMode = Literal["none", "int8", "int4", "fit"]
 
-QUANTIZE_MODES: tuple[str, ...] = ("none", "int8", "int4")
+#: "fit": 4 or 8 bits per layer group, chosen within a byte budget from measured sensitivity (export.onnx.fit)
+QUANTIZE_MODES: tuple[str, ...] = ("none", "int8", "int4", "fit")
 #: Weights per quantization block. 32 is what kept SmolLM2-135M at KLD 0.003 in int8 (shared/DESIGN.md) and is the
 #: block the arm64 int8-dot kernels of onnxruntime (KleidiAI) are built for.
 BLOCK_SIZE = 32
@@ -56,12 +57,14 @@ INT4_ALGORITHM = "rtn_sym"
 
 
 # ---------------------------------------------------------------------------------------------------- quantization
-def quantize_onnx(src: Path, dst: Path, mode: QuantizeMode, int4_algorithm: str = INT4_ALGORITHM) -> dict[str, Any]:
+def quantize_onnx(src: Path, dst: Path, mode: QuantizeMode, int4_algorithm: str = INT4_ALGORITHM,
+                  kept_8bit: list[str] | None = None) -> dict[str, Any]:
     """Weight-only quantize the decoder at ``src`` into ``dst``; returns what was done, for the record.
 
     int8: every linear layer, the embedding and the head at 8 bits, symmetric blocks of 32.
-    int4: the linear layers at 4 bits, except ``int4_8bit_nodes()`` (v_proj, down_proj, first and last layer) and
-    the embedding/head, which stay at 8 bits. ``int4_algorithm`` (one of INT4_ALGORITHMS) is for experiments.
+    int4: the linear layers at 4 bits, except ``kept_8bit`` (MatMul node names; by default ``int4_8bit_nodes()``:
+    v_proj, down_proj, first and last layer; a fitted mix passes its own) and the embedding/head, which stay at
+    8 bits. ``int4_algorithm`` (one of INT4_ALGORITHMS) is for experiments.
     """
     import onnx
 
@@ -71,15 +74,15 @@ def quantize_onnx(src: Path, dst: Path, mode: QuantizeMode, int4_algorithm: str 
     level = ACCURACY_LEVEL
     with quiet_logs(logging.WARNING, "onnxruntime.quantization"):
         info = quantize_embedding_and_head(model, EMBEDDING_BITS, BLOCK_SIZE, level)
-        linear = _linear_nodes(model)
+        linear = linear_nodes(model)
         if mode == "int8":
             algorithm, kept_8bit = "rtn_sym", linear
-            model = _quantize_body(model, 8, algorithm, level)
+            model = quantize_body(model, 8, algorithm, level)
         else:
             algorithm = int4_algorithm
-            kept_8bit = int4_8bit_nodes(model)
-            model = _quantize_body(model, 4, algorithm, level, exclude=kept_8bit)
-            model = _quantize_body(model, 8, "rtn_sym", level)  # what is left: the layers kept at 8 bits
+            kept_8bit = int4_8bit_nodes(model) if kept_8bit is None else kept_8bit
+            model = quantize_body(model, 4, algorithm, level, exclude=kept_8bit)
+            model = quantize_body(model, 8, "rtn_sym", level)  # what is left: the layers kept at 8 bits
     save_onnx(model, dst)
     return {
         "algorithm": f"matmulnbits-{algorithm}-{mode}-block{BLOCK_SIZE}",
@@ -100,7 +103,7 @@ INT4_8BIT_PROJECTIONS = ("/v_proj/", "/down_proj/")
 _LAYER_INDEX = re.compile(r"/layers\.(\d+)/")
 
 
-def _linear_nodes(model: Any) -> list[str]:
+def linear_nodes(model: Any) -> list[str]:
     """Names of the MatMul nodes with a constant weight: the linear layers (attention's products are MatMuls too)."""
     weights = {t.name for t in model.graph.initializer}
     return [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights]
@@ -108,7 +111,7 @@ def _linear_nodes(model: Any) -> list[str]:
 
 def int4_8bit_nodes(model: Any) -> list[str]:
     """Names of the MatMul nodes an int4 export keeps at 8 bits (see INT4_8BIT_PROJECTIONS)."""
-    matmuls = _linear_nodes(model)
+    matmuls = linear_nodes(model)
     layers = {int(m.group(1)) for name in matmuls if (m := _LAYER_INDEX.search(name))}
     edges = {f"/layers.{i}/" for i in (min(layers), max(layers))} if layers else set()
     return [name for name in matmuls if any(p in name for p in (*INT4_8BIT_PROJECTIONS, *edges))]
@@ -148,7 +151,7 @@ INT4_ALGORITHMS: dict[str, tuple[Any, bool]] = {
 }
 
 
-def _quantize_body(model: Any, bits: int, algorithm: str, accuracy_level: int, exclude: list[str] | None = None) -> Any:
+def quantize_body(model: Any, bits: int, algorithm: str, accuracy_level: int, exclude: list[str] | None = None) -> Any:
     """Every MatMul with a constant weight, except ``exclude`` (node names) -> MatMulNBits at ``bits``.
 
     Returns the ModelProto (the quantizer may wrap it or replace it).
