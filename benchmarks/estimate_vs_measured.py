@@ -3,8 +3,9 @@
 Detects this machine's profile (``profiles detect``: cores, int8 rate, measured read bandwidth), makes two GGUF files
 with the CLI, benchmarks both with device_bench (what ``edgeforge bench --target local`` runs) and prints one
 Markdown table of estimated vs measured decode and prefill tokens/s, with the profile as ``profiles detect``
-makes it and as ``profiles detect --calibrate`` does (efficiencies measured by llama.cpp on a synthetic model of
-another shape, edgeforge.bench.calibrate). Goal: the calibrated estimate within +-25%.
+makes it and as ``profiles detect --calibrate`` does (decode constants measured by llama.cpp on synthetic models of
+other shapes, one per GGML type, edgeforge.bench.calibrate; decode only; each file read by the types it holds).
+Goal: the calibrated estimate within +-25%.
 
 * the teacher: ``edgeforge export gguf smollm2-135m-instruct --quant Q4_K_M``;
 * a depth-pruned student: ``edgeforge distill --teacher smollm2-135m-instruct --student-layers 10 --steps 1``
@@ -28,8 +29,8 @@ from typing import Any
 from edgeforge.bench.calibrate import calibrate_profile
 from edgeforge.bench.run import BenchOptions, TargetJob, run_benchmarks
 from edgeforge.bench.targets import resolve_target
-from edgeforge.export.calibration_model import calibration_gguf, describe
-from edgeforge.models.refs import ModelRef, read_arch
+from edgeforge.export.calibration_model import CALIBRATION_TYPES, calibration_ggufs, describe
+from edgeforge.models.refs import ModelRef, gguf_streamed_bytes_by_type, read_arch
 from edgeforge.plan.detect import detect_profile
 from edgeforge.plan.estimator import estimate_speed
 
@@ -74,18 +75,21 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     artifacts = make_artifacts(work)
     profile = detect_profile("this-machine")  # measured before the benchmarks, never during one
-    calibrated = calibrate_profile(profile, calibration_gguf(work), describe())  # another shape than both models
+    calibrated = calibrate_profile(profile, calibration_ggufs(work, profile.cpu.cores))  # other shapes than both
     results = run_benchmarks(list(artifacts.values()), [TargetJob(resolve_target("local"), calibrated)],
                              BenchOptions(), save=False)
     print(f"This machine: {profile.description}; int8 {profile.cpu.int8_ops_per_s / 1e9:,.0f} GOPS "
-          f"({profile.cpu.cores} cores). Calibrated (profiles detect --calibrate, {describe()}): decode_efficiency "
-          f"{calibrated.decode_efficiency}, compute_efficiency {calibrated.compute_efficiency}.\n")
+          f"({profile.cpu.cores} cores). Calibrated (profiles detect --calibrate: {'; '.join(describe())}): "
+          f"at {', '.join(CALIBRATION_TYPES)}): layer_overhead_s {calibrated.layer_overhead_s}, decode_efficiency "
+          f"{calibrated.decode_efficiency}, decode read rate by type (GB/s) "
+          + ", ".join(f"{q} {r / 1e9:.1f}" for q, r in calibrated.decode_rate_bytes_per_s["cpu"].items()) + ".\n")
     print("| model | file MB | threads | decode meas. | est. calibrated | error | est. detected | error | "
           "prefill meas. | est. calibrated | error | est. detected | error |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for (label, path), r in zip(artifacts.items(), results, strict=True):
         plain = estimate_speed(profile, read_arch(ModelRef(label, path, "gguf")), path.stat().st_size,
-                               BenchOptions().prompt_tokens, "cpu", BenchOptions().gen_tokens)
+                               BenchOptions().prompt_tokens, "cpu", BenchOptions().gen_tokens,
+                               streamed_bytes_by_type=gguf_streamed_bytes_by_type(path))
         d_est, d_meas = r.get("estimated_decode_tokens_per_s"), r.get("decode_tokens_per_s")
         p_est, p_meas = r.get("estimated_prefill_tokens_per_s"), r.get("prefill_tokens_per_s")
         d_plain, p_plain = plain.decode_tokens_per_s, plain.prefill_tokens_per_s
@@ -94,7 +98,7 @@ def main() -> None:
               f"{p_est:,.0f} | {_ratio(p_est, p_meas)} | {p_plain:,.0f} | {_ratio(p_plain, p_meas)} |")
     print(f"\nGoal: every calibrated error within +-{GOAL:.0%}. Decode is device_bench's mean over "
           f"{BenchOptions().gen_tokens} tokens from an empty cache; prefill one batch of "
-          f"{BenchOptions().prompt_tokens} tokens. The calibration model is measured in the same run, before both.")
+          f"{BenchOptions().prompt_tokens} tokens. The calibration models are measured in the same run, before both.")
 
 
 if __name__ == "__main__":

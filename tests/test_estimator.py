@@ -169,37 +169,93 @@ def test_table_errors_name_the_row(tmp_path, registry, row, message):
         load_measurements(path, registry)
 
 
-def test_calibrated_efficiencies_reproduce_the_rates_they_were_measured_from():
-    """``profiles detect --calibrate``'s solve: efficiencies taken from a model's measured decode and prefill make
-    the estimator give those rates back for that model (and differ from the fitted defaults when the device does)."""
-    from edgeforge.bench.calibrate import efficiencies
+def test_calibrated_decode_constants_reproduce_the_measurements_and_predict_another_model():
+    """``profiles detect --calibrate``'s solve: from synthetic models' decode times (made here by known per-type read
+    rates and a per-layer time) it recovers both, and the profile it writes then predicts another model's decode
+    from the bytes by type of its planned mix (a 576-wide model: Q4_K_M's matrices fall back to Q5_0 and Q8_0)."""
+    import dataclasses as dc
+
+    from edgeforge.bench.calibrate import DecodeMeasurement, solve_decode
+    from edgeforge.plan.sizing import gguf_bytes_by_type
 
     p = detect_profile(bandwidth_size_bytes=32 * 2**20)
-    arch = arch_from_config({**TINYLLAMA_1_1B, "num_hidden_layers": 8})
-    weights = gguf_file_bytes(arch, "Q4_K_M")
-    plain = estimate_speed(p, arch, weights, backend="cpu")
-    measured_decode, measured_prefill = plain.decode_tokens_per_s * 0.4, plain.prefill_tokens_per_s * 0.5
-    eff = efficiencies(p, arch, weights, measured_decode, measured_prefill, 128, estimator.DEFAULT_DECODE_TOKENS)
-    assert eff["compute_efficiency"] == pytest.approx(SPEED_CONSTANTS["cpu"].compute_efficiency * 0.5)
+    bandwidth, overhead = p.memory_bandwidth_bytes_per_s, 1.2e-4
+    rates = {"Q4_K": 0.6 * bandwidth, "Q5_0": 0.3 * bandwidth, "Q8_0": 0.5 * bandwidth, "Q6_K": 0.4 * bandwidth}
+
+    def seconds(by_type: dict[str, float], layers: int) -> float:
+        return sum(b / rates.get(q, rates["Q4_K"]) for q, b in by_type.items()) + layers * overhead
+
+    def model(qtype: str, weights: float, layers: int) -> DecodeMeasurement:
+        by_type = {qtype: weights, "F32": 1e5}
+        return DecodeMeasurement(by_type, layers, seconds(by_type, layers), qtype)
+
+    solved = solve_decode((model("Q4_K", 90e6, 8), model("Q4_K", 40e6, 24)),
+                          [model(q, 90e6 * f, 8) for q, f in (("Q5_0", 1.2), ("Q8_0", 1.9), ("Q6_K", 1.5))],
+                          bandwidth)
+    assert solved["layer_overhead_s"] == pytest.approx(overhead)
+    assert solved["decode_rate_bytes_per_s"] == pytest.approx(rates)
+    assert solved["decode_efficiency"] == pytest.approx(0.45)  # the median rate over the bandwidth
+
     data = p.model_dump(mode="json")
-    data["decode_efficiency"] = {"cpu": eff["decode_efficiency"]}
-    data["compute_efficiency"] = {"cpu": eff["compute_efficiency"]}
+    data["decode_efficiency"] = {"cpu": solved["decode_efficiency"]}
+    data["layer_overhead_s"] = {"cpu": solved["layer_overhead_s"]}
+    data["decode_rate_bytes_per_s"] = {"cpu": solved["decode_rate_bytes_per_s"]}
     calibrated = type(p).model_validate(data)
-    again = estimate_speed(calibrated, arch, weights, backend="cpu")
-    assert again.prefill_tokens_per_s == pytest.approx(measured_prefill, rel=1e-6)
-    assert again.decode_tokens_per_s == pytest.approx(measured_decode, rel=1e-3)
+    arch = arch_from_config({**TINYLLAMA_1_1B, "hidden_size": 576, "num_attention_heads": 9, "num_key_value_heads": 3,
+                             "num_hidden_layers": 30, "tie_word_embeddings": True})
+    by_type = gguf_bytes_by_type(arch, "Q4_K_M", streamed_only=True)
+    assert by_type["Q5_0"] > by_type.get("Q4_K", 0)  # the fallback is what the file mostly holds
+    weights = gguf_file_bytes(arch, "Q4_K_M")
+    saved = SPEED_CONSTANTS["cpu"]
+    try:  # no compute bound, so the decode is the measured constants' alone
+        SPEED_CONSTANTS["cpu"] = dc.replace(saved, compute_efficiency=1e6)
+        est = estimate_speed(calibrated, arch, weights, backend="cpu", streamed_bytes_by_type=by_type)
+        by_total = estimate_speed(calibrated, arch, weights, backend="cpu")
+    finally:
+        SPEED_CONSTANTS["cpu"] = saved
+    kv = kv_cache_bytes(arch, round(estimator.DEFAULT_DECODE_TOKENS / 2))
+    expected = seconds(by_type, 30) + kv / (solved["decode_efficiency"] * bandwidth)
+    f32 = by_type["F32"] * (1 / rates["Q4_K"] - 1 / (solved["decode_efficiency"] * bandwidth))  # F32: no rate here
+    assert 1 / est.decode_tokens_per_s == pytest.approx(expected - f32)
+    assert by_total.decode_tokens_per_s != pytest.approx(est.decode_tokens_per_s, rel=0.02)  # the types matter
 
 
-def test_an_efficiency_above_one_is_refused():
+def test_a_file_is_read_by_the_types_it_holds(tmp_path: Path):
+    """``gguf_streamed_bytes_by_type`` of a written GGUF: its tensors' bytes by type, an untied table left out."""
+    from gguf import GGUFWriter
+
+    from edgeforge.models.refs import gguf_streamed_bytes_by_type
+
+    path = tmp_path / "m.gguf"
+    w = GGUFWriter(str(path), "llama")
+    w.add_tensor("token_embd.weight", np.zeros((64, 32), dtype=np.float16))
+    w.add_tensor("output.weight", np.zeros((64, 32), dtype=np.float16))
+    w.add_tensor("blk.0.attn_norm.weight", np.zeros(32, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert gguf_streamed_bytes_by_type(path) == {"F16": 64 * 32 * 2, "F32": 32 * 4}
+
+
+def test_a_decode_rate_that_is_not_positive_is_refused():
     p = detect_profile(bandwidth_size_bytes=32 * 2**20)
     data = p.model_dump(mode="json")
-    data["compute_efficiency"] = {"cpu": 1.5}
-    with pytest.raises(ValueError, match=r"compute_efficiency\[cpu\] must be in \(0, 1\]"):
+    data["decode_rate_bytes_per_s"] = {"cpu": {"Q4_K": 0}}
+    with pytest.raises(ValueError, match=r"decode_rate_bytes_per_s\[cpu\]\[Q4_K\] must be > 0"):
         type(p).model_validate(data)
 
 
-@pytest.mark.integration  # a synthetic 8-layer model through llama.cpp and device_bench: about a minute
-def test_profiles_detect_calibrate_measures_both_efficiencies(tmp_path: Path):
+def test_a_layer_overhead_out_of_range_is_refused():
+    p = detect_profile(bandwidth_size_bytes=32 * 2**20)
+    data = p.model_dump(mode="json")
+    data["layer_overhead_s"] = {"cpu": 0.5}
+    with pytest.raises(ValueError, match=r"layer_overhead_s\[cpu\] must be in \[0, 0.01\)"):
+        type(p).model_validate(data)
+
+
+@pytest.mark.integration  # synthetic models at 12 types through llama.cpp and device_bench: about three minutes
+def test_profiles_detect_calibrate_measures_the_decode_constants(tmp_path: Path):
     from click.testing import CliRunner
 
     from edgeforge.cli.app import cli
@@ -209,6 +265,9 @@ def test_profiles_detect_calibrate_measures_both_efficiencies(tmp_path: Path):
     r = CliRunner().invoke(cli, ["profiles", "detect", "--calibrate", "--out", str(out)])
     assert r.exit_code == 0, r.output
     p = load_profile_file(out)
-    assert 0 < p.decode_efficiency["cpu"] <= 1 and 0 < p.compute_efficiency["cpu"] <= 1
+    assert 0 < p.decode_efficiency["cpu"] <= 1 and 0 <= p.layer_overhead_s["cpu"] < 0.01
+    from edgeforge.export.calibration_model import CALIBRATION_TYPES
+
+    assert set(p.decode_rate_bytes_per_s["cpu"]) == set(CALIBRATION_TYPES)
     assert any("profiles detect --calibrate" in s and "tokens/s" in s for s in p.sources)
     assert not any("decode_efficiency.cpu is 1.0" in s for s in p.sources)

@@ -49,6 +49,7 @@ def estimate_for(profile: DeviceProfile, artifact: LocalArtifact, prompt_tokens:
     artifact's bytes (the GGUF file, or the ONNX dir's .onnx/.onnx_data files). The backend is the profile's runtime
     for the artifact's format (CPU when the profile has none for it).
     """
+    from edgeforge.models.refs import gguf_streamed_bytes_by_type
     from edgeforge.plan.estimator import estimate_speed
 
     arch = _arch(artifact.path)
@@ -56,7 +57,9 @@ def estimate_for(profile: DeviceProfile, artifact: LocalArtifact, prompt_tokens:
         return {"estimate_error": f"no architecture to estimate from: {arch}"}
     runtime = profile.runtime_for(artifact.format)
     backend = runtime.backend if runtime else "cpu"
-    est = estimate_speed(profile, arch, artifact.weights_bytes, prompt_tokens, backend)
+    by_type = gguf_streamed_bytes_by_type(artifact.path) if artifact.format == "gguf" else None
+    est = estimate_speed(profile, arch, artifact.weights_bytes, prompt_tokens, backend,
+                         streamed_bytes_by_type=by_type)
     return {"estimated_decode_tokens_per_s": round(est.decode_tokens_per_s, 3),
             "estimated_prefill_tokens_per_s": round(est.prefill_tokens_per_s, 3),
             "estimated_ttft_ms": round(est.ttft_ms, 3), "estimate_backend": backend}

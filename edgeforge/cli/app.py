@@ -162,8 +162,8 @@ def profiles_validate(paths: tuple[Path, ...], as_json: bool) -> None:
 @click.option("--name", default="this-machine", show_default=True, help="Name of the detected profile.")
 @click.option("--out", type=click.Path(path_type=Path), help="Write the profile YAML here.")
 @click.option("--calibrate", is_flag=True, default=False,
-              help="Also measure the decode and compute efficiency llama.cpp's kernels reach here, on a synthetic "
-              "8-layer Q4_K_M model (about a minute): the speed estimates then use them.")
+              help="Also measure llama.cpp's decode here (a read rate per GGML type and the time per layer) on "
+              "synthetic models (about three minutes): the speed estimates then use them.")
 @FORCE_OPTION
 @JSON_OPTION
 def profiles_detect(name: str, out: Path | None, calibrate: bool, force: bool, as_json: bool) -> None:
@@ -189,16 +189,16 @@ def profiles_detect(name: str, out: Path | None, calibrate: bool, force: bool, a
 
 
 def calibrated(profile: Any) -> Any:
-    """``profile`` calibrated with llama.cpp on the synthetic model (edgeforge.bench.calibrate)."""
+    """``profile`` calibrated with llama.cpp on the synthetic models (edgeforge.bench.calibrate)."""
     import tempfile
 
     from edgeforge.bench.calibrate import calibrate_profile
-    from edgeforge.export.calibration_model import calibration_gguf, describe
+    from edgeforge.export.calibration_model import CALIBRATION_TYPES, calibration_ggufs
 
     with tempfile.TemporaryDirectory(prefix="edgeforge-calibrate-") as tmp:
-        click.echo("calibrating: a synthetic model through llama.cpp's converter, quantizer and device_bench",
-                   err=True)
-        return calibrate_profile(profile, calibration_gguf(Path(tmp)), describe())
+        click.echo(f"calibrating: synthetic models at {len(CALIBRATION_TYPES)} GGML types through llama.cpp's "
+                   "converter, quantizer and device_bench", err=True)
+        return calibrate_profile(profile, calibration_ggufs(Path(tmp), profile.cpu.cores))
 
 
 # ---------------------------------------------------------------- models

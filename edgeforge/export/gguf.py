@@ -152,17 +152,19 @@ def compute_imatrix(gguf: Path, data: Path, out: Path, threads: int, chunks: int
 
 
 def quantize(src: Path, dst: Path, quant: str, threads: int, imatrix: Path | None = None,
-             tensor_types: list[str] | None = None) -> Path:
+             tensor_types: list[str] | None = None, pure: bool = False) -> Path:
     """Quantize ``src`` to llama.cpp file type ``quant``; re-quantizing an already quantized file is allowed.
 
     ``tensor_types``: ``--tensor-type PATTERN=TYPE`` arguments of ``llama-quantize`` (a fitted mix, export.fit).
+    ``pure``: every matrix at the file type's base type, no mix (the calibration models, export.calibration_model).
     """
     tmp = dst.with_name(f".{dst.name}.partial")
-    if imatrix is not None or tensor_types:
+    if imatrix is not None or tensor_types or pure:
         from edgeforge.export.llama_tools import ensure_tools
 
         tool = ensure_tools(("llama-quantize",))["llama-quantize"]
-        cmd = [str(tool), "--allow-requantize", *(["--imatrix", str(imatrix)] if imatrix else []),
+        cmd = [str(tool), "--allow-requantize", *(["--pure"] if pure else []),
+               *(["--imatrix", str(imatrix)] if imatrix else []),
                *(tensor_types or []), str(src), str(tmp), quant, str(threads)]
         r = subprocess.run(cmd, capture_output=True, text=True)
         ok = r.returncode == 0

@@ -248,6 +248,24 @@ def arch_from_gguf(path: Path) -> ModelArch:
                          f"{' '.join(str(e).split())[:160]}); {fix}") from None
 
 
+def gguf_streamed_bytes_by_type(path: Path) -> dict[str, int]:
+    """Bytes of the tensors a decoded token reads in full, by GGML type ("Q5_0": bytes, ...), from a GGUF file's
+    tensor table: every tensor but an untied ``token_embd`` (a lookup of one row when ``output.weight`` exists)."""
+    from gguf import GGUFReader
+
+    try:
+        tensors = GGUFReader(str(path), "r").tensors
+    except Exception as e:  # noqa: BLE001 - see arch_from_gguf
+        raise ModelError(f"{path}: not a readable GGUF file ({type(e).__name__}); re-export it") from None
+    untied = any(t.name == "output.weight" for t in tensors)
+    by_type: dict[str, int] = {}
+    for t in tensors:
+        if untied and t.name == "token_embd.weight":
+            continue
+        by_type[t.tensor_type.name] = by_type.get(t.tensor_type.name, 0) + int(t.n_bytes)
+    return by_type
+
+
 def _arch_from_reader(reader: Any, path: Path) -> ModelArch:
     arch = _gguf_value(reader, "general.architecture")
     if not arch or not isinstance(arch, str):

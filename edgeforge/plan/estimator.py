@@ -25,12 +25,16 @@ NPU's rate for ``npu``, and the GPU's dense FP16 throughput otherwise. The const
 per device: :data:`SPEED_CONSTANTS` is the output of ``benchmarks/fit_estimator.py`` (least squares on the log ratio
 over the published measurements of ``benchmarks/data/speed_measurements.yaml``; ``tests/test_estimator.py`` checks
 the leave-one-out error). A profile may override the bandwidth efficiency, e.g. ``profiles detect``, whose bandwidth
-is measured and so is taken at face value (1.0), and both efficiencies, as ``profiles detect --calibrate`` does with
-the rates llama.cpp reaches on a synthetic model of another shape (edgeforge.bench.calibrate).
+is measured and so is taken at face value (1.0), and the per-layer overhead. ``profiles detect --calibrate`` measures
+both and a decode rate per GGML type (``decode_rate_bytes_per_s``) on synthetic models of other shapes
+(edgeforge.bench.calibrate): on a few CPU cores llama.cpp's decode is bound by each type's dequantizing dot product,
+not by the bandwidth (on 2 AMD EPYC cores Q5_0 weights read at about half Q4_K's bytes/s), so with such a profile and
+the bytes by type of the file (or of the planned mix) each type is read at its own rate.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -91,11 +95,6 @@ def decode_bandwidth_efficiency(profile: DeviceProfile, backend: str) -> float:
     return profile.decode_efficiency.get(backend, SPEED_CONSTANTS[backend].bandwidth_efficiency)  # type: ignore[call-overload]
 
 
-def compute_efficiency(profile: DeviceProfile, backend: str) -> float:
-    """The profile's override for ``backend`` (measured by ``profiles detect --calibrate``), else the fitted one."""
-    return profile.compute_efficiency.get(backend, SPEED_CONSTANTS[backend].compute_efficiency)  # type: ignore[call-overload]
-
-
 def mean_decode_depth(decode_tokens: int, decode_depth: int = 0) -> float:
     """Mean KV-cache length over ``decode_tokens`` decoded one at a time after ``decode_depth`` cached tokens."""
     return decode_depth + decode_tokens / 2
@@ -109,6 +108,14 @@ def decode_bytes_per_token(arch: ModelArch, weights_bytes: float, kv_tokens: flo
     """
     untouched_params = 0 if arch.tied_embeddings else arch.embedding_params - arch.hidden_size
     return weights_bytes * (1 - untouched_params / arch.n_params) + kv_cache_bytes(arch, round(kv_tokens))
+
+
+def rate_weighted_bytes(bytes_by_type: Mapping[str, float], rates_bytes_per_s: Mapping[str, float],
+                        reference_bytes_per_s: float) -> float:
+    """The bytes that, streamed at ``reference_bytes_per_s``, take as long as ``bytes_by_type`` read at each type's
+    measured rate (a type without one at the reference rate)."""
+    return sum(b * reference_bytes_per_s / rates_bytes_per_s.get(t, reference_bytes_per_s)
+               for t, b in bytes_by_type.items())
 
 
 def attention_flops_per_token(arch: ModelArch, context_tokens: float) -> float:
@@ -157,23 +164,34 @@ def estimate_speed(
     prompt_tokens: int = 128,
     backend: Backend | None = None,
     decode_tokens: int = DEFAULT_DECODE_TOKENS,
+    streamed_bytes_by_type: Mapping[str, float] | None = None,
 ) -> SpeedEstimate:
     """Decode and prefill tokens/s and TTFT for ``arch`` stored in ``weights_bytes`` on ``profile``.
 
     Decode is the mean rate over ``decode_tokens`` tokens generated from an empty cache, as device_bench and
-    llama-bench's ``tg`` measure it; prefill is one batch of ``prompt_tokens``.
+    llama-bench's ``tg`` measure it; prefill is one batch of ``prompt_tokens``. ``streamed_bytes_by_type``: the
+    bytes a token reads by GGML type (``sizing.gguf_bytes_by_type(..., streamed_only=True)`` or
+    ``models.refs.gguf_streamed_bytes_by_type``); with a profile that measured per-type decode rates for the backend
+    (``decode_rate_bytes_per_s``), each type's bytes are read at its own rate.
     """
     backend = backend or profile.primary_runtime.backend
     constants = SPEED_CONSTANTS[backend]
-    if backend in profile.compute_efficiency:  # measured on this device (profiles detect --calibrate)
-        constants = BackendConstants(constants.bandwidth_efficiency, constants.layer_overhead_s,
-                                     compute_efficiency(profile, backend))
+    if backend in profile.layer_overhead_s:  # measured on this device (profiles detect --calibrate)
+        constants = BackendConstants(constants.bandwidth_efficiency, profile.layer_overhead_s[backend],  # type: ignore[index]
+                                     constants.compute_efficiency)
     compute = device_compute_ops_per_s(profile, backend)
     kv_tokens = mean_decode_depth(decode_tokens)
+    efficiency = decode_bandwidth_efficiency(profile, backend)
+    rates = profile.decode_rate_bytes_per_s.get(backend)  # type: ignore[call-overload]
+    if rates and streamed_bytes_by_type:
+        decode_bytes = (rate_weighted_bytes(streamed_bytes_by_type, rates,
+                                            efficiency * profile.memory_bandwidth_bytes_per_s)
+                        + kv_cache_bytes(arch, round(kv_tokens)))
+    else:
+        decode_bytes = decode_bytes_per_token(arch, weights_bytes, kv_tokens)
     seconds_per_token = float(decode_seconds_per_token(
-        decode_bytes_per_token(arch, weights_bytes, kv_tokens), profile.memory_bandwidth_bytes_per_s,
-        arch.n_layers, decode_flops_per_token(arch, kv_tokens), compute, constants,
-        decode_bandwidth_efficiency(profile, backend)))
+        decode_bytes, profile.memory_bandwidth_bytes_per_s, arch.n_layers, decode_flops_per_token(arch, kv_tokens),
+        compute, constants, efficiency))
     prefill = prefill_tokens_per_s(arch, prompt_tokens, compute, constants)
     ttft_ms = 1000.0 * (prompt_tokens / prefill + seconds_per_token)
     return SpeedEstimate(backend, 1.0 / seconds_per_token, prefill, ttft_ms, prompt_tokens)

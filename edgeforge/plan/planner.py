@@ -15,6 +15,7 @@ from edgeforge.plan.profiles import DeviceProfile
 from edgeforge.plan.sizing import (
     GGUF_QUANT_TYPES,
     ONNX_BITS_PER_WEIGHT,
+    gguf_bytes_by_type,
     kv_cache_bytes,
     memory_estimate,
     runtime_overhead_bytes,
@@ -122,8 +123,10 @@ def evaluate(
 ) -> Candidate:
     mem = memory_estimate(arch, fmt, quant, context)
     runtime = profile.runtime_for(fmt)  # type: ignore[arg-type]
+    by_type = gguf_bytes_by_type(arch, quant, streamed_only=True) if fmt == "gguf" else None
     speed: SpeedEstimate = estimate_speed(
-        profile, arch, mem.weights_bytes, prompt_tokens, runtime.backend if runtime else None
+        profile, arch, mem.weights_bytes, prompt_tokens, runtime.backend if runtime else None,
+        streamed_bytes_by_type=by_type,
     )
     goals = profile.latency_goals
     return Candidate(

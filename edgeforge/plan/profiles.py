@@ -96,10 +96,16 @@ class DeviceProfile(_Strict):
         description="optional per-backend overrides of the estimator's bandwidth efficiency (0-1], e.g. "
         "from 'profiles detect'; built-in profiles leave it empty and use the general defaults",
     )
-    compute_efficiency: dict[Backend, float] = Field(
+    layer_overhead_s: dict[Backend, float] = Field(
         default_factory=dict,
-        description="optional per-backend overrides of the estimator's compute efficiency (0-1], measured by "
-        "'profiles detect --calibrate'; built-in profiles leave it empty and use the general defaults",
+        description="optional per-backend overrides of the estimator's fixed decode time per layer and token "
+        "(seconds, [0, 0.01)), measured by 'profiles detect --calibrate'; built-in profiles leave it empty",
+    )
+    decode_rate_bytes_per_s: dict[Backend, dict[str, float]] = Field(
+        default_factory=dict,
+        description="optional per-backend, per-GGML-type rates (bytes/s) at which llama.cpp's decode reads "
+        "weights of that type, measured by 'profiles detect --calibrate' (on few CPU cores decode is bound by each "
+        "type's dequantizing kernel, not by the bandwidth); types it lacks stream at decode_efficiency x bandwidth",
     )
     latency_goals: LatencyGoals
     power_watts: float = Field(gt=0, description="power draw while generating (W)")
@@ -112,11 +118,16 @@ class DeviceProfile(_Strict):
                 f"memory_budget_bytes ({self.memory_budget_bytes}) exceeds memory_total_bytes "
                 f"({self.memory_total_bytes}); the budget is what is left after the OS"
             )
-        for field, overrides in (("decode_efficiency", self.decode_efficiency),
-                                 ("compute_efficiency", self.compute_efficiency)):
-            for backend, eff in overrides.items():
-                if not 0 < eff <= 1:
-                    raise ValueError(f"{field}[{backend}] must be in (0, 1], found {eff}")
+        for backend, eff in self.decode_efficiency.items():
+            if not 0 < eff <= 1:
+                raise ValueError(f"decode_efficiency[{backend}] must be in (0, 1], found {eff}")
+        for backend, seconds in self.layer_overhead_s.items():
+            if not 0 <= seconds < 0.01:
+                raise ValueError(f"layer_overhead_s[{backend}] must be in [0, 0.01) seconds, found {seconds}")
+        for backend, rates in self.decode_rate_bytes_per_s.items():
+            for qtype, rate in rates.items():
+                if not rate > 0:
+                    raise ValueError(f"decode_rate_bytes_per_s[{backend}][{qtype}] must be > 0, found {rate}")
         return self
 
     @property

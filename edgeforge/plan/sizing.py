@@ -85,8 +85,11 @@ def _mix_layer_types(arch: ModelArch, quant: str, base: Q, i_layer: int) -> tupl
     return base, base, base
 
 
-def gguf_weights_bytes(arch: ModelArch, quant: str) -> int:
-    """Bytes of tensor data in a GGUF file of ``arch`` at llama.cpp file type ``quant`` (metadata excluded)."""
+def gguf_bytes_by_type(arch: ModelArch, quant: str, streamed_only: bool = False) -> dict[str, int]:
+    """Bytes of tensor data in a GGUF file of ``arch`` at llama.cpp file type ``quant``, by the GGML type each
+    tensor is written at ("Q5_0": bytes, ...; metadata excluded). ``streamed_only``: only the tensors a decoded
+    token reads in full (an untied token-embedding table is a lookup of one row, so it is left out), what the
+    speed estimate of a calibrated profile weighs by each type's measured decode rate."""
     try:
         base = GGUF_QUANT_TYPES[quant]
     except KeyError:
@@ -94,26 +97,38 @@ def gguf_weights_bytes(arch: ModelArch, quant: str) -> int:
     h, hd = arch.hidden_size, arch.head_dim
     q_out, kv_out = arch.n_heads * hd, arch.n_kv_heads * hd
     unquantized = base in (Q.F32, Q.F16, Q.BF16)
+    by_type: dict[str, int] = {}
 
-    def tensor(qtype: Q, row_len: int, n_rows: int) -> int:
-        return tensor_bytes(qtype if unquantized else row_type(qtype, row_len), row_len * n_rows)
+    def tensor(qtype: Q, row_len: int, n_rows: int, streamed: bool = True) -> None:
+        written = qtype if unquantized else row_type(qtype, row_len)
+        if streamed or not streamed_only:
+            by_type[written.name] = by_type.get(written.name, 0) + tensor_bytes(written, row_len * n_rows)
 
     # Output matrix (or the tied embedding that serves as output): Q6_K unless the mix is Q8_0 or wider.
     out_type = base if unquantized or base == Q.Q8_0 else Q.Q6_K
     if not unquantized and h % QK_K != 0:
         out_type = Q.Q8_0
-    total = tensor(out_type, h, arch.vocab_size)
+    tensor(out_type, h, arch.vocab_size)
     if not arch.tied_embeddings:
-        total += tensor(base, h, arch.vocab_size)
+        tensor(base, h, arch.vocab_size, streamed=False)
     for i in range(arch.n_layers):
         v_type, o_type, down_type = _mix_layer_types(arch, quant, base, i)
-        total += tensor(base, h, q_out) + tensor(base, h, kv_out) + tensor(v_type, h, kv_out)
-        total += tensor(o_type, q_out, h)
-        total += 2 * tensor(base, h, arch.intermediate_size) + tensor(down_type, arch.intermediate_size, h)
-        total += 2 * h * 4  # the two RMSNorm weights stay F32
-        if arch.qkv_bias:
-            total += (q_out + 2 * kv_out) * 4
-    return total + h * 4
+        tensor(base, h, q_out)
+        tensor(base, h, kv_out)
+        tensor(v_type, h, kv_out)
+        tensor(o_type, q_out, h)
+        tensor(base, h, arch.intermediate_size)  # gate
+        tensor(base, h, arch.intermediate_size)  # up
+        tensor(down_type, arch.intermediate_size, h)
+        # the two RMSNorm weights (and the q/k/v biases) stay F32
+        by_type["F32"] = by_type.get("F32", 0) + 2 * h * 4 + ((q_out + 2 * kv_out) * 4 if arch.qkv_bias else 0)
+    by_type["F32"] += h * 4  # the final norm
+    return by_type
+
+
+def gguf_weights_bytes(arch: ModelArch, quant: str) -> int:
+    """Bytes of tensor data in a GGUF file of ``arch`` at llama.cpp file type ``quant`` (metadata excluded)."""
+    return sum(gguf_bytes_by_type(arch, quant).values())
 
 
 def gguf_file_bytes(arch: ModelArch, quant: str) -> int:
