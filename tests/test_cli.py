@@ -174,6 +174,37 @@ def test_plan_bad_task_file_is_one_line(tmp_path: Path):
     assert code == 2 and "no-such-task" in err and len(err.strip().splitlines()) == 1
 
 
+def test_plan_for_onnx_between_int4_and_int8_names_the_onnx_fit(tmp_path: Path):
+    """A board whose budget sits between the teacher's ONNX int4 and int8: ``plan --format onnx`` shows the room an
+    ONNX 4/8-bit mix fills and the command that measures it (the fit measures on the fp32 graph, a plan makes none);
+    in words too."""
+    import yaml
+
+    from edgeforge.models.refs import read_arch, resolve_model
+    from edgeforge.plan.sizing import kv_cache_bytes, memory_estimate, runtime_overhead_bytes
+
+    arch = read_arch(resolve_model(None))
+    weights = {q: memory_estimate(arch, "onnx", q, 2048).weights_bytes for q in ("int4", "int8")}
+    budget = (weights["int4"] + weights["int8"]) // 2 + kv_cache_bytes(arch, 2048) + runtime_overhead_bytes(arch, 2048)
+    profile = yaml.safe_load((Path(__file__).parent.parent / "profiles" / "rtx-4090-24gb.yaml").read_text())
+    profile.update(name="tight-board", memory_budget_bytes=budget)
+    (tmp_path / "profiles").mkdir()
+    (tmp_path / "profiles" / "tight-board.yaml").write_text(yaml.safe_dump(profile))
+    args = ("plan", "--profile", "tight-board", "--profiles-dir", str(tmp_path / "profiles"), "--format", "onnx")
+    code, out, err = run(*args, "--json")
+    assert code == 0, err
+    plan = json.loads(out)
+    fit = plan["onnx_fit"]
+    assert plan["gguf_fit"] is None
+    assert fit["between_presets"]
+    assert (fit["largest_preset_that_fits"], fit["smallest_preset_over"]) == ("int4", "int8")
+    assert fit["room_bytes"] == fit["budget_bytes"] - weights["int4"] > 0
+    assert "export onnx smollm2-135m-instruct --quantize fit --profile tight-board --context 2048" in fit["mix_command"]
+    code, out, err = run(*args)
+    assert code == 0, err
+    assert "ONNX budget:" in out and "int8" in out and "export onnx" in out
+
+
 def test_plan_between_presets_names_the_fit_and_how_to_measure_its_mix(tmp_path: Path):
     """A board whose budget sits between the teacher's Q6_K and Q8_0: plan shows the fitted mix when sensitivities
     of the file were measured, and otherwise the command that measures them (a plan measures nothing)."""

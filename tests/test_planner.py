@@ -198,16 +198,16 @@ def test_expected_kl_is_the_readme_export_table():
 def test_plan_shows_where_the_gguf_budget_sits_among_the_presets(reg):
     """Llama-3-8B on an 8 GB card: Q4_K_M fits, Q6_K / Q8_0 do not, so a fitted mix has room between them; on a
     24 GB card every preferred preset fits and there is nothing between to fill."""
-    from edgeforge.plan.planner import gguf_fit_room, weights_budget_bytes
+    from edgeforge.plan.planner import fit_room, weights_budget_bytes
 
     arch = arch_from_config(LLAMA_3_8B)
     small = reg.get("rtx-4060-8gb")
-    room = gguf_fit_room(arch, small, 2048)
+    room = fit_room(arch, small, 2048)
     assert room["budget_bytes"] == weights_budget_bytes(arch, small, 2048)
     assert room["between_presets"] and room["largest_preset_that_fits"] is not None
     assert room["largest_preset_bytes"] <= room["budget_bytes"] < room["smallest_over_bytes"]
     assert room["room_bytes"] == room["budget_bytes"] - room["largest_preset_bytes"] >= 0
-    big = gguf_fit_room(arch, reg.get("rtx-4090-24gb"), 2048)
+    big = fit_room(arch, reg.get("rtx-4090-24gb"), 2048)
     assert not big["between_presets"] and big["smallest_preset_over"] is None
     p = plan(arch, small, "llama-3-8b")
     assert p.gguf_fit == room or p.student is not None  # the room of what ships: the teacher here, or its student

@@ -297,6 +297,16 @@ def plan(profile_name: str, teacher: str | None, context: int, prompt_tokens: in
     result.exportability = {fmt: v for fmt, v in gate.items() if fmt in needed or fmt == "training"}
     if result.gguf_fit and result.gguf_fit["between_presets"]:
         _attach_fitted_mix(result, ref, teacher, profile.name, context)
+    if result.onnx_fit and result.onnx_fit["between_presets"]:
+        # the ONNX fit measures its groups on the fp32 graph, which a plan does not make: the command, or the note
+        result.onnx_fit["mix"] = None
+        if result.student:
+            result.onnx_fit["mix_note"] = "measured on the distilled student's graph when the build exports it"
+            result.onnx_fit["mix_command"] = None
+        else:
+            result.onnx_fit["mix_note"] = "measured on the fp32 graph by export onnx --quantize fit (cached after)"
+            result.onnx_fit["mix_command"] = (f"edgeforge export onnx {teacher or 'smollm2-135m-instruct'} --quantize "
+                                              f"fit --profile {profile.name} --context {context} --out OUT_DIR")
     if as_json:
         _print_json(result.to_dict())
     else:

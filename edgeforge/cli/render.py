@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from rich.console import Console
 from rich.table import Table
 
@@ -52,25 +54,9 @@ def print_plan(plan: Plan, console: Console | None = None) -> None:
                       f"{s['quant']}, ~{s['estimated_decode_tokens_per_s']:.1f} tok/s"
                       + (f", expected mean KL {s['expected_mean_kl']:.3f} (measured on the bundled teacher)"
                          if s.get("expected_mean_kl") is not None else ""))
-    if plan.gguf_fit:
-        f = plan.gguf_fit
-        who = "the student" if plan.student else "the teacher"
-        where = (f"largest preferred preset that fits: {f['largest_preset_that_fits']} "
-                 f"({_mb(f['largest_preset_bytes'])})" if f["largest_preset_that_fits"] else "no preferred preset fits")
-        nxt = (f"; {f['smallest_preset_over']} ({_mb(f['smallest_over_bytes'])}) does not: --quant fit fills the "
-               f"{_mb(f['room_bytes'])} between with a measured per-tensor mix (build's last fallback)"
-               if f["between_presets"] else "; every preferred preset fits")
-        console.print(f"[bold]GGUF budget:[/] {_mb(f['budget_bytes'])} for {who} at {plan.context_tokens} tokens of "
-                      f"context ({where}{nxt})")
-        mix = f.get("mix")
-        if mix:
-            console.print(f"[bold]fitted mix:[/] {sum(mix['groups_per_type'].values())} tensor groups ("
-                          + ", ".join(f"{n} {t}" for t, n in sorted(mix["groups_per_type"].items()))
-                          + f"), {_mb(mix['planned_file_bytes'])}, predicted mean KL {mix['predicted_mean_kl']:.4f} "
-                          f"on {mix['calibration_tokens']} calibration tokens (from measured sensitivities)")
-        elif f.get("mix_note"):
-            console.print(f"[bold]fitted mix:[/] {f['mix_note']}"
-                          + (f": {f['mix_command']}" if f.get("mix_command") else ""))
+    for label, f in (("GGUF", plan.gguf_fit), ("ONNX", plan.onnx_fit)):
+        if f:
+            _print_fit_room(console, label, f, "the student" if plan.student else "the teacher", plan.context_tokens)
     console.print(f"[bold]serving energy:[/] {plan.serving_energy_wh_per_million_tokens:.0f} Wh per million tokens")
     for fmt, v in plan.exportability.items():
         mark = "ok" if v["ok"] else "[red]BLOCKED[/]"
@@ -94,6 +80,26 @@ def print_plan(plan: Plan, console: Console | None = None) -> None:
                         + (f" (batch {f['max_batch_size']})" if f["fits"] else f" ({_mb(f['bytes_at_batch_1'])})")
                         for m, f in tr["memory"].items())
         console.print(f"[bold]training memory on {tr['training_profile']}:[/] {mem}")
+
+
+def _print_fit_room(console: Any, label: str, f: dict[str, Any], who: str, context_tokens: int) -> None:
+    """A plan's budget for a fitted mix of ``label`` (GGUF, ONNX) between presets, and the mix or how to get it."""
+    where = (f"largest preferred preset that fits: {f['largest_preset_that_fits']} "
+             f"({_mb(f['largest_preset_bytes'])})" if f["largest_preset_that_fits"] else "no preferred preset fits")
+    nxt = (f"; {f['smallest_preset_over']} ({_mb(f['smallest_over_bytes'])}) does not: --quant fit fills the "
+           f"{_mb(f['room_bytes'])} between with a measured per-tensor mix (build's last fallback)"
+           if f["between_presets"] else "; every preferred preset fits")
+    console.print(f"[bold]{label} budget:[/] {_mb(f['budget_bytes'])} for {who} at {context_tokens} tokens of "
+                  f"context ({where}{nxt})")
+    mix = f.get("mix")
+    if mix:
+        console.print(f"[bold]fitted mix:[/] {sum(mix['groups_per_type'].values())} tensor groups ("
+                      + ", ".join(f"{n} {t}" for t, n in sorted(mix["groups_per_type"].items()))
+                      + f"), {_mb(mix['planned_file_bytes'])}, predicted mean KL {mix['predicted_mean_kl']:.4f} "
+                      f"on {mix['calibration_tokens']} calibration tokens (from measured sensitivities)")
+    elif f.get("mix_note"):
+        command = f": {f['mix_command']}" if f.get("mix_command") else ""
+        console.print(f"[bold]fitted mix:[/] {f['mix_note']}{command}")
 
 
 def print_plan_table(teacher: str, arch: ModelArch, plans: list[Plan], console: Console | None = None) -> None:

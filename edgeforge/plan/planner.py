@@ -55,7 +55,10 @@ _UNKNOWN_TYPE_KL = max(EXPECTED_MEAN_KL.values())
 _APPROX_BITS = {"F32": 32, "F16": 16, "BF16": 16, "Q8_0": 8.5, "Q6_K": 6.56, "Q5_K_M": 5.7, "Q4_K_M": 4.9,
                 "Q4_0": 4.5, "IQ4_XS": 4.25, "Q3_K_M": 3.9, **ONNX_BITS_PER_WEIGHT}
 #: Lower-bit GGUF types of the teacher that the plan weighs against distillation when none of the profile's
-#: preferred types meets the goal (with an importance matrix; edgeforge.export.gguf.NEEDS_IMATRIX).
+#: preferred types meets the goal (with an importance matrix; edgeforge.export.gguf.NEEDS_IMATRIX). No IQ3 type:
+#: its expected KL would have to be measured on the bundled teacher, whose 576-wide rows llama.cpp cannot store at
+#: IQ3_XXS / IQ3_S (tensor_type_fallback in llama-quant.cpp writes them as IQ4_NL, 4.5 bits), so a measurement there
+#: would be IQ4_NL's, not IQ3's; the only model offline cannot give the ordering.
 LOW_BIT_TEACHER_QUANTS = ("Q3_K_M",)
 #: A lower-bit teacher is taken instead of distillation only up to this expected mean KL (``--quant auto``'s
 #: default budget): distillation kept 71-87% of the fine-tuned teacher's task accuracy (benchmarks/pipelines.py),
@@ -112,7 +115,8 @@ class Plan:
     training: dict[str, Any] = field(default_factory=dict)
     exportability: dict[str, Any] = field(default_factory=dict)
     task: dict[str, Any] | None = None  # TaskCost.to_dict() of ``plan --task``: what the fine-tuning figures read
-    gguf_fit: dict[str, Any] | None = None  # gguf_fit_room(): the budget a fitted mix fills, between which presets
+    gguf_fit: dict[str, Any] | None = None  # fit_room(): the budget a fitted mix fills, between which presets
+    onnx_fit: dict[str, Any] | None = None  # the same for an ONNX 4/8-bit mix (a plan for --format onnx)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -151,13 +155,16 @@ def weights_budget_bytes(arch: ModelArch, profile: DeviceProfile, context: int) 
             - runtime_overhead_bytes(arch, context))
 
 
-def gguf_fit_room(arch: ModelArch, profile: DeviceProfile, context: int) -> dict[str, Any]:
-    """Where the GGUF budget of ``arch`` on ``profile`` sits among the profile's preferred preset types: the
-    largest preset that fits it, the smallest that does not, and the bytes a fitted mix (``export gguf --quant
+def fit_room(arch: ModelArch, profile: DeviceProfile, context: int, fmt: str = "gguf") -> dict[str, Any]:
+    """Where the ``fmt`` budget of ``arch`` on ``profile`` sits among the profile's preferred preset types: the
+    largest preset that fits it, the smallest that does not, and the bytes a fitted mix (``export gguf|onnx --quant
     fit``, ``build``'s last fallback) can use beyond the largest fitting preset. The mix itself is chosen from
-    sensitivities measured on the real model's file (edgeforge.export.fit), which a plan does not have."""
+    sensitivities measured on the real model's file (edgeforge.export.fit, edgeforge.export.onnx.fit), which a plan
+    does not have."""
     budget = weights_budget_bytes(arch, profile, context)
-    sizes = {q: memory_estimate(arch, "gguf", q, context).weights_bytes for q in _quants_for(profile, "gguf")}
+    # an ONNX mix is of 4- and 8-bit MatMulNBits only: its room is between int4 and int8, whatever the profile prefers
+    quants = _quants_for(profile, fmt) if fmt == "gguf" else ["int4", "int8"]
+    sizes = {q: memory_estimate(arch, fmt, q, context).weights_bytes for q in quants}
     under = [q for q in sizes if sizes[q] <= budget]
     over = [q for q in sizes if sizes[q] > budget]
     below = max(under, key=lambda q: sizes[q]) if under else None
@@ -312,7 +319,8 @@ def plan(
         serving_energy_wh_per_million_tokens=energy,
         training=training,
         task=task.to_dict() if task is not None else None,
-        gguf_fit=gguf_fit_room(d.student_arch or arch, profile, context) if fmt == "gguf" else None,
+        gguf_fit=fit_room(d.student_arch or arch, profile, context) if fmt == "gguf" else None,
+        onnx_fit=fit_room(d.student_arch or arch, profile, context, "onnx") if fmt == "onnx" else None,
     )
 
 

@@ -214,7 +214,7 @@ def gguf_candidates(ctx: BuildContext, state: BuildState) -> list[str]:
     """The chosen GGUF type, then (with fallback) every larger preferred type of the profile that still fits, and
     ``fit`` last when a larger preferred type exists that does not fit (the budget sits between two presets)."""
     from edgeforge.models.refs import arch_from_config
-    from edgeforge.plan.planner import gguf_fit_room
+    from edgeforge.plan.planner import fit_room
     from edgeforge.plan.sizing import GGUF_QUANT_TYPES, memory_estimate
 
     first = ctx.cfg.export.gguf_quant
@@ -240,7 +240,7 @@ def gguf_candidates(ctx: BuildContext, state: BuildState) -> list[str]:
     # Every larger type that fits, smallest first: the task gate can refuse several 4-bit types in a row (the demo's
     # 86M student lost 8.7, 10.3 and 2.6 points at IQ4_XS, Q4_0 and Q4_K_M), and stopping at two would fail a
     # build that a 5- or 6-bit type would have shipped.
-    between = gguf_fit_room(arch, ctx.profile, ctx_tokens)["between_presets"]  # what `plan` prints
+    between = fit_room(arch, ctx.profile, ctx_tokens)["between_presets"]  # what `plan` prints
     return [first, *larger, *([FIT] if between else [])]
 
 
