@@ -1,10 +1,10 @@
 """ONNX to a byte budget: edgeforge's fitted 4/8-bit mix against the fixed int4 recipe and int8, in one run.
 
 For the bundled teacher (dequantized to fp32 and exported once with optimum) and a distilled 10-layer student (40
-steps of ``edgeforge distill``, about 2 minutes on 2 cores, unless ``--student DIR``): the int4 recipe (v/down and
-the first and last layer at 8 bits), int8, and edgeforge's fitted mix (``export onnx --quantize fit --max-bytes
-B``) at five budgets: 90% of the int4 recipe's size, its own size (the same bytes, the mix chosen by measurement
-instead of by rule) and 25%, 50% and 75% of the way from int4 to int8. Every graph is scored in onnxruntime against its own fp32
+steps of ``edgeforge distill``, about 2 minutes on 2 cores, unless ``--student DIR``): the int4 recipe (v/down and the
+first and last layer at 8 bits), int8, and edgeforge's fitted mix (``export onnx --quantize fit --max-bytes B``) at
+five budgets: 90% of the int4 recipe's size, its own size (the same bytes, the mix chosen by measurement instead of by
+rule) and 25%, 50% and 75% of the way from int4 to int8. Every graph is scored in onnxruntime against its own fp32
 torch model on the same 1,000 tokens of the built-in held-out prose (no overlap with the calibration text, training
 prose): mean KL and top-1 agreement. Prints one Markdown table.
 
