@@ -19,10 +19,11 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from budget_quant import distill_student  # the same 10-layer student the GGUF table measures (this script's folder)
 
 FRACTIONS = [0.0, 0.25, 0.5, 0.75]  # of the way from the int4 recipe's bytes to int8's
 SMALLER = 0.9  # and a budget of 90% of the int4 recipe: the same KL in at least 10% fewer bytes?
@@ -35,16 +36,6 @@ def _variant_dir(fp32_dir: Path, out: Path) -> Path:
     for p in fp32_dir.iterdir():
         if p.is_file() and not p.name.startswith("model.onnx"):
             shutil.copy2(p, out / p.name)
-    return out
-
-
-def distill_student(out: Path) -> Path:
-    """The 10-layer student benchmarks/budget_quant.py measures too (made once in ``out``)."""
-    if (out / "config.json").is_file():
-        return out
-    cmd = [sys.executable, "-m", "edgeforge", "distill", "--teacher", "smollm2-135m-instruct", "--student-layers",
-           "10", "--steps", "40", "--out", str(out)]
-    subprocess.run(cmd, check=True)
     return out
 
 
