@@ -2,6 +2,7 @@
 prediction the pre-flight and the planner use, on this machine.
 
     flock /tmp/edgeforge-cpu.lock env PYTHONPATH=$PWD .venv/bin/python benchmarks/train_memory.py
+        [--only teacher:lora:8] [--malloc-mmap-threshold 131072]
 
 Each case runs in a fresh process: ``run_finetune`` (LoRA, DoRA, QLoRA, full; 3 steps, no merge) or
 ``run_distill`` (3 steps, online teacher), exactly as the commands run them, on a tiny random Llama and on the
@@ -12,16 +13,22 @@ Measured: the process's peak resident memory (the kernel's high-water mark) minu
 the model loads (the Python, torch and transformers libraries, which the prediction does not model). Predicted:
 ``edgeforge.train.preflight.check_training_memory`` / ``check_distill_memory`` (the planner's
 ``training_memory_bytes`` for a CPU: fp32 weights and activations). Goal (issue #16): every case within +-20%.
+
+``--malloc-mmap-threshold N`` runs the children with glibc's ``MALLOC_MMAP_THRESHOLD_=N``: every allocation over N
+bytes is mmapped and returned on free, so the peak is close to the live tensors' (the heap term of the prediction,
+``heap_retained_bytes``, is what the default allocator keeps beyond them); ``--only`` runs the named cases.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import resource
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +97,7 @@ def child(model: str, method: str, batch: int, work: Path) -> dict[str, Any]:
         cfg = DistillConfig(out=out / "s", teacher=str(model_dir), student_layers=layers, data=(data,), steps=STEPS,
                             batch_size=batch, seq_len=SEQ_LEN, checkpoint_every=0, eval_sequences=1,
                             eval_seq_len=SEQ_LEN, calib_sequences=2, cache_dir=work / "cache")
-        before = rss_bytes()
+        before, start = rss_bytes(), time.perf_counter()
         run_distill(cfg)
     else:
         from edgeforge.finetune.adapter import check_memory
@@ -101,11 +108,11 @@ def child(model: str, method: str, batch: int, work: Path) -> dict[str, Any]:
         cfg = FinetuneConfig(method=method, steps=STEPS, batch_size=batch, max_seq_len=SEQ_LEN, eval_examples=1,
                              checkpoint_every=0, lr=1e-4)
         predicted = check_memory(str(model_dir), cfg, pick_device())
-        before = rss_bytes()
+        before, start = rss_bytes(), time.perf_counter()
         run_finetune(str(model_dir), out / "f", cfg, data=long_task_file(work / "long.jsonl"), log=lambda m: None)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     return {"model": model, "method": method, "batch": batch, "predicted_bytes": predicted,
-            "measured_bytes": peak - before, "baseline_bytes": before}
+            "measured_bytes": peak - before, "baseline_bytes": before, "run_seconds": time.perf_counter() - start}
 
 
 def main() -> None:
@@ -113,35 +120,48 @@ def main() -> None:
         _, _, model, method, batch, work = sys.argv
         print(json.dumps(child(model, method, int(batch), Path(work))))
         return
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", nargs="*", metavar="MODEL:METHOD:BATCH", help="these cases only")
+    parser.add_argument("--malloc-mmap-threshold", type=int, metavar="BYTES",
+                        help="glibc's MALLOC_MMAP_THRESHOLD_ for the runs (default: glibc's dynamic threshold)")
+    args = parser.parse_args()
     from edgeforge.finetune.adapter import base_model_dir
 
+    cases = [(m, me, b) for m in ("tiny", "teacher") for me in METHODS for b in BATCHES]
+    if args.only:
+        wanted = {tuple(c.split(":")) for c in args.only}
+        cases = [c for c in cases if (c[0], c[1], str(c[2])) in wanted]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if args.malloc_mmap_threshold:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         # made here, once: the first dequantization of the bundled GGUF would otherwise be a child's peak
         base_model_dir("smollm2-135m-instruct")
         tiny_model(Path(tmp) / "tiny")
-        for model in ("tiny", "teacher"):
-            for method in METHODS:
-                for batch in BATCHES:
-                    r = subprocess.run([sys.executable, __file__, "--child", model, method, str(batch), tmp],
-                                       capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-                    if r.returncode != 0:
-                        tail = (r.stderr.strip().splitlines() or ["?"])[-1]
-                        print(f"{model} {method} batch {batch}: failed: {tail}", file=sys.stderr)
-                        continue
-                    rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
-                    print(f"{model} {method} batch {batch} done", file=sys.stderr, flush=True)
-    print(f"Peak resident memory of {STEPS}-step runs, {SEQ_LEN}-token sequences, this machine's CPU; measured = "
-          "peak RSS - RSS before the model loads.")
+        for model, method, batch in cases:
+            r = subprocess.run([sys.executable, __file__, "--child", model, method, str(batch), tmp],
+                               capture_output=True, text=True, env=env)
+            if r.returncode != 0:
+                tail = (r.stderr.strip().splitlines() or ["?"])[-1]
+                print(f"{model} {method} batch {batch}: failed: {tail}", file=sys.stderr)
+                continue
+            rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
+            print(f"{model} {method} batch {batch} done", file=sys.stderr, flush=True)
+    allocator = (f"MALLOC_MMAP_THRESHOLD_={args.malloc_mmap_threshold}" if args.malloc_mmap_threshold
+                 else "glibc's default allocator")
+    print(f"Peak resident memory of {STEPS}-step runs, {SEQ_LEN}-token sequences, this machine's CPU, {allocator}; "
+          "measured = peak RSS - RSS before the model loads; run s = the run's wall time (load, evaluations, "
+          "steps).")
     print()
-    print("| model | method | batch | predicted MB | measured MB | error |")
-    print("|---|---|---:|---:|---:|---:|")
+    print("| model | method | batch | predicted MB | measured MB | error | run s |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     errors = []
     for r in rows:
         err = r["predicted_bytes"] / r["measured_bytes"] - 1
         errors.append(abs(err))
         print(f"| {r['model']} | {r['method']} | {r['batch']} | {r['predicted_bytes'] / 1e6:,.0f} | "
-              f"{r['measured_bytes'] / 1e6:,.0f} | {err:+.0%} |")
+              f"{r['measured_bytes'] / 1e6:,.0f} | {err:+.0%} | {r['run_seconds']:.0f} |")
     print()
     if errors:
         within = sum(e <= 0.20 for e in errors)

@@ -102,6 +102,30 @@ def test_the_cpu_preflight_is_the_planners_cpu_figure(monkeypatch: pytest.Monkey
     assert training_memory_bytes("dora", arch, 1, 128) > training_memory_bytes("lora", arch, 1, 128)
 
 
+def test_cpu_adapter_runs_count_the_transients_the_heap_keeps(monkeypatch: pytest.MonkeyPatch):
+    """On a CPU the adapter methods also hold the freed per-layer temporaries glibc keeps resident (peft's two
+    output-sized tensors per adapted layer; QLoRA's fp32 dequantized weights); not on CUDA, not for full training or
+    distillation, not with checkpointing; and the total includes them."""
+    from edgeforge.plan import training_cost
+    from edgeforge.plan.training_cost import heap_retained_bytes, training_memory_bytes
+
+    arch = arch_from_config(LLAMA_3_2_3B)
+    outputs = (arch.n_heads * arch.head_dim + 2 * arch.n_kv_heads * arch.head_dim + 2 * arch.hidden_size
+               + 2 * arch.intermediate_size)
+    lora = heap_retained_bytes("lora", arch, 2, 128, device="cpu")
+    assert lora == 2 * 2 * 128 * outputs * 4 * arch.n_layers
+    assert heap_retained_bytes("qlora", arch, 2, 128, device="cpu") == lora + 4 * arch.layer_params * arch.n_layers
+    assert heap_retained_bytes("lora", arch, 2, 128) == 0  # CUDA's caching allocator reuses the block
+    assert heap_retained_bytes("lora", arch, 2, 128, device="cpu", checkpointing=True) == 0
+    assert heap_retained_bytes("full", arch, 2, 128, device="cpu") == 0
+    assert heap_retained_bytes("distill", arch, 2, 128, device="cpu") == 0
+    with_heap = {m: training_memory_bytes(m, arch, 2, 128, device="cpu") for m in ("lora", "qlora")}
+    monkeypatch.setattr(training_cost, "heap_retained_bytes", lambda *a, **k: 0)
+    for method, total in with_heap.items():
+        assert total - training_memory_bytes(method, arch, 2, 128, device="cpu") == \
+            heap_retained_bytes(method, arch, 2, 128, device="cpu")
+
+
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_layer_activations_are_what_autograd_keeps(method: str):
     """The per-layer activation count (layer_activation_elements) against the tensors autograd really saves in a

@@ -107,6 +107,31 @@ def activation_bytes(arch: ModelArch, batch: int, seq_len: int, checkpointing: b
     return int(layers + logits)
 
 
+def heap_retained_bytes(method: Method, arch: ModelArch, batch: int, seq_len: int,
+                        device: TrainDevice = "cuda", checkpointing: bool = False) -> int:
+    """Freed transients that stay resident at a CPU step's peak: what the adapter methods add beyond the tensors
+    autograd keeps. glibc serves allocations under its dynamic mmap threshold (which rises to the largest chunk freed,
+    up to 32 MiB) from the heap and does not hand back a freed chunk that lies between live ones, so a temporary
+    made between two kept activations stays in the resident set until the step ends. peft's adapter forward makes
+    two output-sized temporaries per adapted layer (lora_B's output and its scaled copy, then added to the base
+    output); bitsandbytes dequantizes every NF4 weight to a full fp32 copy for its matmul. Full fine-tuning and
+    distillation make no such per-layer temporaries. With ``MALLOC_MMAP_THRESHOLD_=131072`` (every such tensor
+    mmapped and returned on free; runs 31-48% longer here) the bundled teacher's LoRA step at batch 8 peaks within
+    6% of the count without this term, and at 4.5 GB with the default allocator (benchmarks/train_memory.py
+    --malloc-mmap-threshold). On CUDA the
+    caching allocator hands a freed block to the next request of its size, so nothing is added there; with gradient
+    checkpointing (not measured) the forward keeps only each layer's input, and nothing is counted either."""
+    if device != "cpu" or checkpointing or method not in ("lora", "dora", "qlora"):
+        return 0
+    h, q, kv, inter = arch.hidden_size, arch.n_heads * arch.head_dim, arch.n_kv_heads * arch.head_dim, \
+        arch.intermediate_size
+    outputs_per_layer = q + 2 * kv + h + 2 * inter + h  # q, k, v, o, gate, up, down
+    retained = 2 * batch * seq_len * outputs_per_layer * ACTIVATION_BYTES[device] * arch.n_layers
+    if method == "qlora":
+        retained += FROZEN_WEIGHT_BYTES * arch.layer_params * arch.n_layers
+    return int(retained)
+
+
 def dora_extra_bytes(arch: ModelArch, batch: int, seq_len: int, device: TrainDevice = "cuda") -> int:
     """What DoRA adds to LoRA (peft's implementation): a trained magnitude vector per adapted linear layer (its
     output features, with optimizer state); per adapted layer the base layer's output kept for the backward pass of
@@ -138,12 +163,14 @@ def training_memory_bytes(
         act = activation_bytes(arch, batch, seq_len, checkpointing, device, adapters=True)
         if method == "dora":
             act += dora_extra_bytes(arch, batch, seq_len, device)
+        act += heap_retained_bytes(method, arch, batch, seq_len, device, checkpointing)
     elif method == "qlora":
         # bitsandbytes stores the decoder layers in NF4; the embedding (and an untied output) stay at full size
         embed = arch.embedding_params * (1 if arch.tied_embeddings else 2)
         state = (FROZEN_WEIGHT_BYTES * embed + NF4_BYTES_PER_PARAM * (n - embed)
                  + FULL_TRAINING_BYTES_PER_PARAM * lora_adapter_params(arch))
-        act = activation_bytes(arch, batch, seq_len, checkpointing, device, adapters=True)
+        act = (activation_bytes(arch, batch, seq_len, checkpointing, device, adapters=True)
+               + heap_retained_bytes(method, arch, batch, seq_len, device, checkpointing))
     else:
         if teacher is None:
             raise ValueError("distillation memory needs the teacher's architecture")
