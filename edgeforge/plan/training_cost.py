@@ -107,6 +107,13 @@ def activation_bytes(arch: ModelArch, batch: int, seq_len: int, checkpointing: b
     return int(layers + logits)
 
 
+def adapted_output_features(arch: ModelArch) -> int:
+    """Output features of one decoder layer's adapted linear layers: q, k, v, o, gate, up, down."""
+    h, q, kv, inter = arch.hidden_size, arch.n_heads * arch.head_dim, arch.n_kv_heads * arch.head_dim, \
+        arch.intermediate_size
+    return q + 2 * kv + h + 2 * inter + h
+
+
 def heap_retained_bytes(method: Method, arch: ModelArch, batch: int, seq_len: int,
                         device: TrainDevice = "cuda", checkpointing: bool = False) -> int:
     """Freed transients that stay resident at a CPU step's peak: what the adapter methods add beyond the tensors
@@ -118,14 +125,12 @@ def heap_retained_bytes(method: Method, arch: ModelArch, batch: int, seq_len: in
     distillation make no such per-layer temporaries. With ``MALLOC_MMAP_THRESHOLD_=131072`` (every such tensor
     mmapped and returned on free; runs 31-48% longer here) the bundled teacher's LoRA step at batch 8 peaks within
     6% of the count without this term, and at 4.5 GB with the default allocator (benchmarks/train_memory.py
-    --malloc-mmap-threshold). On CUDA the
-    caching allocator hands a freed block to the next request of its size, so nothing is added there; with gradient
-    checkpointing (not measured) the forward keeps only each layer's input, and nothing is counted either."""
+    --malloc-mmap-threshold). On CUDA the caching allocator hands a freed block to the next request of its size, so
+    nothing is added there; with gradient checkpointing (not measured) the forward keeps only each layer's input, and
+    nothing is counted either."""
     if device != "cpu" or checkpointing or method not in ("lora", "dora", "qlora"):
         return 0
-    h, q, kv, inter = arch.hidden_size, arch.n_heads * arch.head_dim, arch.n_kv_heads * arch.head_dim, \
-        arch.intermediate_size
-    outputs_per_layer = q + 2 * kv + h + 2 * inter + h  # q, k, v, o, gate, up, down
+    outputs_per_layer = adapted_output_features(arch)
     retained = 2 * batch * seq_len * outputs_per_layer * ACTIVATION_BYTES[device] * arch.n_layers
     if method == "qlora":
         retained += FROZEN_WEIGHT_BYTES * arch.layer_params * arch.n_layers
@@ -137,9 +142,7 @@ def dora_extra_bytes(arch: ModelArch, batch: int, seq_len: int, device: TrainDev
     output features, with optimizer state); per adapted layer the base layer's output kept for the backward pass of
     the magnitude rescaling ([batch, seq_len, out] each); and the weight-sized fp32 tensors of the norm of W + BA
     (DORA_WEIGHT_COPIES per layer, independent of the batch)."""
-    h, q, kv, inter = arch.hidden_size, arch.n_heads * arch.head_dim, arch.n_kv_heads * arch.head_dim, \
-        arch.intermediate_size
-    outputs_per_layer = q + 2 * kv + h + 2 * inter + h  # q, k, v, o, gate, up, down
+    outputs_per_layer = adapted_output_features(arch)
     magnitudes = FULL_TRAINING_BYTES_PER_PARAM * outputs_per_layer * arch.n_layers
     kept_outputs = batch * seq_len * outputs_per_layer * ACTIVATION_BYTES[device] * arch.n_layers
     weight_norms = DORA_WEIGHT_COPIES * arch.layer_params * 4 * arch.n_layers
